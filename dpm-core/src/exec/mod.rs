@@ -1,0 +1,21 @@
+//! Running nets: the [`Workspace`] of named blobs, and the two executors.
+//!
+//! A net is compiled once into a plan (kernels built, blobs resolved, dependencies
+//! computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
+//! on the calling thread) or the `dag` executor (ops as soon as their data and
+//! control dependencies are done, on a pool of worker threads; `dag.rs`).
+
+mod dag;
+mod plan;
+mod workspace;
+
+pub use workspace::Workspace;
+
+/// Which executor runs a net, from `NetDef.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetKind {
+    /// In program order, on the calling thread.
+    Simple,
+    /// By dependencies, on `num_workers` threads.
+    Dag,
+}

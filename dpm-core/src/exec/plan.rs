@@ -1,0 +1,326 @@
+//! A net compiled for a workspace: kernels built, blobs resolved to cells, locks
+//! ordered, dependencies computed. Built once, run many times.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{NetKind, Workspace};
+use crate::error::{Error, Result};
+use crate::graph::{Args, Device};
+use crate::ops::{Kernel, OpContext, Registry};
+use crate::proto::{NetDef, OperatorDef};
+use crate::tensor::Tensor;
+
+/// One blob's storage; `None` until something writes it.
+pub(crate) type BlobCell = Arc<RwLock<Option<Tensor>>>;
+
+/// Where a kernel's input comes from at run time.
+enum InputSrc {
+    /// A read lock (the blob is not written by the op).
+    Read(usize),
+    /// A copy of a blob the op also writes (in place without declaring it).
+    Clone(usize),
+    /// Moved into output `out` by a declared in-place pair; `from` is the source
+    /// lock when the two names differ and the value has to be copied over.
+    InPlace { out: usize, from: Option<usize> },
+}
+
+/// One op, ready to run.
+pub(crate) struct Step {
+    index: usize,
+    def: OperatorDef,
+    kernel: Box<dyn Kernel>,
+    /// Unique blobs the op touches, sorted by name; `true` = write.
+    locks: Vec<(BlobCell, bool)>,
+    inputs: Vec<InputSrc>,
+    /// Lock index of each output.
+    outputs: Vec<usize>,
+}
+
+enum Guard<'a> {
+    R(RwLockReadGuard<'a, Option<Tensor>>),
+    W(RwLockWriteGuard<'a, Option<Tensor>>),
+}
+
+impl Guard<'_> {
+    fn get(&self) -> Option<&Tensor> {
+        match self {
+            Guard::R(g) => g.as_ref(),
+            Guard::W(g) => g.as_ref(),
+        }
+    }
+}
+
+impl Step {
+    fn new(index: usize, def: &OperatorDef, net: &NetDef, ws: &Workspace) -> Result<Step> {
+        let device = def
+            .device_option
+            .as_ref()
+            .or(net.device_option.as_ref())
+            .map(Device::from_proto)
+            .transpose()?
+            .unwrap_or(Device::Cpu(0));
+        let kernel = Registry::global().create(def, device.device_type())?;
+        for (i, o) in kernel.in_place() {
+            if *i >= def.input.len() || *o >= def.output.len() {
+                return Err(Error::Arity {
+                    what: "inputs/outputs",
+                    expected: format!("enough for in-place pair (input {i}, output {o})"),
+                    got: def.input.len().min(def.output.len()),
+                });
+            }
+        }
+        for (j, out) in def.output.iter().enumerate() {
+            if def.output[..j].contains(out) {
+                return Err(Error::value(out, "written twice by one op"));
+            }
+        }
+        let mut names: Vec<(&str, bool)> = def.output.iter().map(|n| (n.as_str(), true)).collect();
+        for n in &def.input {
+            if !names.iter().any(|(m, _)| m == n) {
+                names.push((n, false));
+            }
+        }
+        names.sort_unstable();
+        let lock_of = |n: &str| names.iter().position(|(m, _)| *m == n).expect("name was added");
+        let inputs = def
+            .input
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let l = lock_of(name);
+                match kernel.in_place().iter().find(|(ii, _)| *ii == i) {
+                    Some(&(_, o)) if def.output[o] == *name => InputSrc::InPlace { out: o, from: None },
+                    Some(&(_, o)) => InputSrc::InPlace { out: o, from: Some(l) },
+                    None if names[l].1 => InputSrc::Clone(l),
+                    None => InputSrc::Read(l),
+                }
+            })
+            .collect();
+        let outputs = def.output.iter().map(|n| lock_of(n)).collect();
+        let locks = names.iter().map(|(n, w)| (ws.cell(n), *w)).collect();
+        Ok(Step {
+            index,
+            def: def.clone(),
+            kernel,
+            locks,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn missing(&self, i: usize) -> Error {
+        Error::MissingBlob {
+            name: self.def.input[i].clone(),
+        }
+    }
+
+    /// Runs the kernel with the op's blobs locked. Errors are not yet wrapped.
+    fn execute(&self) -> Result<()> {
+        // Locks are taken in name order, so two ops can never wait on each other.
+        let mut guards: Vec<Guard<'_>> = self
+            .locks
+            .iter()
+            .map(|(c, w)| match w {
+                true => Guard::W(c.write().unwrap_or_else(|e| e.into_inner())),
+                false => Guard::R(c.read().unwrap_or_else(|e| e.into_inner())),
+            })
+            .collect();
+        // Values that must be read from blobs the op is about to overwrite.
+        let mut clones: Vec<Option<Tensor>> = Vec::with_capacity(self.inputs.len());
+        for (i, src) in self.inputs.iter().enumerate() {
+            let copy_of = match src {
+                InputSrc::Clone(l) => Some(*l),
+                InputSrc::InPlace { from: Some(l), .. } if self.locks[*l].1 => Some(*l),
+                InputSrc::InPlace { out, from: None } => {
+                    guards[self.outputs[*out]].get().ok_or_else(|| self.missing(i))?;
+                    None
+                }
+                _ => None,
+            };
+            clones.push(match copy_of {
+                Some(l) => Some(guards[l].get().ok_or_else(|| self.missing(i))?.clone()),
+                None => None,
+            });
+        }
+        let mut shared: Vec<Option<&Tensor>> = Vec::with_capacity(guards.len());
+        let mut excl: Vec<Option<&mut Tensor>> = Vec::with_capacity(guards.len());
+        for g in guards.iter_mut() {
+            match g {
+                Guard::R(g) => {
+                    shared.push(g.as_ref());
+                    excl.push(None);
+                }
+                Guard::W(g) => {
+                    shared.push(None);
+                    excl.push(Some(g.get_or_insert_with(Tensor::default)));
+                }
+            }
+        }
+        let mut outputs: Vec<&mut Tensor> = self
+            .outputs
+            .iter()
+            .map(|&l| excl[l].take().expect("each output has its own write lock"))
+            .collect();
+        let mut inputs: Vec<Option<&Tensor>> = Vec::with_capacity(self.inputs.len());
+        for (i, src) in self.inputs.iter().enumerate() {
+            inputs.push(match src {
+                InputSrc::Read(l) => Some(shared[*l].ok_or_else(|| self.missing(i))?),
+                InputSrc::Clone(_) => clones[i].as_ref(),
+                InputSrc::InPlace { out, from } => {
+                    if let Some(l) = from {
+                        let src = clones[i].as_ref().or(shared[*l]).ok_or_else(|| self.missing(i))?;
+                        outputs[*out].copy_from(src);
+                    }
+                    None
+                }
+            });
+        }
+        let mut ctx = OpContext::new(&self.def, inputs, outputs);
+        self.kernel.run(&mut ctx)
+    }
+
+    /// Runs the op, turning errors and panics into an [`Error::Op`] that names it.
+    pub(crate) fn run(&self) -> Result<()> {
+        let result = match catch_unwind(AssertUnwindSafe(|| self.execute())) {
+            Ok(r) => r,
+            Err(payload) => Err(Error::KernelPanic(panic_message(payload.as_ref()))),
+        };
+        result.map_err(|e| Error::Op {
+            index: self.index,
+            op_type: self.def.op_type().to_owned(),
+            name: self.def.name.clone().unwrap_or_default(),
+            source: Box::new(e),
+        })
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// A compiled net.
+pub(crate) struct Plan {
+    pub(super) name: String,
+    pub(super) kind: NetKind,
+    pub(super) workers: usize,
+    pub(super) first_iter_only_one_worker: bool,
+    pub(super) steps: Vec<Step>,
+    /// Ops that wait on each op.
+    pub(super) dependents: Vec<Vec<usize>>,
+    /// How many ops each op waits on.
+    pub(super) num_deps: Vec<usize>,
+    runs: AtomicU64,
+}
+
+impl Plan {
+    pub(crate) fn new(net: &NetDef, ws: &Workspace) -> Result<Plan> {
+        let name = net.net_name().to_owned();
+        let invalid = |reason: String| Error::InvalidNet {
+            net: name.clone(),
+            reason,
+        };
+        let kind = match net.r#type.as_deref().unwrap_or("simple") {
+            "" | "simple" => NetKind::Simple,
+            "dag" | "async_dag" | "prof_dag" => NetKind::Dag,
+            other => return Err(invalid(format!("net type `{other}` is unknown; use simple or dag"))),
+        };
+        let workers = match net.num_workers {
+            Some(n) if n >= 1 => n as usize,
+            Some(n) => return Err(invalid(format!("num_workers must be ≥ 1, got {n}"))),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let first_iter_only_one_worker = Args(&net.arg).int("first_iter_only_one_worker", 0)? != 0;
+        let steps = net
+            .op
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                Step::new(i, op, net, ws).map_err(|e| Error::Op {
+                    index: i,
+                    op_type: op.op_type().to_owned(),
+                    name: op.name.clone().unwrap_or_default(),
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let deps = dependencies(&net.op).map_err(invalid)?;
+        let mut dependents = vec![Vec::new(); steps.len()];
+        for (j, ds) in deps.iter().enumerate() {
+            for &i in ds {
+                dependents[i].push(j);
+            }
+        }
+        Ok(Plan {
+            name,
+            kind,
+            workers,
+            first_iter_only_one_worker,
+            steps,
+            dependents,
+            num_deps: deps.iter().map(Vec::len).collect(),
+            runs: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn run(&self) -> Result<()> {
+        let first = self.runs.fetch_add(1, Ordering::Relaxed) == 0;
+        match self.kind {
+            NetKind::Simple => self.steps.iter().try_for_each(Step::run),
+            NetKind::Dag => {
+                let workers = if first && self.first_iter_only_one_worker { 1 } else { self.workers };
+                super::dag::run(self, workers)
+            }
+        }
+    }
+}
+
+/// For each op, the earlier ops it must wait for: the last writer of each blob it
+/// reads (or names as a control input), and, for each blob it writes, the last
+/// writer and every reader since (so nothing is overwritten while in use).
+fn dependencies(ops: &[OperatorDef]) -> std::result::Result<Vec<Vec<usize>>, String> {
+    let mut last_writer: HashMap<&str, usize> = HashMap::new();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut deps = Vec::with_capacity(ops.len());
+    for (j, op) in ops.iter().enumerate() {
+        let mut d: Vec<usize> = Vec::new();
+        for b in &op.input {
+            d.extend(last_writer.get(b.as_str()));
+        }
+        for b in &op.control_input {
+            match last_writer.get(b.as_str()) {
+                Some(&w) => d.push(w),
+                None => {
+                    return Err(format!(
+                        "op #{j} `{}` has control input `{b}`, which no earlier op writes",
+                        op.op_type()
+                    ))
+                }
+            }
+        }
+        for b in &op.output {
+            d.extend(last_writer.get(b.as_str()));
+            d.extend(readers.get(b.as_str()).into_iter().flatten());
+        }
+        d.sort_unstable();
+        d.dedup();
+        d.retain(|&i| i != j);
+        for b in &op.input {
+            readers.entry(b).or_default().push(j);
+        }
+        for b in &op.output {
+            last_writer.insert(b, j);
+            readers.remove(b.as_str());
+        }
+        deps.push(d);
+    }
+    Ok(deps)
+}

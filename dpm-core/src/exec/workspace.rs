@@ -1,0 +1,111 @@
+//! The workspace: named blobs, and nets compiled against them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::plan::{BlobCell, Plan};
+use crate::error::{Error, Result};
+use crate::proto::NetDef;
+use crate::tensor::Tensor;
+
+/// Named blobs plus the nets created in it (Caffe2's `Workspace`). Blobs are shared
+/// by every net of the workspace: the init net writes the parameters the train
+/// net reads.
+#[derive(Default)]
+pub struct Workspace {
+    blobs: RwLock<HashMap<String, BlobCell>>,
+    nets: Mutex<HashMap<String, Arc<Plan>>>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Workspace {
+    /// An empty workspace.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cell of `name`, created empty if absent.
+    pub(crate) fn cell(&self, name: &str) -> BlobCell {
+        if let Some(c) = read(&self.blobs).get(name) {
+            return c.clone();
+        }
+        write(&self.blobs).entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Sets blob `name` to `tensor`.
+    pub fn feed(&self, name: impl AsRef<str>, tensor: Tensor) {
+        let cell = self.cell(name.as_ref());
+        *write(&cell) = Some(tensor);
+    }
+
+    /// Runs `f` on blob `name` without copying it.
+    pub fn with_blob<R>(&self, name: impl AsRef<str>, f: impl FnOnce(&Tensor) -> R) -> Result<R> {
+        let name = name.as_ref();
+        let cell = read(&self.blobs).get(name).cloned();
+        let missing = || Error::MissingBlob { name: name.to_owned() };
+        let cell = cell.ok_or_else(missing)?;
+        let guard = read(&cell);
+        guard.as_ref().map(f).ok_or_else(missing)
+    }
+
+    /// A copy of blob `name`.
+    pub fn fetch(&self, name: impl AsRef<str>) -> Result<Tensor> {
+        self.with_blob(name, Tensor::clone)
+    }
+
+    /// Whether blob `name` holds a tensor.
+    pub fn has_blob(&self, name: impl AsRef<str>) -> bool {
+        self.with_blob(name, |_| ()).is_ok()
+    }
+
+    /// Names of the blobs holding tensors, sorted.
+    pub fn blob_names(&self) -> Vec<String> {
+        let blobs = read(&self.blobs);
+        let mut v: Vec<_> = blobs
+            .iter()
+            .filter(|(_, c)| read(c).is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Compiles `net` and keeps it under its name, replacing any net of that name.
+    /// Errors here (unknown op, bad argument, malformed dependencies) come before
+    /// anything runs.
+    pub fn create_net(&self, net: &NetDef) -> Result<()> {
+        let plan = Arc::new(Plan::new(net, self)?);
+        self.nets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(net.net_name().to_owned(), plan);
+        Ok(())
+    }
+
+    /// Runs the net created as `name`.
+    pub fn run_net(&self, name: &str) -> Result<()> {
+        let plan = self
+            .nets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::InvalidNet {
+                net: name.to_owned(),
+                reason: "no net of this name was created in the workspace".into(),
+            })?;
+        plan.run()
+    }
+
+    /// Compiles and runs `net` once, without keeping it.
+    pub fn run_net_once(&self, net: &NetDef) -> Result<()> {
+        Plan::new(net, self)?.run()
+    }
+}

@@ -1,0 +1,175 @@
+//! Elementwise ops: `Relu`, `Sum`, `Add`, `Scale`, `Copy`, `WeightedSum`,
+//! `StopGradient`, and the gradient `ReluGradient`.
+
+use crate::error::{Error, Result};
+use crate::graph::Args;
+use crate::ops::{Kernel, OpContext};
+use crate::proto::OperatorDef;
+
+/// Checks input `i` has the same shape as input 0.
+fn same_shape(ctx: &OpContext<'_>, i: usize, shape: &crate::tensor::Shape) -> Result<()> {
+    let t = ctx.input(i)?;
+    if t.shape() != shape {
+        return Err(Error::shape(ctx.input_name(i), shape.to_string(), t.shape()));
+    }
+    Ok(())
+}
+
+/// `Relu(X) → max(X, 0)`.
+pub struct Relu;
+
+impl Kernel for Relu {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(1..=1)?;
+        let (x, xd) = ctx.input_f32(0)?;
+        let y = ctx.output(0).resize::<f32>(x.shape());
+        for (y, &x) in y.iter_mut().zip(xd) {
+            *y = x.max(0.0);
+        }
+        Ok(())
+    }
+}
+
+/// `ReluGradient(Y, dY) → dX = dY · [Y > 0]`.
+pub struct ReluGradient;
+
+impl Kernel for ReluGradient {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(2..=2)?;
+        ctx.expect_outputs(1..=1)?;
+        let (y, yd) = ctx.input_f32(0)?;
+        same_shape(ctx, 1, y.shape())?;
+        let (_, dyd) = ctx.input_f32(1)?;
+        let dx = ctx.output(0).resize::<f32>(y.shape());
+        for ((dx, &y), &dy) in dx.iter_mut().zip(yd).zip(dyd) {
+            *dx = if y > 0.0 { dy } else { 0.0 };
+        }
+        Ok(())
+    }
+}
+
+/// `Sum(X0, X1, …) → Y`, all of one shape (also `Add(A, B)`). Accumulates into
+/// output 0 in place, so gradient accumulation allocates nothing.
+pub struct Sum {
+    arity: std::ops::RangeInclusive<usize>,
+}
+
+impl Sum {
+    /// `Sum`: one or more inputs.
+    pub fn sum(_: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(Sum { arity: 1..=usize::MAX }))
+    }
+
+    /// `Add`: exactly two inputs of the same shape.
+    pub fn add(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        if Args(&op.arg).int("broadcast", 0)? != 0 {
+            return Err(Error::arg("broadcast", "broadcasting Add is not supported; give both inputs one shape"));
+        }
+        Ok(Box::new(Sum { arity: 2..=2 }))
+    }
+}
+
+impl Kernel for Sum {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(self.arity.clone())?;
+        ctx.expect_outputs(1..=1)?;
+        let shape = ctx.output(0).shape().clone();
+        let others = (1..ctx.num_inputs())
+            .map(|i| {
+                same_shape(ctx, i, &shape)?;
+                ctx.input_data::<f32>(i)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = ctx.output_data::<f32>(0)?;
+        for x in others {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += x;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Scale(X) → scale · X`.
+pub struct Scale {
+    scale: f32,
+}
+
+impl Scale {
+    /// Parses `scale`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(Scale {
+            scale: Args(&op.arg).float("scale", 1.0)?,
+        }))
+    }
+}
+
+impl Kernel for Scale {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(1..=1)?;
+        let s = self.scale;
+        ctx.output_data::<f32>(0)?.iter_mut().for_each(|x| *x *= s);
+        Ok(())
+    }
+}
+
+/// `Copy(X) → X` (any element type); `StopGradient` is the same kernel, with no
+/// gradient rule.
+pub struct Copy;
+
+impl Kernel for Copy {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(1..=1)
+    }
+}
+
+/// `WeightedSum(X0, w0, X1, w1, …) → Σ wᵢ·Xᵢ`, weights one-element tensors; in
+/// place on X0 (the SGD step `param = 1·param + (−lr)·grad`).
+pub struct WeightedSum;
+
+impl Kernel for WeightedSum {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        let n = ctx.num_inputs();
+        if n == 0 || n % 2 != 0 {
+            return Err(Error::Arity { what: "inputs", expected: "an even number (X0, w0, X1, w1, …)".into(), got: n });
+        }
+        ctx.expect_outputs(1..=1)?;
+        let shape = ctx.output(0).shape().clone();
+        let w0 = ctx.input_scalar(1)?;
+        let terms = (1..n / 2)
+            .map(|p| {
+                same_shape(ctx, 2 * p, &shape)?;
+                Ok((ctx.input_data::<f32>(2 * p)?, ctx.input_scalar(2 * p + 1)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = ctx.output_data::<f32>(0)?;
+        if w0 != 1.0 {
+            y.iter_mut().for_each(|v| *v *= w0);
+        }
+        for (x, w) in terms {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += w * x;
+            }
+        }
+        Ok(())
+    }
+}

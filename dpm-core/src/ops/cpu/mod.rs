@@ -1,0 +1,42 @@
+//! CPU kernels, one file per family, and their registration.
+
+mod elementwise;
+mod fill;
+pub mod gemm;
+mod linear;
+mod loss;
+mod optim;
+pub mod rng;
+
+pub use fill::Distribution;
+pub use gemm::{set_threads, threads};
+pub use optim::LrPolicy;
+
+use super::Registry;
+use crate::graph::DeviceType;
+
+/// Registers every CPU kernel. One line per op type.
+pub fn register(r: &mut Registry) {
+    use DeviceType::Cpu;
+    r.register("ConstantFill", Cpu, fill::ConstantFill::create);
+    r.register("GaussianFill", Cpu, fill::RandomFill::gaussian);
+    r.register("UniformFill", Cpu, fill::RandomFill::uniform);
+    r.register("XavierFill", Cpu, fill::RandomFill::xavier);
+    r.register("MSRAFill", Cpu, fill::RandomFill::msra);
+    r.register("FC", Cpu, linear::Fc::create);
+    r.register("FCGradient", Cpu, linear::FcGradient::create);
+    r.register("Relu", Cpu, |_| Ok(Box::new(elementwise::Relu)));
+    r.register("ReluGradient", Cpu, |_| Ok(Box::new(elementwise::ReluGradient)));
+    r.register("Sum", Cpu, elementwise::Sum::sum);
+    r.register("Add", Cpu, elementwise::Sum::add);
+    r.register("Scale", Cpu, elementwise::Scale::create);
+    r.register("Copy", Cpu, |_| Ok(Box::new(elementwise::Copy)));
+    r.register("StopGradient", Cpu, |_| Ok(Box::new(elementwise::Copy)));
+    r.register("WeightedSum", Cpu, |_| Ok(Box::new(elementwise::WeightedSum)));
+    r.register("SoftmaxWithLoss", Cpu, |_| Ok(Box::new(loss::SoftmaxWithLoss)));
+    r.register("SoftmaxWithLossGradient", Cpu, |_| Ok(Box::new(loss::SoftmaxWithLossGradient)));
+    r.register("Accuracy", Cpu, loss::Accuracy::create);
+    r.register("Iter", Cpu, |_| Ok(Box::new(optim::Iter)));
+    r.register("LearningRate", Cpu, optim::LearningRate::create);
+    r.register("MomentumSGDUpdate", Cpu, optim::MomentumSgdUpdate::create);
+}

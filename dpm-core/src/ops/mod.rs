@@ -1,0 +1,203 @@
+//! Operators: the [`Kernel`] trait, the per-op [`OpContext`], and the [`Registry`]
+//! mapping `(op type, device type)` to a kernel.
+//!
+//! To add an op: write its kernel in `cpu/` (and `cuda/`), add one line to
+//! `cpu::register`, and, if it is differentiable, one gradient rule in
+//! `autodiff::rules`.
+
+pub mod cpu;
+mod registry;
+
+pub use registry::{KernelFactory, Registry};
+
+use crate::error::{Error, Result};
+use crate::graph::Args;
+use crate::proto::OperatorDef;
+use crate::tensor::{DataType, Element, Tensor};
+
+/// A compiled operator: arguments parsed and checked once, run many times.
+pub trait Kernel: Send + Sync {
+    /// Computes the outputs from the inputs.
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()>;
+
+    /// `(input, output)` pairs updated in place: before [`Kernel::run`], the executor
+    /// makes output `o` hold the value of input `i` (for free when both name the same
+    /// blob), and the kernel reads it from the output.
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[]
+    }
+}
+
+/// What one run of a kernel sees: the op's definition, its input tensors and its
+/// output tensors. Errors from the accessors name the blob.
+pub struct OpContext<'a> {
+    def: &'a OperatorDef,
+    inputs: Vec<Option<&'a Tensor>>,
+    outputs: Vec<&'a mut Tensor>,
+}
+
+impl<'a> OpContext<'a> {
+    /// A context over the given tensors. Inputs that are `None` were moved to an
+    /// output by [`Kernel::in_place`].
+    pub fn new(
+        def: &'a OperatorDef,
+        inputs: Vec<Option<&'a Tensor>>,
+        outputs: Vec<&'a mut Tensor>,
+    ) -> Self {
+        OpContext {
+            def,
+            inputs,
+            outputs,
+        }
+    }
+
+    /// The op's definition.
+    pub fn def(&self) -> &'a OperatorDef {
+        self.def
+    }
+
+    /// The op's arguments.
+    pub fn args(&self) -> Args<'a> {
+        Args(&self.def.arg)
+    }
+
+    /// Number of inputs.
+    pub fn num_inputs(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Number of outputs.
+    pub fn num_outputs(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Name of input `i`.
+    pub fn input_name(&self, i: usize) -> &'a str {
+        &self.def.input[i]
+    }
+
+    /// Name of output `o`.
+    pub fn output_name(&self, o: usize) -> &'a str {
+        &self.def.output[o]
+    }
+
+    /// Input `i`.
+    pub fn input(&self, i: usize) -> Result<&'a Tensor> {
+        self.inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::MissingBlob {
+                name: self.def.input.get(i).cloned().unwrap_or_default(),
+            })
+    }
+
+    /// The elements of input `i`, which must be of type `T`.
+    pub fn input_data<T: Element>(&self, i: usize) -> Result<&'a [T]> {
+        let t = self.input(i)?;
+        t.data::<T>().ok_or_else(|| Error::DataTypeMismatch {
+            blob: self.input_name(i).to_owned(),
+            expected: T::DTYPE,
+            got: t.dtype(),
+        })
+    }
+
+    /// Input `i` as `(tensor, f32 elements)`.
+    pub fn input_f32(&self, i: usize) -> Result<(&'a Tensor, &'a [f32])> {
+        Ok((self.input(i)?, self.input_data::<f32>(i)?))
+    }
+
+    /// A one-element f32 input (a learning rate, a weight).
+    pub fn input_scalar(&self, i: usize) -> Result<f32> {
+        let d = self.input_data::<f32>(i)?;
+        match d {
+            [x] => Ok(*x),
+            _ => Err(Error::shape(
+                self.input_name(i),
+                "one element",
+                self.input(i)?.shape(),
+            )),
+        }
+    }
+
+    /// Integer labels of input `i` (i32 or i64), as indices.
+    pub fn input_labels(&self, i: usize) -> Result<Vec<usize>> {
+        let t = self.input(i)?;
+        let name = self.input_name(i);
+        let bad = |v: i64| Error::value(name, format!("label {v} is negative"));
+        match t.dtype() {
+            DataType::I32 => t
+                .data::<i32>()
+                .unwrap_or_default()
+                .iter()
+                .map(|&v| usize::try_from(v).map_err(|_| bad(v.into())))
+                .collect(),
+            DataType::I64 => t
+                .data::<i64>()
+                .unwrap_or_default()
+                .iter()
+                .map(|&v| usize::try_from(v).map_err(|_| bad(v)))
+                .collect(),
+            got => Err(Error::DataTypeMismatch {
+                blob: name.to_owned(),
+                expected: DataType::I32,
+                got,
+            }),
+        }
+    }
+
+    /// Output `o`.
+    pub fn output(&mut self, o: usize) -> &mut Tensor {
+        self.outputs[o]
+    }
+
+    /// All outputs at once, for kernels that write several.
+    pub fn outputs(&mut self) -> &mut [&'a mut Tensor] {
+        &mut self.outputs
+    }
+
+    /// The elements of output `o`, which must already be of type `T` (in-place ops).
+    pub fn output_data<T: Element>(&mut self, o: usize) -> Result<&mut [T]> {
+        let name = self.def.output[o].clone();
+        let t = &mut *self.outputs[o];
+        let got = t.dtype();
+        t.data_mut::<T>().ok_or(Error::DataTypeMismatch {
+            blob: name,
+            expected: T::DTYPE,
+            got,
+        })
+    }
+
+    /// Checks the number of inputs is in `range`.
+    pub fn expect_inputs(&self, range: std::ops::RangeInclusive<usize>) -> Result<()> {
+        check_arity("inputs", self.inputs.len(), range)
+    }
+
+    /// Checks the number of outputs is in `range`.
+    pub fn expect_outputs(&self, range: std::ops::RangeInclusive<usize>) -> Result<()> {
+        check_arity("outputs", self.outputs.len(), range)
+    }
+}
+
+/// Checks a count against an inclusive range, with an error saying what is allowed.
+pub fn check_arity(
+    what: &'static str,
+    got: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<()> {
+    if range.contains(&got) {
+        return Ok(());
+    }
+    let expected = if range.start() == range.end() {
+        range.start().to_string()
+    } else if *range.end() == usize::MAX {
+        format!("at least {}", range.start())
+    } else {
+        format!("{} to {}", range.start(), range.end())
+    };
+    Err(Error::Arity {
+        what,
+        expected,
+        got,
+    })
+}

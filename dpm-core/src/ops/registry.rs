@@ -1,0 +1,70 @@
+//! The kernel registry: `(op type, device type)` → factory.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use super::Kernel;
+use crate::error::{Error, Result};
+use crate::graph::DeviceType;
+use crate::proto::OperatorDef;
+
+/// Builds a kernel from an op definition, checking its arguments and arity.
+pub type KernelFactory = fn(&OperatorDef) -> Result<Box<dyn Kernel>>;
+
+/// All kernels dpm knows, keyed by op type and device type.
+#[derive(Default)]
+pub struct Registry {
+    kernels: HashMap<DeviceType, HashMap<&'static str, KernelFactory>>,
+}
+
+impl Registry {
+    /// The registry holding every built-in kernel.
+    pub fn global() -> &'static Registry {
+        static GLOBAL: OnceLock<Registry> = OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let mut r = Registry::default();
+            super::cpu::register(&mut r);
+            r
+        })
+    }
+
+    /// Registers `factory` for `op_type` on `device`.
+    pub fn register(&mut self, op_type: &'static str, device: DeviceType, factory: KernelFactory) {
+        self.kernels.entry(device).or_default().insert(op_type, factory);
+    }
+
+    /// Whether a kernel exists.
+    pub fn has(&self, op_type: &str, device: DeviceType) -> bool {
+        self.factory(op_type, device).is_some()
+    }
+
+    /// Builds the kernel of `op` for `device`.
+    pub fn create(&self, op: &OperatorDef, device: DeviceType) -> Result<Box<dyn Kernel>> {
+        let op_type = op.op_type();
+        match self.factory(op_type, device) {
+            Some(f) => f(op),
+            None if device == DeviceType::Cuda => {
+                Err(Error::NotCompiledWithCuda(format!("op `{op_type}`")))
+            }
+            None => Err(Error::UnknownOp {
+                op_type: op_type.to_owned(),
+                device: device.to_string(),
+            }),
+        }
+    }
+
+    fn factory(&self, op_type: &str, device: DeviceType) -> Option<KernelFactory> {
+        self.kernels.get(&device)?.get(op_type).copied()
+    }
+
+    /// The op types registered for `device`, sorted.
+    pub fn op_types(&self, device: DeviceType) -> Vec<&'static str> {
+        let mut v: Vec<_> = self
+            .kernels
+            .get(&device)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+}

@@ -1,0 +1,78 @@
+//! Conversion between [`Tensor`] and Caffe2's [`TensorProto`].
+
+use super::{CpuStorage, DataType, Shape, Storage, Tensor};
+use crate::error::{Error, Result};
+use crate::proto::{TensorDataType, TensorProto};
+
+impl Tensor {
+    /// Serialises to a `TensorProto` called `name`.
+    pub fn to_proto(&self, name: &str) -> TensorProto {
+        let mut p = TensorProto {
+            dims: self.dims().iter().map(|&d| d as i64).collect(),
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let Storage::Cpu(s) = &self.storage;
+        match s {
+            CpuStorage::F32(v) => {
+                p.data_type = Some(TensorDataType::Float as i32);
+                p.float_data = v.clone();
+            }
+            CpuStorage::I32(v) => {
+                p.data_type = Some(TensorDataType::Int32 as i32);
+                p.int32_data = v.clone();
+            }
+            CpuStorage::I64(v) => {
+                p.data_type = Some(TensorDataType::Int64 as i32);
+                p.int64_data = v.clone();
+            }
+        }
+        p
+    }
+
+    /// Parses a `TensorProto`, checking that its data agree with its dims.
+    pub fn from_proto(p: &TensorProto) -> Result<Tensor> {
+        let name = p.name.clone().unwrap_or_default();
+        let mut dims = Vec::with_capacity(p.dims.len());
+        for &d in &p.dims {
+            if d < 0 {
+                return Err(Error::value(name, format!("negative dimension {d}")));
+            }
+            dims.push(d as usize);
+        }
+        let shape = Shape::from(dims);
+        // proto2 default of data_type is FLOAT.
+        let dtype = p.data_type.unwrap_or(TensorDataType::Float as i32);
+        let bad_len = |len: usize| {
+            Error::value(
+                name.clone(),
+                format!("{len} elements do not fill shape {shape}"),
+            )
+        };
+        let t = match TensorDataType::try_from(dtype) {
+            Ok(TensorDataType::Float) => Tensor::from_vec(shape.clone(), p.float_data.clone())
+                .ok_or_else(|| bad_len(p.float_data.len()))?,
+            Ok(TensorDataType::Int32) => Tensor::from_vec(shape.clone(), p.int32_data.clone())
+                .ok_or_else(|| bad_len(p.int32_data.len()))?,
+            Ok(TensorDataType::Int64) => Tensor::from_vec(shape.clone(), p.int64_data.clone())
+                .ok_or_else(|| bad_len(p.int64_data.len()))?,
+            _ => {
+                return Err(Error::value(
+                    name,
+                    format!("tensor data type {dtype} is not supported (FLOAT, INT32, INT64 are)"),
+                ))
+            }
+        };
+        Ok(t)
+    }
+}
+
+impl DataType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            DataType::F32 | DataType::I32 => 4,
+            DataType::I64 => 8,
+        }
+    }
+}
