@@ -18,9 +18,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod error;
 pub mod exec;
 pub mod graph;
+pub mod model;
 pub mod ops;
 pub mod proto;
 pub mod tensor;
@@ -32,6 +34,7 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::exec::Workspace;
     pub use crate::graph::{BlobRef, Device, DeviceType, Net};
+    pub use crate::model::{Init, ModelHelper, Sgd};
     pub use crate::proto::{NetDef, OperatorDef, TensorProto, TensorProtos, Wire};
     pub use crate::tensor::{DataType, Shape, Tensor};
 }

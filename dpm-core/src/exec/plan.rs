@@ -93,7 +93,10 @@ impl Step {
                 let l = lock_of(name);
                 match kernel.in_place().iter().find(|(ii, _)| *ii == i) {
                     Some(&(_, o)) if def.output[o] == *name => InputSrc::InPlace { out: o, from: None },
-                    Some(&(_, o)) => InputSrc::InPlace { out: o, from: Some(l) },
+                    Some(&(_, o)) => InputSrc::InPlace {
+                        out: o,
+                        from: Some(l),
+                    },
                     None if names[l].1 => InputSrc::Clone(l),
                     None => InputSrc::Read(l),
                 }
@@ -231,7 +234,11 @@ impl Plan {
         let kind = match net.r#type.as_deref().unwrap_or("simple") {
             "" | "simple" => NetKind::Simple,
             "dag" | "async_dag" | "prof_dag" => NetKind::Dag,
-            other => return Err(invalid(format!("net type `{other}` is unknown; use simple or dag"))),
+            other => {
+                return Err(invalid(format!(
+                    "net type `{other}` is unknown; use simple or dag"
+                )))
+            }
         };
         let workers = match net.num_workers {
             Some(n) if n >= 1 => n as usize,
@@ -276,7 +283,11 @@ impl Plan {
         match self.kind {
             NetKind::Simple => self.steps.iter().try_for_each(Step::run),
             NetKind::Dag => {
-                let workers = if first && self.first_iter_only_one_worker { 1 } else { self.workers };
+                let workers = if first && self.first_iter_only_one_worker {
+                    1
+                } else {
+                    self.workers
+                };
                 super::dag::run(self, workers)
             }
         }

@@ -49,7 +49,9 @@ impl Workspace {
     pub fn with_blob<R>(&self, name: impl AsRef<str>, f: impl FnOnce(&Tensor) -> R) -> Result<R> {
         let name = name.as_ref();
         let cell = read(&self.blobs).get(name).cloned();
-        let missing = || Error::MissingBlob { name: name.to_owned() };
+        let missing = || Error::MissingBlob {
+            name: name.to_owned(),
+        };
         let cell = cell.ok_or_else(missing)?;
         let guard = read(&cell);
         guard.as_ref().map(f).ok_or_else(missing)

@@ -70,9 +70,9 @@ impl<'a> Args<'a> {
     pub fn int(&self, name: &str, default: i64) -> Result<i64> {
         match self.find(name) {
             None => Ok(default),
-            Some(a) => a
-                .i
-                .ok_or_else(|| Error::arg(name, "expected an integer (field i)")),
+            Some(a) => {
+                a.i.ok_or_else(|| Error::arg(name, "expected an integer (field i)"))
+            }
         }
     }
 
@@ -86,10 +86,10 @@ impl<'a> Args<'a> {
     pub fn float(&self, name: &str, default: f32) -> Result<f32> {
         match self.find(name) {
             None => Ok(default),
-            Some(a) => a
-                .f
-                .or(a.i.map(|i| i as f32))
-                .ok_or_else(|| Error::arg(name, "expected a float (field f)")),
+            Some(a) => {
+                a.f.or(a.i.map(|i| i as f32))
+                    .ok_or_else(|| Error::arg(name, "expected a float (field f)"))
+            }
         }
     }
 
@@ -98,10 +98,9 @@ impl<'a> Args<'a> {
         match self.find(name) {
             None => Ok(default.to_owned()),
             Some(a) => {
-                let s = a
-                    .s
-                    .as_ref()
-                    .ok_or_else(|| Error::arg(name, "expected a string (field s)"))?;
+                let s =
+                    a.s.as_ref()
+                        .ok_or_else(|| Error::arg(name, "expected a string (field s)"))?;
                 String::from_utf8(s.clone()).map_err(|_| Error::arg(name, "not valid UTF-8"))
             }
         }

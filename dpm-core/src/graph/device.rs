@@ -118,12 +118,7 @@ impl FromStr for Device {
 
     /// Parses `cpu:N` or `cuda:N` (also `gpu:N`).
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || {
-            Error::arg(
-                "device",
-                format!("`{s}` is not a device; write cpu:N or cuda:N"),
-            )
-        };
+        let bad = || Error::arg("device", format!("`{s}` is not a device; write cpu:N or cuda:N"));
         let (kind, n) = s.trim().split_once(':').ok_or_else(bad)?;
         let n: u32 = n.parse().map_err(|_| bad())?;
         match kind {

@@ -39,16 +39,8 @@ pub struct OpContext<'a> {
 impl<'a> OpContext<'a> {
     /// A context over the given tensors. Inputs that are `None` were moved to an
     /// output by [`Kernel::in_place`].
-    pub fn new(
-        def: &'a OperatorDef,
-        inputs: Vec<Option<&'a Tensor>>,
-        outputs: Vec<&'a mut Tensor>,
-    ) -> Self {
-        OpContext {
-            def,
-            inputs,
-            outputs,
-        }
+    pub fn new(def: &'a OperatorDef, inputs: Vec<Option<&'a Tensor>>, outputs: Vec<&'a mut Tensor>) -> Self {
+        OpContext { def, inputs, outputs }
     }
 
     /// The op's definition.
@@ -180,11 +172,7 @@ impl<'a> OpContext<'a> {
 }
 
 /// Checks a count against an inclusive range, with an error saying what is allowed.
-pub fn check_arity(
-    what: &'static str,
-    got: usize,
-    range: std::ops::RangeInclusive<usize>,
-) -> Result<()> {
+pub fn check_arity(what: &'static str, got: usize, range: std::ops::RangeInclusive<usize>) -> Result<()> {
     if range.contains(&got) {
         return Ok(());
     }
@@ -195,9 +183,5 @@ pub fn check_arity(
     } else {
         format!("{} to {}", range.start(), range.end())
     };
-    Err(Error::Arity {
-        what,
-        expected,
-        got,
-    })
+    Err(Error::Arity { what, expected, got })
 }

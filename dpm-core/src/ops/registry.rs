@@ -1,7 +1,7 @@
 //! The kernel registry: `(op type, device type)` → factory.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard};
 
 use super::Kernel;
 use crate::error::{Error, Result};
@@ -18,14 +18,27 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry holding every built-in kernel.
-    pub fn global() -> &'static Registry {
-        static GLOBAL: OnceLock<Registry> = OnceLock::new();
+    fn global_lock() -> &'static RwLock<Registry> {
+        static GLOBAL: OnceLock<RwLock<Registry>> = OnceLock::new();
         GLOBAL.get_or_init(|| {
             let mut r = Registry::default();
             super::cpu::register(&mut r);
-            r
+            RwLock::new(r)
         })
+    }
+
+    /// The registry every net is compiled against: the built-in kernels plus any
+    /// added with [`Registry::register_global`].
+    pub fn global() -> RwLockReadGuard<'static, Registry> {
+        Self::global_lock().read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds (or replaces) a kernel for every workspace: how a user brings a custom op.
+    pub fn register_global(op_type: &'static str, device: DeviceType, factory: KernelFactory) {
+        Self::global_lock()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(op_type, device, factory);
     }
 
     /// Registers `factory` for `op_type` on `device`.
@@ -43,9 +56,7 @@ impl Registry {
         let op_type = op.op_type();
         match self.factory(op_type, device) {
             Some(f) => f(op),
-            None if device == DeviceType::Cuda => {
-                Err(Error::NotCompiledWithCuda(format!("op `{op_type}`")))
-            }
+            None if device == DeviceType::Cuda => Err(Error::NotCompiledWithCuda(format!("op `{op_type}`"))),
             None => Err(Error::UnknownOp {
                 op_type: op_type.to_owned(),
                 device: device.to_string(),

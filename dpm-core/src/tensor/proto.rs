@@ -43,12 +43,8 @@ impl Tensor {
         let shape = Shape::from(dims);
         // proto2 default of data_type is FLOAT.
         let dtype = p.data_type.unwrap_or(TensorDataType::Float as i32);
-        let bad_len = |len: usize| {
-            Error::value(
-                name.clone(),
-                format!("{len} elements do not fill shape {shape}"),
-            )
-        };
+        let bad_len =
+            |len: usize| Error::value(name.clone(), format!("{len} elements do not fill shape {shape}"));
         let t = match TensorDataType::try_from(dtype) {
             Ok(TensorDataType::Float) => Tensor::from_vec(shape.clone(), p.float_data.clone())
                 .ok_or_else(|| bad_len(p.float_data.len()))?,

@@ -28,10 +28,7 @@ impl Shape {
     /// tensor as a matrix (`FC`'s `axis` argument).
     pub fn split_at(&self, axis: usize) -> (usize, usize) {
         let axis = axis.min(self.rank());
-        (
-            self.0[..axis].iter().product(),
-            self.0[axis..].iter().product(),
-        )
+        (self.0[..axis].iter().product(), self.0[axis..].iter().product())
     }
 }
 

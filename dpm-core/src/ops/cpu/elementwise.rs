@@ -58,13 +58,18 @@ pub struct Sum {
 impl Sum {
     /// `Sum`: one or more inputs.
     pub fn sum(_: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(Sum { arity: 1..=usize::MAX }))
+        Ok(Box::new(Sum {
+            arity: 1..=usize::MAX,
+        }))
     }
 
     /// `Add`: exactly two inputs of the same shape.
     pub fn add(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         if Args(&op.arg).int("broadcast", 0)? != 0 {
-            return Err(Error::arg("broadcast", "broadcasting Add is not supported; give both inputs one shape"));
+            return Err(Error::arg(
+                "broadcast",
+                "broadcasting Add is not supported; give both inputs one shape",
+            ));
         }
         Ok(Box::new(Sum { arity: 2..=2 }))
     }
@@ -150,7 +155,11 @@ impl Kernel for WeightedSum {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let n = ctx.num_inputs();
         if n == 0 || n % 2 != 0 {
-            return Err(Error::Arity { what: "inputs", expected: "an even number (X0, w0, X1, w1, …)".into(), got: n });
+            return Err(Error::Arity {
+                what: "inputs",
+                expected: "an even number (X0, w0, X1, w1, …)".into(),
+                got: n,
+            });
         }
         ctx.expect_outputs(1..=1)?;
         let shape = ctx.output(0).shape().clone();

@@ -48,7 +48,12 @@ impl ConstantFill {
         let dtype = args.int("dtype", TensorDataType::Float as i64)?;
         let dtype = match TensorDataType::try_from(dtype as i32) {
             Ok(t @ (TensorDataType::Float | TensorDataType::Int32 | TensorDataType::Int64)) => t,
-            _ => return Err(Error::arg("dtype", format!("{dtype} is not FLOAT (1), INT32 (2) or INT64 (10)"))),
+            _ => {
+                return Err(Error::arg(
+                    "dtype",
+                    format!("{dtype} is not FLOAT (1), INT32 (2) or INT64 (10)"),
+                ))
+            }
         };
         Ok(Box::new(ConstantFill {
             shape: shape_arg(op)?,
@@ -106,11 +111,7 @@ pub struct RandomFill {
 impl RandomFill {
     fn create(op: &OperatorDef, dist: Distribution) -> Result<Box<dyn Kernel>> {
         let args = Args(&op.arg);
-        let device_seed = op
-            .device_option
-            .as_ref()
-            .and_then(|d| d.random_seed)
-            .unwrap_or(0);
+        let device_seed = op.device_option.as_ref().and_then(|d| d.random_seed).unwrap_or(0);
         let seed = args.int("seed", device_seed.into())? as u64;
         Ok(Box::new(RandomFill {
             shape: shape_arg(op)?,
@@ -161,7 +162,11 @@ impl Kernel for RandomFill {
         let fan = |axis: usize| -> Result<f64> {
             match shape.dims().get(axis) {
                 Some(&d) if d > 0 && numel > 0 => Ok((numel / d) as f64),
-                _ => Err(Error::shape(name.name(), format!("a shape with a nonzero dim {axis}"), &shape)),
+                _ => Err(Error::shape(
+                    name.name(),
+                    format!("a shape with a nonzero dim {axis}"),
+                    &shape,
+                )),
             }
         };
         let (lo, hi, gaussian) = match self.dist {

@@ -40,12 +40,19 @@ fn dims(ctx: &OpContext<'_>, axis: usize, with_bias: bool) -> Result<(usize, usi
     let (x, _) = ctx.input_f32(0)?;
     let (w, _) = ctx.input_f32(1)?;
     if axis > x.shape().rank() {
-        return Err(Error::arg("axis", format!("{axis} exceeds the rank of `{}` {}", ctx.input_name(0), x.shape())));
+        return Err(Error::arg(
+            "axis",
+            format!("{axis} exceeds the rank of `{}` {}", ctx.input_name(0), x.shape()),
+        ));
     }
     let (m, k) = x.shape().split_at(axis);
     let (n, wk) = w.shape().split_at(1);
     if w.shape().rank() < 2 || wk != k {
-        return Err(Error::shape(ctx.input_name(1), format!("[N, {k}] to match input {}", x.shape()), w.shape()));
+        return Err(Error::shape(
+            ctx.input_name(1),
+            format!("[N, {k}] to match input {}", x.shape()),
+            w.shape(),
+        ));
     }
     if with_bias {
         let (b, _) = ctx.input_f32(2)?;
@@ -66,7 +73,11 @@ impl Kernel for Fc {
         let (_, wd) = ctx.input_f32(1)?;
         let mut out_dims = x.dims()[..self.axis].to_vec();
         out_dims.push(n);
-        let bias = if with_bias { Some(ctx.input_f32(2)?.1) } else { None };
+        let bias = if with_bias {
+            Some(ctx.input_f32(2)?.1)
+        } else {
+            None
+        };
         let y = ctx.output(0).resize::<f32>(Shape::from(out_dims));
         let beta = match bias {
             Some(b) => {
@@ -91,11 +102,23 @@ impl Kernel for FcGradient {
         let (w, wd) = ctx.input_f32(1)?;
         let (dy, dyd) = ctx.input_f32(2)?;
         if dy.numel() != m * n {
-            return Err(Error::shape(ctx.input_name(2), format!("{m}×{n} elements"), dy.shape()));
+            return Err(Error::shape(
+                ctx.input_name(2),
+                format!("{m}×{n} elements"),
+                dy.shape(),
+            ));
         }
         let outs = ctx.outputs();
         // dW = dYᵀ·X  (N×K)
-        sgemm(n, k, m, Mat::t(dyd), Mat::n(xd), 0.0, outs[0].resize::<f32>(w.shape()));
+        sgemm(
+            n,
+            k,
+            m,
+            Mat::t(dyd),
+            Mat::n(xd),
+            0.0,
+            outs[0].resize::<f32>(w.shape()),
+        );
         // db = column sums of dY
         let db = outs[1].resize::<f32>([n]);
         db.fill(0.0);
@@ -106,7 +129,15 @@ impl Kernel for FcGradient {
         }
         if outs.len() == 3 {
             // dX = dY·W  (M×K)
-            sgemm(m, k, n, Mat::n(dyd), Mat::n(wd), 0.0, outs[2].resize::<f32>(x.shape()));
+            sgemm(
+                m,
+                k,
+                n,
+                Mat::n(dyd),
+                Mat::n(wd),
+                0.0,
+                outs[2].resize::<f32>(x.shape()),
+            );
         }
         Ok(())
     }

@@ -15,10 +15,17 @@ fn logits_and_labels<'a>(ctx: &OpContext<'a>, x: usize, label: usize) -> Result<
     let (n, d) = t.shape().split_at(1);
     let labels = ctx.input_labels(label)?;
     if labels.len() != n {
-        return Err(Error::shape(ctx.input_name(label), format!("[{n}] (one label per row of `{}`)", ctx.input_name(x)), ctx.input(label)?.shape()));
+        return Err(Error::shape(
+            ctx.input_name(label),
+            format!("[{n}] (one label per row of `{}`)", ctx.input_name(x)),
+            ctx.input(label)?.shape(),
+        ));
     }
     if let Some(&bad) = labels.iter().find(|&&l| l >= d) {
-        return Err(Error::value(ctx.input_name(label), format!("label {bad} is not below the number of classes {d}")));
+        return Err(Error::value(
+            ctx.input_name(label),
+            format!("label {bad} is not below the number of classes {d}"),
+        ));
     }
     Ok((n, d, labels))
 }

@@ -34,7 +34,9 @@ pub fn register(r: &mut Registry) {
     r.register("StopGradient", Cpu, |_| Ok(Box::new(elementwise::Copy)));
     r.register("WeightedSum", Cpu, |_| Ok(Box::new(elementwise::WeightedSum)));
     r.register("SoftmaxWithLoss", Cpu, |_| Ok(Box::new(loss::SoftmaxWithLoss)));
-    r.register("SoftmaxWithLossGradient", Cpu, |_| Ok(Box::new(loss::SoftmaxWithLossGradient)));
+    r.register("SoftmaxWithLossGradient", Cpu, |_| {
+        Ok(Box::new(loss::SoftmaxWithLossGradient))
+    });
     r.register("Accuracy", Cpu, loss::Accuracy::create);
     r.register("Iter", Cpu, |_| Ok(Box::new(optim::Iter)));
     r.register("LearningRate", Cpu, optim::LearningRate::create);

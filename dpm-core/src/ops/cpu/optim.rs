@@ -73,9 +73,17 @@ impl LearningRate {
                 if stepsize <= 0 {
                     return Err(Error::arg("stepsize", "the step policy needs stepsize ≥ 1"));
                 }
-                LrPolicy::Step { stepsize: stepsize as u64, gamma: args.float("gamma", 1.0)? }
+                LrPolicy::Step {
+                    stepsize: stepsize as u64,
+                    gamma: args.float("gamma", 1.0)?,
+                }
             }
-            other => return Err(Error::arg("policy", format!("`{other}` is not a policy; use fixed or step"))),
+            other => {
+                return Err(Error::arg(
+                    "policy",
+                    format!("`{other}` is not a policy; use fixed or step"),
+                ))
+            }
         };
         Ok(Box::new(LearningRate { base_lr, policy }))
     }
@@ -87,7 +95,12 @@ impl Kernel for LearningRate {
         ctx.expect_outputs(1..=1)?;
         let iter = match ctx.input_data::<i64>(0)? {
             [v] => *v,
-            _ => return Err(Error::value(ctx.input_name(0), "the iteration counter must hold one int64")),
+            _ => {
+                return Err(Error::value(
+                    ctx.input_name(0),
+                    "the iteration counter must hold one int64",
+                ))
+            }
         };
         ctx.output(0).resize::<f32>([1])[0] = self.base_lr * self.policy.multiplier(iter);
         Ok(())
@@ -131,14 +144,24 @@ impl Kernel for MomentumSgdUpdate {
                 return Err(Error::shape(&names[o], outs[2].shape().to_string(), t.shape()));
             }
         }
-        let [g, m, p] = outs else { unreachable!("arity checked") };
-        let (g, m, p) = (f32_mut(g, &names[0])?, f32_mut(m, &names[1])?, f32_mut(p, &names[2])?);
+        let [g, m, p] = outs else {
+            unreachable!("arity checked")
+        };
+        let (g, m, p) = (
+            f32_mut(g, &names[0])?,
+            f32_mut(m, &names[1])?,
+            f32_mut(p, &names[2])?,
+        );
         let (mu, wd) = (self.momentum, self.weight_decay);
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
             let grad = *g + wd * *p;
             let m_old = *m;
             *m = mu * m_old + lr * grad;
-            let step = if self.nesterov { (1.0 + mu) * *m - mu * m_old } else { *m };
+            let step = if self.nesterov {
+                (1.0 + mu) * *m - mu * m_old
+            } else {
+                *m
+            };
             *g = step;
             *p -= step;
         }

@@ -1,0 +1,198 @@
+//! [`ModelHelper`]: an init net and a train net, with the bookkeeping Caffe2's
+//! `ModelHelper` did (ordered parameters, computed parameters, parameter →
+//! gradient), layer helpers (`layers.rs`) and optimisers (`optimizer.rs`).
+
+mod layers;
+mod optimizer;
+
+pub use optimizer::{LrPolicy, Sgd};
+
+use crate::autodiff::{self, GradientMap};
+use crate::error::{Error, Result};
+use crate::graph::{BlobRef, Device, Net};
+use crate::tensor::Shape;
+
+/// How a parameter is initialised in the init net.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Every element the same.
+    Constant(f32),
+    /// Normal(mean, std).
+    Gaussian {
+        /// Mean.
+        mean: f32,
+        /// Standard deviation.
+        std: f32,
+    },
+    /// Uniform(±√(3 / fan_in)).
+    Xavier,
+    /// Normal(0, √(2 / fan_out)), for layers followed by ReLU.
+    Msra,
+}
+
+/// A model under construction: what to initialise, what to run each step, and
+/// which blobs are parameters.
+#[derive(Clone, Debug)]
+pub struct ModelHelper {
+    name: String,
+    init_net: Net,
+    net: Net,
+    params: Vec<BlobRef>,
+    computed_params: Vec<BlobRef>,
+    optimizer_state: Vec<BlobRef>,
+    param_to_grad: GradientMap,
+    seed: u64,
+}
+
+impl ModelHelper {
+    /// An empty model; its nets are `<name>_init` and `<name>`.
+    pub fn new(name: &str) -> Self {
+        ModelHelper {
+            name: name.to_owned(),
+            init_net: Net::new(&format!("{name}_init")),
+            net: Net::new(name),
+            params: Vec::new(),
+            computed_params: Vec::new(),
+            optimizer_state: Vec::new(),
+            param_to_grad: GradientMap::default(),
+            seed: 0,
+        }
+    }
+
+    /// Sets the seed of every random initialiser added from now on.
+    pub fn set_seed(&mut self, seed: u64) -> &mut Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The net that initialises parameters, run once.
+    pub fn init_net(&self) -> &Net {
+        &self.init_net
+    }
+
+    /// The init net, mutably.
+    pub fn init_net_mut(&mut self) -> &mut Net {
+        &mut self.init_net
+    }
+
+    /// The net run every step.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// The train net, mutably.
+    pub fn net_mut(&mut self) -> &mut Net {
+        &mut self.net
+    }
+
+    /// Trainable parameters, in creation order.
+    pub fn params(&self) -> &[BlobRef] {
+        &self.params
+    }
+
+    /// Parameters in the current name scope (what a per-device update builder updates).
+    pub fn params_in_scope(&self) -> Vec<BlobRef> {
+        let prefix = self.net.scope().prefix();
+        self.params
+            .iter()
+            .filter(|p| p.name().starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// Blobs computed by the net but kept across steps (running statistics).
+    pub fn computed_params(&self) -> &[BlobRef] {
+        &self.computed_params
+    }
+
+    /// Optimiser state (momenta, iteration counters): saved in checkpoints.
+    pub fn optimizer_state(&self) -> &[BlobRef] {
+        &self.optimizer_state
+    }
+
+    /// Gradients of the parameters, once [`ModelHelper::add_gradient_ops`] ran.
+    pub fn param_to_grad(&self) -> &GradientMap {
+        &self.param_to_grad
+    }
+
+    /// The full name of `name` in the current name scope.
+    pub fn blob(&self, name: &str) -> BlobRef {
+        self.net.blob(name)
+    }
+
+    /// Runs `f` with both nets inside name scope `name`.
+    pub fn name_scope<R>(&mut self, name: &str, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.init_net.scope_mut().push_name(name);
+        self.net.scope_mut().push_name(name);
+        let r = f(self);
+        self.init_net.scope_mut().pop_name();
+        self.net.scope_mut().pop_name();
+        r
+    }
+
+    /// Runs `f` with both nets' ops placed on `device`.
+    pub fn device_scope<R>(&mut self, device: Device, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.init_net.scope_mut().push_device(device);
+        self.net.scope_mut().push_device(device);
+        let r = f(self);
+        self.init_net.scope_mut().pop_device();
+        self.net.scope_mut().pop_device();
+        r
+    }
+
+    /// Creates parameter `name` (in the current scope) of `shape`, initialised by
+    /// `init` in the init net.
+    pub fn create_param(&mut self, name: &str, shape: impl Into<Shape>, init: Init) -> Result<BlobRef> {
+        let blob = self.blob(name);
+        if self.params.contains(&blob) {
+            return Err(Error::Config(format!("parameter `{blob}` already exists")));
+        }
+        let shape: Vec<i64> = shape.into().dims().iter().map(|&d| d as i64).collect();
+        let seed = self.seed as i64;
+        let op = match init {
+            Init::Constant(v) => self.init_net.op("ConstantFill").arg("value", v),
+            Init::Gaussian { mean, std } => self
+                .init_net
+                .op("GaussianFill")
+                .arg("mean", mean)
+                .arg("std", std)
+                .arg("seed", seed),
+            Init::Xavier => self.init_net.op("XavierFill").arg("seed", seed),
+            Init::Msra => self.init_net.op("MSRAFill").arg("seed", seed),
+        };
+        op.output(&blob).arg("shape", shape).build();
+        self.params.push(blob.clone());
+        Ok(blob)
+    }
+
+    /// Registers a blob the net computes and keeps across steps (e.g. running mean).
+    pub fn add_computed_param(&mut self, blob: BlobRef) {
+        if !self.computed_params.contains(&blob) {
+            self.computed_params.push(blob);
+        }
+    }
+
+    /// Registers optimiser state, saved in checkpoints with the parameters.
+    pub fn add_optimizer_state(&mut self, blob: BlobRef) {
+        if !self.optimizer_state.contains(&blob) {
+            self.optimizer_state.push(blob);
+        }
+    }
+
+    /// Differentiates the train net from `losses` with respect to every parameter.
+    pub fn add_gradient_ops(&mut self, losses: &[BlobRef]) -> Result<&GradientMap> {
+        let params = self.params.clone();
+        self.param_to_grad = autodiff::add_gradient_ops(&mut self.net, losses, &params)?;
+        Ok(&self.param_to_grad)
+    }
+
+    /// Replaces the gradient map (for layers that differentiate themselves).
+    pub fn set_param_to_grad(&mut self, map: GradientMap) {
+        self.param_to_grad = map;
+    }
+}

@@ -1,0 +1,150 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use dpm::autodiff::add_gradient_ops_seeded;
+use dpm::ops::cpu::rng::Rng;
+use dpm::prelude::*;
+
+/// A tensor of `shape` with elements uniform in `[lo, hi)`, away from zero by
+/// `gap` (so kinks such as ReLU's are not straddled by finite differences).
+pub fn random(shape: &[usize], seed: u64, lo: f32, hi: f32, gap: f32) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|_| loop {
+            let x = lo + (hi - lo) * rng.uniform() as f32;
+            if x.abs() >= gap {
+                break x;
+            }
+        })
+        .collect();
+    Tensor::from_vec(shape.to_vec(), v).unwrap()
+}
+
+/// Checks the gradients that autodiff builds for `net` against central finite
+/// differences of `L = Σ w ⊙ y` over the net's `outputs` (w random), with respect
+/// to each blob of `wrt`. Returns the largest relative error seen.
+pub fn gradcheck(net: &Net, feeds: &[(&str, Tensor)], outputs: &[&str], wrt: &[&str]) -> f64 {
+    let ws = Workspace::new();
+    for (n, t) in feeds {
+        ws.feed(n, t.clone());
+    }
+    ws.run_net_once(net.proto()).expect("forward");
+    let weights: Vec<Tensor> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let y = ws.fetch(o).unwrap();
+            random(y.dims(), 1000 + i as u64, -1.0, 1.0, 0.0)
+        })
+        .collect();
+    let loss = |ws: &Workspace| -> f64 {
+        ws.run_net_once(net.proto()).expect("forward");
+        outputs
+            .iter()
+            .zip(&weights)
+            .map(|(o, w)| {
+                let y = ws.fetch(o).unwrap();
+                y.data::<f32>()
+                    .unwrap()
+                    .iter()
+                    .zip(w.data::<f32>().unwrap())
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let mut backward = net.clone();
+    let seeds: Vec<(BlobRef, BlobRef)> = outputs
+        .iter()
+        .map(|o| (BlobRef::new(*o), BlobRef::new(format!("{o}_seed"))))
+        .collect();
+    for ((_, s), w) in seeds.iter().zip(&weights) {
+        ws.feed(s, w.clone());
+    }
+    let wrt_refs: Vec<BlobRef> = wrt.iter().map(|w| BlobRef::new(*w)).collect();
+    let grads = add_gradient_ops_seeded(&mut backward, &seeds, &wrt_refs).expect("autodiff");
+    ws.run_net_once(backward.proto()).expect("backward");
+    let mut worst = 0.0f64;
+    for w in &wrt_refs {
+        let g = grads.get(w).unwrap_or_else(|| panic!("no gradient for {w}"));
+        let analytic = ws.fetch(g).unwrap();
+        let base = ws.fetch(w).unwrap();
+        let eps = 1e-2f32;
+        let mut numeric = Vec::with_capacity(base.numel());
+        for i in 0..base.numel() {
+            let mut t = base.clone();
+            t.data_mut::<f32>().unwrap()[i] += eps;
+            ws.feed(w, t.clone());
+            let up = loss(&ws);
+            t.data_mut::<f32>().unwrap()[i] -= 2.0 * eps;
+            ws.feed(w, t);
+            let down = loss(&ws);
+            numeric.push((up - down) / (2.0 * f64::from(eps)));
+        }
+        ws.feed(w, base);
+        let a: Vec<f64> = analytic
+            .data::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&x| x.into())
+            .collect();
+        assert_eq!(a.len(), numeric.len(), "gradient of {w} has the wrong size");
+        let diff: f64 = a
+            .iter()
+            .zip(&numeric)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let scale = a
+            .iter()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
+            .max(numeric.iter().map(|x| x * x).sum::<f64>().sqrt())
+            .max(1e-3);
+        let rel = diff / scale;
+        assert!(
+            rel < 1e-2,
+            "gradient of {w}: relative error {rel:.2e}\nanalytic {a:?}\nnumeric  {numeric:?}"
+        );
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+/// A learnable synthetic classification set: `n` points in `dim` dimensions around
+/// `classes` random centres, with Gaussian noise. Returns (data [n, dim], labels [n]).
+pub fn blobs_dataset(n: usize, dim: usize, classes: usize, noise: f32, seed: u64) -> (Tensor, Tensor) {
+    let mut rng = Rng::new(seed);
+    let centres: Vec<f32> = (0..classes * dim).map(|_| 2.0 * rng.normal() as f32).collect();
+    let mut x = Vec::with_capacity(n * dim);
+    let mut y = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = i % classes;
+        y.push(c as i32);
+        for d in 0..dim {
+            x.push(centres[c * dim + d] + noise * rng.normal() as f32);
+        }
+    }
+    (
+        Tensor::from_vec([n, dim], x).unwrap(),
+        Tensor::from_vec([n], y).unwrap(),
+    )
+}
+
+/// A two-layer MLP train model (fc → relu → fc → softmax loss, plus accuracy)
+/// with momentum SGD, reading `data` and `label`.
+pub fn mlp(dim: usize, hidden: usize, classes: usize, sgd: Sgd) -> ModelHelper {
+    let mut m = ModelHelper::new("mlp");
+    let data = m.blob("data");
+    let label = m.blob("label");
+    let h = m.fc("fc1", &data, dim, hidden).unwrap();
+    let h = m.relu(&h, "fc1_relu");
+    let logits = m.fc("fc2", &h, hidden, classes).unwrap();
+    let (p, loss) = m.softmax_with_loss(&logits, &label, "loss");
+    m.accuracy(&p, &label, "accuracy");
+    m.add_gradient_ops(&[loss]).unwrap();
+    sgd.build(&mut m).unwrap();
+    m
+}

@@ -1,0 +1,127 @@
+//! Every differentiable op's gradient against central finite differences.
+
+mod common;
+
+use common::{gradcheck, random};
+use dpm::prelude::*;
+
+fn net(op: &str, inputs: &[&str], outputs: &[&str], args: &[(&str, f32)]) -> Net {
+    let mut net = Net::new(op);
+    let mut b = net
+        .op(op)
+        .inputs(inputs.iter().copied())
+        .outputs(outputs.iter().copied());
+    for (k, v) in args {
+        b = b.arg(k, *v);
+    }
+    b.build();
+    net
+}
+
+#[test]
+fn fc_with_bias() {
+    let n = net("FC", &["x", "w", "b"], &["y"], &[]);
+    let feeds = [
+        ("x", random(&[4, 5], 1, -1.0, 1.0, 0.0)),
+        ("w", random(&[3, 5], 2, -1.0, 1.0, 0.0)),
+        ("b", random(&[3], 3, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["y"], &["x", "w", "b"]);
+}
+
+#[test]
+fn fc_without_bias_and_4d_input() {
+    let n = net("FC", &["x", "w"], &["y"], &[]);
+    let feeds = [
+        ("x", random(&[2, 2, 3, 2], 4, -1.0, 1.0, 0.0)),
+        ("w", random(&[4, 12], 5, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["y"], &["x", "w"]);
+}
+
+#[test]
+fn relu() {
+    let n = net("Relu", &["x"], &["y"], &[]);
+    gradcheck(&n, &[("x", random(&[3, 7], 6, -1.0, 1.0, 0.05))], &["y"], &["x"]);
+}
+
+#[test]
+fn sum_and_add() {
+    let n = net("Sum", &["a", "b", "c"], &["y"], &[]);
+    let feeds = [
+        ("a", random(&[2, 3], 7, -1.0, 1.0, 0.0)),
+        ("b", random(&[2, 3], 8, -1.0, 1.0, 0.0)),
+        ("c", random(&[2, 3], 9, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["y"], &["a", "b", "c"]);
+    let n = net("Add", &["a", "b"], &["y"], &[]);
+    gradcheck(&n, &feeds[..2], &["y"], &["a", "b"]);
+}
+
+#[test]
+fn scale_and_copy() {
+    let n = net("Scale", &["x"], &["y"], &[("scale", -2.5)]);
+    gradcheck(&n, &[("x", random(&[5], 10, -1.0, 1.0, 0.0))], &["y"], &["x"]);
+    let n = net("Copy", &["x"], &["y"], &[]);
+    gradcheck(&n, &[("x", random(&[5], 11, -1.0, 1.0, 0.0))], &["y"], &["x"]);
+}
+
+#[test]
+fn softmax_with_loss() {
+    let n = net("SoftmaxWithLoss", &["x", "label"], &["p", "loss"], &[]);
+    let label = Tensor::from_vec([4], vec![0i32, 2, 1, 2]).unwrap();
+    gradcheck(
+        &n,
+        &[("x", random(&[4, 3], 12, -2.0, 2.0, 0.0)), ("label", label)],
+        &["loss"],
+        &["x"],
+    );
+}
+
+#[test]
+fn a_blob_used_twice_accumulates_its_gradient() {
+    // y = relu(x) + x·s: x's gradient is the sum of two contributions.
+    let mut n = Net::new("reuse");
+    n.op("Relu").input("x").output("r").build();
+    n.op("Scale").input("x").output("s").arg("scale", 3.0f32).build();
+    n.op("Sum").inputs(["r", "s"]).output("y").build();
+    n.op("FC").inputs(["y", "w"]).output("z").build();
+    let feeds = [
+        ("x", random(&[2, 4], 13, -1.0, 1.0, 0.05)),
+        ("w", random(&[3, 4], 14, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["z"], &["x", "w"]);
+}
+
+#[test]
+fn an_op_without_gradient_on_the_path_is_named() {
+    let mut n = Net::new("bad");
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    n.op("WeightedSum").inputs(["y", "one"]).output("z").build();
+    n.op("SoftmaxWithLoss")
+        .inputs(["z", "label"])
+        .outputs(["p", "loss"])
+        .build();
+    let err =
+        dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]).unwrap_err();
+    match err {
+        Error::NoGradient { index, op_type, .. } => {
+            assert_eq!((index, op_type.as_str()), (1, "WeightedSum"));
+        }
+        e => panic!("unexpected error {e}"),
+    }
+}
+
+#[test]
+fn ops_off_the_path_need_no_gradient() {
+    // Accuracy reads the logits but does not lead to the loss.
+    let mut n = Net::new("ok");
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    n.op("Accuracy").inputs(["y", "label"]).output("acc").build();
+    n.op("SoftmaxWithLoss")
+        .inputs(["y", "label"])
+        .outputs(["p", "loss"])
+        .build();
+    let g = dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]).unwrap();
+    assert_eq!(g.get(&BlobRef::new("w")).map(BlobRef::name), Some("w_grad"));
+}
