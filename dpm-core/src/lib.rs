@@ -19,11 +19,14 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod checkpoint;
+pub mod comm;
 pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod proto;
 pub mod tensor;
 
@@ -35,6 +38,7 @@ pub mod prelude {
     pub use crate::exec::Workspace;
     pub use crate::graph::{BlobRef, Device, DeviceType, Net};
     pub use crate::model::{Init, ModelHelper, Sgd};
+    pub use crate::parallel::{Parallelize, Trainer};
     pub use crate::proto::{NetDef, OperatorDef, TensorProto, TensorProtos, Wire};
     pub use crate::tensor::{DataType, Shape, Tensor};
 }

@@ -148,3 +148,39 @@ pub fn mlp(dim: usize, hidden: usize, classes: usize, sgd: Sgd) -> ModelHelper {
     sgd.build(&mut m).unwrap();
     m
 }
+
+/// The MLP forward pass as a per-device builder: fc(8→16) → relu → fc(16→4) →
+/// softmax loss, plus accuracy.
+pub fn mlp_forward(m: &mut ModelHelper) -> Result<Vec<BlobRef>> {
+    let data = m.blob("data");
+    let label = m.blob("label");
+    let h = m.fc("fc1", &data, 8, 16)?;
+    let h = m.relu(&h, "fc1_relu");
+    let logits = m.fc("fc2", &h, 16, 4)?;
+    let (p, loss) = m.softmax_with_loss(&logits, &label, "loss");
+    m.accuracy(&p, &label, "accuracy");
+    Ok(vec![loss])
+}
+
+/// A source cycling through a fixed data set, `batch` rows per step, from step `start`.
+pub fn cycling_source(batch: usize, start: usize) -> impl FnMut() -> Result<Vec<(String, Tensor)>> + 'static {
+    let (x, y) = blobs_dataset(240, 8, 4, 1.0, 5);
+    let mut step = start;
+    move || {
+        let n = 240;
+        let xs = x.data::<f32>().unwrap();
+        let ys = y.data::<i32>().unwrap();
+        let mut bx = Vec::with_capacity(batch * 8);
+        let mut by = Vec::with_capacity(batch);
+        for r in 0..batch {
+            let i = (step * batch + r) % n;
+            bx.extend_from_slice(&xs[i * 8..i * 8 + 8]);
+            by.push(ys[i]);
+        }
+        step += 1;
+        Ok(vec![
+            ("data".to_owned(), Tensor::from_vec([batch, 8], bx).unwrap()),
+            ("label".to_owned(), Tensor::from_vec([batch], by).unwrap()),
+        ])
+    }
+}

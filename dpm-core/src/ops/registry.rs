@@ -23,6 +23,7 @@ impl Registry {
         GLOBAL.get_or_init(|| {
             let mut r = Registry::default();
             super::cpu::register(&mut r);
+            crate::comm::register(&mut r);
             RwLock::new(r)
         })
     }

@@ -100,9 +100,11 @@ impl Kernel for Sum {
     }
 }
 
-/// `Scale(X) → scale · X`.
+/// `Scale(X) → scale · X`. With `require_scalar = 1` (set on the loss scaling the
+/// parallel layer injects), X must hold exactly one element.
 pub struct Scale {
     scale: f32,
+    require_scalar: bool,
 }
 
 impl Scale {
@@ -110,6 +112,7 @@ impl Scale {
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Scale {
             scale: Args(&op.arg).float("scale", 1.0)?,
+            require_scalar: Args(&op.arg).int("require_scalar", 0)? != 0,
         }))
     }
 }
@@ -123,6 +126,14 @@ impl Kernel for Scale {
         ctx.expect_inputs(1..=1)?;
         ctx.expect_outputs(1..=1)?;
         let s = self.scale;
+        if self.require_scalar && ctx.output(0).numel() != 1 {
+            let got = ctx.output(0).shape().clone();
+            return Err(Error::shape(
+                ctx.input_name(0),
+                "a scalar loss (one element)",
+                &got,
+            ));
+        }
         ctx.output_data::<f32>(0)?.iter_mut().for_each(|x| *x *= s);
         Ok(())
     }

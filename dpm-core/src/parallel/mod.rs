@@ -1,0 +1,457 @@
+//! The data-parallel layer: [`Parallelize`] turns one model description into a
+//! synchronous data-parallel trainer, with every behaviour of Caffe2's
+//! `data_parallel_model`.
+//!
+//! `build()` does, in order:
+//! 1. per device `d`: under `DeviceScope(d)` and `NameScope("cpu_d")`, the input
+//!    builder and the forward builder: replica `d`;
+//! 2. a `Scale(1 / (devices × shards))` on every loss the forward builder returned;
+//! 3. autodiff for all replicas at once;
+//! 4. params, gradients and computed params grouped by device ([`group_by_device`]);
+//! 5. one `Allreduce` per gradient, last layer first, each chained to the previous
+//!    by `control_input` so every device issues them in the same order;
+//! 6. the update builder per device; computed params broadcast from the master
+//!    device; the initial parameter sync in the init net; the namescope analysis;
+//! 7. optionally, gradient blobs with disjoint lifetimes share buffers.
+
+mod analysis;
+mod group;
+mod memory;
+mod trainer;
+
+pub use analysis::{check_namescopes, infer_blob_devices};
+pub use group::{group_by_device, Group};
+pub use memory::share_gradient_blobs;
+pub use trainer::{InputSource, Trainer};
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+use crate::graph::{BlobRef, Device};
+use crate::model::{ModelHelper, Sgd};
+use crate::proto::NetDef;
+
+/// Adds a replica's input ops (readers, preprocessing) in its scope.
+pub trait InputBuilder {
+    /// Called once per device, inside that device's scopes.
+    fn build(&self, model: &mut ModelHelper) -> Result<()>;
+}
+
+/// Adds a replica's forward pass and returns its (unscaled) losses.
+pub trait ForwardBuilder {
+    /// Called once per device, inside that device's scopes.
+    fn build(&self, model: &mut ModelHelper) -> Result<Vec<BlobRef>>;
+}
+
+/// Adds a replica's parameter update (weight decay, momentum, the step).
+pub trait UpdateBuilder {
+    /// Called once per device, inside that device's scopes.
+    fn build(&self, model: &mut ModelHelper) -> Result<()>;
+}
+
+impl<F: Fn(&mut ModelHelper) -> Result<()>> InputBuilder for F {
+    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+        self(model)
+    }
+}
+
+impl<F: Fn(&mut ModelHelper) -> Result<Vec<BlobRef>>> ForwardBuilder for F {
+    fn build(&self, model: &mut ModelHelper) -> Result<Vec<BlobRef>> {
+        self(model)
+    }
+}
+
+impl<F: Fn(&mut ModelHelper) -> Result<()>> UpdateBuilder for F {
+    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+        self(model)
+    }
+}
+
+impl UpdateBuilder for Sgd {
+    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+        Sgd::build(self, model)
+    }
+}
+
+/// How hosts find each other for multi-host training (Caffe2's `rendezvous`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendezvous {
+    /// This host's index.
+    pub shard_id: usize,
+    /// Number of hosts.
+    pub num_shards: usize,
+    /// Collective engine across hosts (e.g. `"GLOO"`, `"MPI"`).
+    pub engine: String,
+}
+
+/// What happens to computed params (running statistics) after each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComputedParams {
+    /// Left as each device computed them.
+    Keep,
+    /// Copied from the master device to the others (Caffe2's default).
+    Broadcast,
+    /// Averaged over devices.
+    Average,
+}
+
+/// Builder of a data-parallel trainer.
+pub struct Parallelize {
+    model: ModelHelper,
+    devices: Vec<Device>,
+    input_builder: Option<Box<dyn InputBuilder>>,
+    source: Option<Box<dyn InputSource>>,
+    forward: Option<Box<dyn ForwardBuilder>>,
+    update: Option<Box<dyn UpdateBuilder>>,
+    rendezvous: Option<Rendezvous>,
+    net_type: String,
+    num_workers: Option<usize>,
+    computed_params: ComputedParams,
+    optimize_gradient_memory: bool,
+    kernel_threads: Option<usize>,
+}
+
+impl Parallelize {
+    /// Starts from `model`; its existing parameters are not data-parallel.
+    pub fn new(model: ModelHelper) -> Self {
+        Parallelize {
+            model,
+            devices: Vec::new(),
+            input_builder: None,
+            source: None,
+            forward: None,
+            update: None,
+            rendezvous: None,
+            net_type: "dag".into(),
+            num_workers: None,
+            computed_params: ComputedParams::Broadcast,
+            optimize_gradient_memory: false,
+            kernel_threads: None,
+        }
+    }
+
+    /// The devices to replicate over; the first is the master.
+    pub fn devices(mut self, devices: impl IntoIterator<Item = Device>) -> Self {
+        self.devices = devices.into_iter().collect();
+        self
+    }
+
+    /// Adds input ops per device (readers inside the graph).
+    pub fn input_builder(mut self, f: impl InputBuilder + 'static) -> Self {
+        self.input_builder = Some(Box::new(f));
+        self
+    }
+
+    /// One shared source of whole batches; each device is fed its slice.
+    pub fn input(mut self, source: impl InputSource + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The forward pass, returning the losses.
+    pub fn forward(mut self, f: impl ForwardBuilder + 'static) -> Self {
+        self.forward = Some(Box::new(f));
+        self
+    }
+
+    /// The parameter update; without one the model is forward-only (inference).
+    pub fn update(mut self, f: impl UpdateBuilder + 'static) -> Self {
+        self.update = Some(Box::new(f));
+        self
+    }
+
+    /// Multi-host settings. Only `num_shards == 1` runs today.
+    pub fn rendezvous(mut self, r: Rendezvous) -> Self {
+        self.rendezvous = Some(r);
+        self
+    }
+
+    /// Executor of the train net: `"dag"` (default) or `"simple"`.
+    pub fn net_type(mut self, t: &str) -> Self {
+        self.net_type = t.to_owned();
+        self
+    }
+
+    /// Worker threads of the DAG executor (default: 4 per device).
+    pub fn num_workers(mut self, n: usize) -> Self {
+        self.num_workers = Some(n);
+        self
+    }
+
+    /// Whether computed params are broadcast from the master after each step
+    /// (default true).
+    pub fn broadcast_computed_params(mut self, on: bool) -> Self {
+        self.computed_params = if on {
+            ComputedParams::Broadcast
+        } else {
+            ComputedParams::Keep
+        };
+        self
+    }
+
+    /// What to do with computed params after each step.
+    pub fn computed_params(mut self, mode: ComputedParams) -> Self {
+        self.computed_params = mode;
+        self
+    }
+
+    /// Lets gradient blobs with disjoint lifetimes share storage.
+    pub fn optimize_gradient_memory(mut self, on: bool) -> Self {
+        self.optimize_gradient_memory = on;
+        self
+    }
+
+    /// Threads each CPU kernel may use (default: cores / devices, at least 1).
+    pub fn kernel_threads(mut self, n: usize) -> Self {
+        self.kernel_threads = Some(n);
+        self
+    }
+
+    fn check_devices(&self) -> Result<()> {
+        if self.devices.is_empty() {
+            return Err(Error::Config(
+                "no devices: call .devices([...]) with at least one".into(),
+            ));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if self.devices[..i].contains(d) {
+                return Err(Error::Config(format!("device {d} is listed twice")));
+            }
+            if let Device::Cuda(_) = d {
+                return Err(Error::NotCompiledWithCuda(d.to_string()));
+            }
+        }
+        if let Some(r) = &self.rendezvous {
+            if r.num_shards == 0 || r.shard_id >= r.num_shards {
+                return Err(Error::Config(format!(
+                    "rendezvous shard_id {} must be below num_shards {}",
+                    r.shard_id, r.num_shards
+                )));
+            }
+            if r.num_shards > 1 {
+                return Err(Error::Config(format!(
+                    "multi-host training ({} shards, engine `{}`) needs a cross-host collective backend, \
+                     which this build of dpm does not have yet; use num_shards = 1",
+                    r.num_shards, r.engine
+                )));
+            }
+        }
+        if !matches!(self.net_type.as_str(), "dag" | "simple") {
+            return Err(Error::Config(format!(
+                "net type `{}` is unknown; use dag or simple",
+                self.net_type
+            )));
+        }
+        Ok(())
+    }
+
+    /// Builds the per-device graphs and returns the trainer.
+    pub fn build(self) -> Result<Trainer> {
+        self.check_devices()?;
+        let Parallelize {
+            mut model,
+            devices,
+            input_builder,
+            source,
+            forward,
+            update,
+            rendezvous,
+            net_type,
+            num_workers,
+            computed_params,
+            optimize_gradient_memory,
+            kernel_threads,
+        } = self;
+        let forward =
+            forward.ok_or_else(|| Error::Config("no forward builder: call .forward(...)".into()))?;
+        let num_shards = rendezvous.as_ref().map_or(1, |r| r.num_shards);
+        let non_dp_params = model.params().len();
+        let non_dp_state = model.optimizer_state().len();
+
+        // 1. Replicas.
+        let mut losses: Vec<Vec<BlobRef>> = Vec::with_capacity(devices.len());
+        for &d in &devices {
+            let l = in_scope(&mut model, d, |m| {
+                if let Some(ib) = &input_builder {
+                    ib.build(m)?;
+                }
+                forward.build(m)
+            })?;
+            if update.is_some() && l.is_empty() {
+                return Err(Error::Config(format!(
+                    "the forward builder returned no loss on {d}"
+                )));
+            }
+            losses.push(l);
+        }
+        let param_groups = group_by_device(&devices, &model.params()[non_dp_params..], "parameter")?;
+        let computed_groups = group_by_device(&devices, model.computed_params(), "computed parameter")?;
+
+        let mut grad_groups = Vec::new();
+        let mut state_groups = Vec::new();
+        if let Some(update) = &update {
+            // 2. Loss scaling.
+            let scale = 1.0 / (devices.len() * num_shards) as f32;
+            let mut scaled = Vec::new();
+            for (&d, ls) in devices.iter().zip(&losses) {
+                for l in ls {
+                    let s = in_scope(&mut model, d, |m| {
+                        Ok(m.net_mut()
+                            .op("Scale")
+                            .input(l)
+                            .output(l.with_suffix("_scaled"))
+                            .arg("scale", scale)
+                            .arg("require_scalar", 1i64)
+                            .build_one())
+                    })?;
+                    scaled.push(s);
+                }
+            }
+            // 3. Autodiff.
+            model.add_gradient_ops(&scaled)?;
+            // 4. Gradients grouped, in the order they complete (last layer first).
+            let dp_params: HashSet<&BlobRef> = param_groups.iter().flat_map(|g| &g.blobs).collect();
+            let ready_order: Vec<BlobRef> = model
+                .param_to_grad()
+                .iter()
+                .filter(|(p, _)| dp_params.contains(p))
+                .map(|(_, g)| g.clone())
+                .collect();
+            for g in &param_groups {
+                if model.param_to_grad().get(&g.blobs[0]).is_none() {
+                    return Err(Error::Config(format!(
+                        "parameter `{}` has no gradient: it does not lead to any loss",
+                        g.name
+                    )));
+                }
+            }
+            grad_groups = group_by_device(&devices, &ready_order, "gradient")?;
+            // 5. Computed params, then the chained all-reduces.
+            add_computed_param_sync(&mut model, &devices, &computed_groups, computed_params);
+            add_allreduces(&mut model, &devices, &grad_groups);
+            // 6. Updates.
+            for &d in &devices {
+                in_scope(&mut model, d, |m| update.build(m))?;
+            }
+            state_groups = group_by_device(
+                &devices,
+                &model.optimizer_state()[non_dp_state..],
+                "optimizer state",
+            )?;
+        }
+        analysis::check_namescopes(model.net().proto(), &devices)?;
+        analysis::check_namescopes(model.init_net().proto(), &devices)?;
+
+        // Initial sync: every replica starts from the master's parameters.
+        let sync_groups: Vec<Group> = param_groups.iter().chain(&computed_groups).cloned().collect();
+        if devices.len() > 1 {
+            for g in &sync_groups {
+                let master = devices[0];
+                model
+                    .init_net_mut()
+                    .op("Broadcast")
+                    .inputs(&g.blobs)
+                    .outputs(&g.blobs)
+                    .device(master)
+                    .build();
+            }
+        }
+
+        let net = model.net_mut();
+        net.set_type(&net_type);
+        net.set_num_workers(num_workers.unwrap_or(devices.len() * 4));
+        net.set_arg("first_iter_only_one_worker", 1i64);
+        let mut gradient_blobs: Vec<String> = Vec::new();
+        if update.is_some() {
+            let keep: HashSet<String> = grad_groups
+                .iter()
+                .flat_map(|g| g.blobs.iter().map(|b| b.name().to_owned()))
+                .collect();
+            if optimize_gradient_memory {
+                for d in &devices {
+                    share_gradient_blobs(model.net_mut().proto_mut(), &d.namescope(), &keep);
+                }
+            }
+            gradient_blobs = gradient_outputs(model.net().proto());
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let kernel_threads = kernel_threads.unwrap_or((cores / devices.len()).max(1));
+        Ok(Trainer::new(trainer::Parts {
+            model,
+            devices,
+            source,
+            losses,
+            param_groups,
+            computed_groups,
+            grad_groups,
+            state_groups,
+            gradient_blobs,
+            kernel_threads,
+            training: update.is_some(),
+        }))
+    }
+}
+
+/// Runs `f` inside device `d`'s device scope and name scope.
+fn in_scope<R>(
+    model: &mut ModelHelper,
+    d: Device,
+    f: impl FnOnce(&mut ModelHelper) -> Result<R>,
+) -> Result<R> {
+    model.device_scope(d, |m| m.name_scope(&d.namescope(), f))
+}
+
+/// One `Allreduce` per gradient group, in the given order, each waiting (through
+/// `control_input`) for the previous one: all devices issue them in one order, and
+/// the first can start while the backward pass of earlier layers still runs.
+fn add_allreduces(model: &mut ModelHelper, devices: &[Device], grads: &[Group]) {
+    if devices.len() < 2 {
+        return;
+    }
+    let mut previous: Option<BlobRef> = None;
+    for g in grads {
+        let mut op = model
+            .net_mut()
+            .op("Allreduce")
+            .inputs(&g.blobs)
+            .outputs(&g.blobs)
+            .device(devices[0]);
+        if let Some(p) = &previous {
+            op = op.control_input(p);
+        }
+        op.build();
+        previous = Some(g.blobs[0].clone());
+    }
+}
+
+fn add_computed_param_sync(
+    model: &mut ModelHelper,
+    devices: &[Device],
+    groups: &[Group],
+    mode: ComputedParams,
+) {
+    if devices.len() < 2 {
+        return;
+    }
+    for g in groups {
+        let op = match mode {
+            ComputedParams::Keep => continue,
+            ComputedParams::Broadcast => model.net_mut().op("Broadcast"),
+            ComputedParams::Average => model.net_mut().op("Allreduce").arg("average", 1i64),
+        };
+        op.inputs(&g.blobs).outputs(&g.blobs).device(devices[0]).build();
+    }
+}
+
+/// Every blob written by a gradient op: what `optimize_gradient_memory` shrinks.
+fn gradient_outputs(net: &NetDef) -> Vec<String> {
+    let mut v: Vec<String> = net
+        .op
+        .iter()
+        .filter(|op| op.is_gradient_op == Some(true))
+        .flat_map(|op| op.output.iter().cloned())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}

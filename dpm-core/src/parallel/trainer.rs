@@ -1,0 +1,317 @@
+//! The trainer `Parallelize::build` returns: runs the init net and the train
+//! steps, feeds each device its slice of the batch, saves and loads checkpoints.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use super::{analysis, Group};
+use crate::checkpoint;
+use crate::error::{Error, Result};
+use crate::exec::Workspace;
+use crate::graph::{BlobRef, Device, Net};
+use crate::model::ModelHelper;
+use crate::proto::NetDef;
+use crate::tensor::{Element, Tensor};
+
+/// A source of whole batches shared by all devices: each call returns
+/// `(short blob name, tensor)` pairs whose first dimension is the global batch,
+/// which the trainer splits evenly across devices.
+pub trait InputSource {
+    /// The next global batch.
+    fn next_batch(&mut self) -> Result<Vec<(String, Tensor)>>;
+}
+
+impl<F: FnMut() -> Result<Vec<(String, Tensor)>>> InputSource for F {
+    fn next_batch(&mut self) -> Result<Vec<(String, Tensor)>> {
+        self()
+    }
+}
+
+pub(super) struct Parts {
+    pub model: ModelHelper,
+    pub devices: Vec<Device>,
+    pub source: Option<Box<dyn InputSource>>,
+    pub losses: Vec<Vec<BlobRef>>,
+    pub param_groups: Vec<Group>,
+    pub computed_groups: Vec<Group>,
+    pub grad_groups: Vec<Group>,
+    pub state_groups: Vec<Group>,
+    pub gradient_blobs: Vec<String>,
+    pub kernel_threads: usize,
+    pub training: bool,
+}
+
+/// A data-parallel model ready to run: owns the model, its workspace and the
+/// input source.
+pub struct Trainer {
+    p: Parts,
+    ws: Workspace,
+    sync_net: NetDef,
+    initialized: bool,
+    blob_devices: HashMap<String, Device>,
+}
+
+impl Trainer {
+    pub(super) fn new(p: Parts) -> Trainer {
+        let mut sync = Net::new(&format!("{}_sync", p.model.name()));
+        if p.devices.len() > 1 {
+            for g in p
+                .param_groups
+                .iter()
+                .chain(&p.computed_groups)
+                .chain(&p.state_groups)
+            {
+                sync.op("Broadcast")
+                    .inputs(&g.blobs)
+                    .outputs(&g.blobs)
+                    .device(p.devices[0])
+                    .build();
+            }
+        }
+        let blob_devices =
+            analysis::infer_blob_devices([p.model.init_net().proto(), p.model.net().proto()], &p.devices);
+        Trainer {
+            p,
+            ws: Workspace::new(),
+            sync_net: sync.into_proto(),
+            initialized: false,
+            blob_devices,
+        }
+    }
+
+    /// Runs the init net (parameters, optimiser state, initial sync from the
+    /// master device) and compiles the train net.
+    pub fn run_init(&mut self) -> Result<()> {
+        crate::ops::cpu::set_threads(self.p.kernel_threads);
+        self.ws.run_net_once(self.p.model.init_net().proto())?;
+        self.ws.create_net(self.p.model.net().proto())?;
+        self.ws.create_net(&self.sync_net)?;
+        self.initialized = true;
+        Ok(())
+    }
+
+    fn ensure_init(&self) -> Result<()> {
+        if self.initialized {
+            Ok(())
+        } else {
+            Err(Error::Config("call run_init() before running the trainer".into()))
+        }
+    }
+
+    /// Feeds the next batch (if there is an input source) and runs one step.
+    pub fn step(&mut self) -> Result<()> {
+        self.ensure_init()?;
+        if let Some(src) = self.p.source.as_mut() {
+            let batch = src.next_batch()?;
+            let n = self.p.devices.len();
+            for (name, t) in batch {
+                for (d, part) in self.p.devices.iter().zip(split_batch(&name, &t, n)?) {
+                    self.ws.feed(format!("{}/{name}", d.namescope()), part);
+                }
+            }
+        }
+        crate::ops::cpu::set_threads(self.p.kernel_threads);
+        self.ws.run_net(self.p.model.net().proto().net_name())
+    }
+
+    /// Runs `iterations` steps.
+    pub fn run(&mut self, iterations: usize) -> Result<()> {
+        (0..iterations).try_for_each(|_| self.step())
+    }
+
+    /// Feeds `tensor` to blob `name` of `device` (e.g. inputs without a source).
+    pub fn feed(&self, name: &str, device: Device, tensor: Tensor) {
+        self.ws.feed(format!("{}/{name}", device.namescope()), tensor);
+    }
+
+    /// A copy of blob `name` (short name) on `device`.
+    pub fn fetch(&self, name: &str, device: Device) -> Result<Tensor> {
+        self.ws.fetch(format!("{}/{name}", device.namescope()))
+    }
+
+    /// The mean over devices of each device's total loss, as the forward builder
+    /// returned it (unscaled).
+    pub fn loss(&self) -> Result<f32> {
+        let mut total = 0.0f64;
+        for ls in &self.p.losses {
+            for l in ls {
+                total += f64::from(self.ws.fetch(l)?.data::<f32>().map_or(f32::NAN, |d| d[0]));
+            }
+        }
+        Ok((total / self.p.devices.len() as f64) as f32)
+    }
+
+    /// The mean over devices of a scalar blob (accuracy, a metric).
+    pub fn mean_scalar(&self, name: &str) -> Result<f32> {
+        let mut total = 0.0f64;
+        for &d in &self.p.devices {
+            let t = self.fetch(name, d)?;
+            let v = t
+                .data::<f32>()
+                .and_then(|x| x.first().copied())
+                .ok_or_else(|| Error::value(format!("{}/{name}", d.namescope()), "expected an f32 scalar"))?;
+            total += f64::from(v);
+        }
+        Ok((total / self.p.devices.len() as f64) as f32)
+    }
+
+    /// The devices, master first.
+    pub fn devices(&self) -> &[Device] {
+        &self.p.devices
+    }
+
+    /// The model, with all replicas built.
+    pub fn model(&self) -> &ModelHelper {
+        &self.p.model
+    }
+
+    /// The workspace holding every device's blobs.
+    pub fn workspace(&self) -> &Workspace {
+        &self.ws
+    }
+
+    /// Data-parallel parameters, grouped by device.
+    pub fn param_groups(&self) -> &[Group] {
+        &self.p.param_groups
+    }
+
+    /// Gradients, grouped by device, in all-reduce order.
+    pub fn grad_groups(&self) -> &[Group] {
+        &self.p.grad_groups
+    }
+
+    /// Computed params (running statistics), grouped by device.
+    pub fn computed_param_groups(&self) -> &[Group] {
+        &self.p.computed_groups
+    }
+
+    /// The device a blob lives on, inferred from namescopes and the ops touching it.
+    pub fn blob_device(&self, name: &str) -> Option<Device> {
+        self.blob_devices.get(name).copied()
+    }
+
+    /// Bytes held now by gradient blobs (distinct buffers): what
+    /// `optimize_gradient_memory` lowers.
+    pub fn gradient_bytes(&self) -> usize {
+        self.p
+            .gradient_blobs
+            .iter()
+            .filter_map(|b| self.ws.with_blob(b, Tensor::nbytes).ok())
+            .sum()
+    }
+
+    /// What a checkpoint holds: (key, blob on the master device).
+    fn checkpoint_entries(&self) -> Vec<(String, BlobRef)> {
+        let dp: HashSet<&BlobRef> = self.p.param_groups.iter().flat_map(|g| &g.blobs).collect();
+        let non_dp = self
+            .p
+            .model
+            .params()
+            .iter()
+            .filter(|p| !dp.contains(p))
+            .map(|p| (p.name().to_owned(), p.clone()));
+        let grouped = self
+            .p
+            .param_groups
+            .iter()
+            .chain(&self.p.computed_groups)
+            .chain(&self.p.state_groups)
+            .map(|g| (g.name.clone(), g.blobs[0].clone()));
+        non_dp.chain(grouped).collect()
+    }
+
+    /// Saves the master device's parameters, computed params and optimiser state
+    /// (momenta, `ITER`) to `path`, atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.ensure_init()?;
+        let tensors = self
+            .checkpoint_entries()
+            .into_iter()
+            .map(|(k, b)| Ok((k, self.ws.fetch(&b)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([("model".to_owned(), self.p.model.name().to_owned())]);
+        checkpoint::save(path.as_ref(), &tensors, meta)
+    }
+
+    /// Loads a checkpoint written by [`Trainer::save`] into the master device, then
+    /// [`Trainer::finalize_after_checkpoint`]. Every blob must be present with the
+    /// shape the model expects; nothing is changed if any is not.
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        if !self.initialized {
+            self.run_init()?;
+        }
+        let path = path.as_ref();
+        let mut by_name: HashMap<String, Tensor> = checkpoint::load(path)?.tensors.into_iter().collect();
+        let bad = |reason: String| Error::Checkpoint {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut staged = Vec::new();
+        for (key, blob) in self.checkpoint_entries() {
+            let t = by_name
+                .remove(&key)
+                .ok_or_else(|| bad(format!("has no `{key}`, which the model needs")))?;
+            let current = self.ws.fetch(&blob)?;
+            if t.shape() != current.shape() || t.dtype() != current.dtype() {
+                return Err(bad(format!(
+                    "`{key}` is {:?} {}, the model's is {:?} {}",
+                    t.dtype(),
+                    t.shape(),
+                    current.dtype(),
+                    current.shape()
+                )));
+            }
+            staged.push((blob, t));
+        }
+        if let Some(extra) = by_name.keys().next() {
+            return Err(bad(format!("holds `{extra}`, which the model does not have")));
+        }
+        for (blob, t) in staged {
+            self.ws.feed(&blob, t);
+        }
+        self.finalize_after_checkpoint()
+    }
+
+    /// Copies the master device's parameters, computed params and optimiser state
+    /// to every other device (after loading blobs into the master by hand).
+    pub fn finalize_after_checkpoint(&self) -> Result<()> {
+        self.ensure_init()?;
+        self.ws.run_net(self.sync_net.net_name())
+    }
+
+    /// Whether the trainer updates parameters (false: forward-only).
+    pub fn is_training(&self) -> bool {
+        self.p.training
+    }
+}
+
+/// Splits `t` along its first dimension into `n` equal parts.
+fn split_batch(name: &str, t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let dims = t.dims();
+    let Some(&batch) = dims.first() else {
+        return Err(Error::shape(name, "a batch dimension", t.shape()));
+    };
+    if batch % n != 0 {
+        return Err(Error::shape(
+            name,
+            format!("a batch divisible by the {n} devices"),
+            t.shape(),
+        ));
+    }
+    let mut part_dims = dims.to_vec();
+    part_dims[0] = batch / n;
+    let per = t.numel() / n;
+    fn parts<T: Element>(t: &Tensor, dims: &[usize], per: usize, n: usize) -> Vec<Tensor> {
+        let d = t.data::<T>().unwrap_or_default();
+        (0..n)
+            .map(|i| {
+                Tensor::from_vec(dims.to_vec(), d[i * per..(i + 1) * per].to_vec()).expect("exact split")
+            })
+            .collect()
+    }
+    Ok(match t.dtype() {
+        crate::tensor::DataType::F32 => parts::<f32>(t, &part_dims, per, n),
+        crate::tensor::DataType::I32 => parts::<i32>(t, &part_dims, per, n),
+        crate::tensor::DataType::I64 => parts::<i64>(t, &part_dims, per, n),
+    })
+}

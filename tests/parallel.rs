@@ -1,0 +1,404 @@
+//! The data-parallel layer: equivalence with one big batch, identical replicas,
+//! checkpoints, gradient memory, and errors for bad input.
+
+mod common;
+
+use common::{cycling_source, mlp_forward};
+use dpm::parallel::{ComputedParams, Parallelize, Rendezvous};
+use dpm::prelude::*;
+
+fn cpus(n: u32) -> Vec<Device> {
+    (0..n).map(Device::cpu).collect()
+}
+
+fn trainer(devices: u32, batch_per_device: usize, start: usize) -> Parallelize {
+    Parallelize::new(ModelHelper::new("mlp"))
+        .devices(cpus(devices))
+        .input(cycling_source(devices as usize * batch_per_device, start))
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1).momentum(0.9).weight_decay(1e-4))
+}
+
+fn params(t: &Trainer, device: Device) -> Vec<(String, Tensor)> {
+    t.param_groups()
+        .iter()
+        .map(|g| (g.name.clone(), t.fetch(&g.name, device).unwrap()))
+        .collect()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.data::<f32>().unwrap(), b.data::<f32>().unwrap());
+    let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn n_devices_match_one_device_with_the_whole_batch() {
+    let batch = 6;
+    for n in 1..=4u32 {
+        let mut single = trainer(1, n as usize * batch, 0).build().unwrap();
+        let mut multi = trainer(n, batch, 0).build().unwrap();
+        single.run_init().unwrap();
+        multi.run_init().unwrap();
+        single.run(10).unwrap();
+        multi.run(10).unwrap();
+        for ((name, a), (_, b)) in params(&single, Device::cpu(0))
+            .iter()
+            .zip(params(&multi, Device::cpu(0)))
+        {
+            let d = max_rel_diff(a, &b);
+            assert!(d < 1e-4, "{n} devices: {name} differs by {d:e}");
+        }
+        let (l1, ln) = (single.loss().unwrap(), multi.loss().unwrap());
+        assert!((l1 - ln).abs() < 1e-4 * l1.abs().max(1.0), "loss {l1} vs {ln}");
+    }
+}
+
+#[test]
+fn replicas_stay_bitwise_identical_and_runs_are_reproducible() {
+    let run = || {
+        let mut t = trainer(3, 4, 0).build().unwrap();
+        t.run_init().unwrap();
+        let mut history = Vec::new();
+        for _ in 0..6 {
+            t.step().unwrap();
+            let master = params(&t, Device::cpu(0));
+            for d in 1..3 {
+                for ((name, a), (_, b)) in master.iter().zip(params(&t, Device::cpu(d))) {
+                    assert!(a.bitwise_eq(&b), "{name} differs on cpu:{d}");
+                }
+            }
+            history.push(master);
+        }
+        history
+    };
+    let (a, b) = (run(), run());
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(x.1.bitwise_eq(&y.1), "{} differs between runs", x.0);
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_matches_an_uninterrupted_run() {
+    let dir = std::env::temp_dir().join(format!("dpm-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mlp.safetensors");
+    let mut straight = trainer(2, 4, 0).build().unwrap();
+    straight.run_init().unwrap();
+    straight.run(10).unwrap();
+
+    let mut first = trainer(2, 4, 0).build().unwrap();
+    first.run_init().unwrap();
+    first.run(5).unwrap();
+    first.save(&path).unwrap();
+    drop(first);
+    let mut resumed = trainer(2, 4, 5).build().unwrap();
+    resumed.load(&path).unwrap();
+    resumed.run(5).unwrap();
+    for d in cpus(2) {
+        for ((name, a), (_, b)) in params(&straight, d).iter().zip(params(&resumed, d)) {
+            assert!(a.bitwise_eq(&b), "{name} on {d} differs after resume");
+        }
+    }
+    assert_eq!(
+        resumed
+            .fetch("ITER", Device::cpu(1))
+            .unwrap()
+            .data::<i64>()
+            .unwrap(),
+        &[10]
+    );
+
+    // Corrupted and truncated files are clear errors and leave the trainer as it was.
+    let bytes = std::fs::read(&path).unwrap();
+    let before = params(&resumed, Device::cpu(0));
+    for (i, bad) in [
+        bytes[..bytes.len() / 2].to_vec(),
+        vec![0xff; 64],
+        bytes[..4].to_vec(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = dir.join(format!("bad{i}.safetensors"));
+        std::fs::write(&p, bad).unwrap();
+        let err = resumed.load(&p).unwrap_err();
+        assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+    }
+    assert!(resumed.load(dir.join("absent.safetensors")).is_err());
+    // A checkpoint of another model is refused by name.
+    let mut other = Parallelize::new(ModelHelper::new("other"))
+        .devices(cpus(1))
+        .forward(|m: &mut ModelHelper| {
+            let x = m.blob("data");
+            let y = m.fc("other_fc", &x, 8, 2)?;
+            let label = m.blob("label");
+            Ok(vec![m.softmax_with_loss(&y, &label, "loss").1])
+        })
+        .update(Sgd::new(0.1))
+        .build()
+        .unwrap();
+    other.run_init().unwrap();
+    let err = other.load(&path).unwrap_err().to_string();
+    assert!(err.contains("other_fc"), "{err}");
+    for ((n, a), (_, b)) in before.iter().zip(params(&resumed, Device::cpu(0))) {
+        assert!(a.bitwise_eq(&b), "{n} changed by a failed load");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn gradient_memory_sharing_keeps_results_and_lowers_the_peak() {
+    let run = |share: bool| {
+        let mut t = trainer(2, 16, 0).optimize_gradient_memory(share).build().unwrap();
+        t.run_init().unwrap();
+        t.run(5).unwrap();
+        (params(&t, Device::cpu(0)), t.gradient_bytes())
+    };
+    let (plain, plain_bytes) = run(false);
+    let (shared, shared_bytes) = run(true);
+    for ((name, a), (_, b)) in plain.iter().zip(&shared) {
+        assert!(a.bitwise_eq(b), "{name} differs with gradient sharing");
+    }
+    assert!(
+        shared_bytes < plain_bytes,
+        "gradient bytes {plain_bytes} → {shared_bytes}"
+    );
+    eprintln!("gradient bytes: {plain_bytes} → {shared_bytes}");
+}
+
+#[test]
+fn allreduces_run_last_layer_first_chained_by_control_inputs() {
+    let t = trainer(2, 4, 0).build().unwrap();
+    let ops: Vec<_> = t
+        .model()
+        .net()
+        .ops()
+        .iter()
+        .filter(|o| o.op_type() == "Allreduce")
+        .collect();
+    let order: Vec<&str> = ops.iter().map(|o| o.input[0].as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "cpu_0/fc2_w_grad",
+            "cpu_0/fc2_b_grad",
+            "cpu_0/fc1_w_grad",
+            "cpu_0/fc1_b_grad"
+        ]
+    );
+    assert!(ops[0].control_input.is_empty());
+    for w in ops.windows(2) {
+        assert_eq!(w[1].control_input, [w[0].input[0].clone()]);
+    }
+    assert_eq!(ops[0].input, ["cpu_0/fc2_w_grad", "cpu_1/fc2_w_grad"]);
+    // The loss is scaled by 1 / devices before differentiation.
+    let scale = t
+        .model()
+        .net()
+        .ops()
+        .iter()
+        .find(|o| o.op_type() == "Scale")
+        .unwrap();
+    assert_eq!(scale.find_arg("scale").unwrap().f, Some(0.5));
+    assert_eq!(t.blob_device("cpu_1/fc1_w"), Some(Device::cpu(1)));
+    let net = t.model().net().proto();
+    assert_eq!((net.r#type.as_deref(), net.num_workers), (Some("dag"), Some(8)));
+}
+
+#[test]
+fn computed_params_are_broadcast_or_averaged() {
+    for (mode, expect_equal_to_master) in [
+        (ComputedParams::Broadcast, true),
+        (ComputedParams::Average, false),
+    ] {
+        let mut t = trainer(2, 4, 0)
+            .forward(|m: &mut ModelHelper| {
+                let losses = mlp_forward(m)?;
+                // Like a running statistic: initialised once, recomputed every step.
+                m.init_net_mut()
+                    .op("ConstantFill")
+                    .output("loss_stat")
+                    .arg("shape", Vec::<i64>::new())
+                    .build();
+                let stat = m
+                    .net_mut()
+                    .op("Copy")
+                    .input(&losses[0])
+                    .output("loss_stat")
+                    .build_one();
+                m.add_computed_param(stat);
+                Ok(losses)
+            })
+            .computed_params(mode)
+            .build()
+            .unwrap();
+        t.run_init().unwrap();
+        t.step().unwrap();
+        let l0 = t.fetch("loss", Device::cpu(0)).unwrap().data::<f32>().unwrap()[0];
+        let l1 = t.fetch("loss", Device::cpu(1)).unwrap().data::<f32>().unwrap()[0];
+        let s0 = t
+            .fetch("loss_stat", Device::cpu(0))
+            .unwrap()
+            .data::<f32>()
+            .unwrap()[0];
+        let s1 = t
+            .fetch("loss_stat", Device::cpu(1))
+            .unwrap()
+            .data::<f32>()
+            .unwrap()[0];
+        assert_eq!(s0, s1);
+        if expect_equal_to_master {
+            assert_eq!(s0, l0);
+        } else {
+            assert!((s0 - (l0 + l1) / 2.0).abs() < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn forward_only_models_run_without_gradients() {
+    let mut t = Parallelize::new(ModelHelper::new("infer"))
+        .devices(cpus(2))
+        .input(cycling_source(8, 0))
+        .forward(mlp_forward)
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.step().unwrap();
+    assert!(!t.is_training());
+    assert!(t
+        .model()
+        .net()
+        .ops()
+        .iter()
+        .all(|o| o.is_gradient_op != Some(true)));
+    assert!(t.loss().unwrap() > 0.0);
+    // Replicas start from the master's parameters.
+    for g in t.param_groups() {
+        assert!(t
+            .fetch(&g.name, Device::cpu(0))
+            .unwrap()
+            .bitwise_eq(&t.fetch(&g.name, Device::cpu(1)).unwrap()));
+    }
+}
+
+fn build_err(p: Parallelize) -> String {
+    match p.build() {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_configurations_are_clear_errors() {
+    let base = || {
+        Parallelize::new(ModelHelper::new("m"))
+            .forward(mlp_forward)
+            .update(Sgd::new(0.1))
+    };
+    assert!(build_err(base()).contains("no devices"));
+    assert!(build_err(base().devices([Device::cpu(0), Device::cpu(0)])).contains("twice"));
+    assert!(build_err(base().devices([Device::cuda(0)])).contains("cuda"));
+    assert!(build_err(base().devices(cpus(1)).net_type("fancy")).contains("fancy"));
+    let r = Rendezvous {
+        shard_id: 0,
+        num_shards: 2,
+        engine: "GLOO".into(),
+    };
+    assert!(build_err(base().devices(cpus(1)).rendezvous(r)).contains("multi-host"));
+    let no_loss = base().devices(cpus(2)).forward(|_: &mut ModelHelper| Ok(vec![]));
+    assert!(build_err(no_loss).contains("no loss"));
+    // A parameter only device 1 has.
+    let uneven = base().devices(cpus(2)).forward(|m: &mut ModelHelper| {
+        let losses = mlp_forward(m)?;
+        if m.net().scope().prefix() == "cpu_1/" {
+            m.create_param("extra", [1], Init::Constant(0.0))?;
+        }
+        Ok(losses)
+    });
+    let e = build_err(uneven);
+    assert!(e.contains("extra") && e.contains("cpu:1"), "{e}");
+    // Parameters created in a different order.
+    let shuffled = base().devices(cpus(2)).forward(|m: &mut ModelHelper| {
+        let data = m.blob("data");
+        let (a, b) = if m.net().scope().prefix() == "cpu_0/" {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        let x = m.fc(a, &data, 8, 8)?;
+        let y = m.fc(b, &x, 8, 4)?;
+        let label = m.blob("label");
+        Ok(vec![m.softmax_with_loss(&y, &label, "loss").1])
+    });
+    assert!(build_err(shuffled).contains("different order"));
+    // Reaching into another device's namescope.
+    let crossing = base().devices(cpus(2)).forward(|m: &mut ModelHelper| {
+        let foreign = BlobRef::new("cpu_0/data");
+        let x = m.fc("fc", &foreign, 8, 4)?;
+        let label = m.blob("label");
+        Ok(vec![m.softmax_with_loss(&x, &label, "loss").1])
+    });
+    let e = build_err(crossing);
+    assert!(e.contains("cpu_0/data") && e.contains("cross devices"), "{e}");
+}
+
+#[test]
+fn run_time_failures_are_errors_not_hangs() {
+    // A non-scalar loss.
+    let mut t = Parallelize::new(ModelHelper::new("m"))
+        .devices(cpus(2))
+        .input(cycling_source(8, 0))
+        .forward(|m: &mut ModelHelper| {
+            let data = m.blob("data");
+            Ok(vec![m.fc("fc", &data, 8, 3)?])
+        })
+        .update(Sgd::new(0.1))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    let e = t.step().unwrap_err().to_string();
+    assert!(e.contains("scalar loss"), "{e}");
+    // An op failing on one device only, mid-step: a label out of range on cpu:1.
+    let mut t = trainer(2, 4, 0).build().unwrap();
+    t.run_init().unwrap();
+    t.step().unwrap();
+    let mut source = cycling_source(8, 1);
+    let batch = source().unwrap();
+    for (name, tensor) in &batch {
+        for (d, range) in [(0u32, 0..4usize), (1, 4..8)] {
+            let mut part = if name == "data" {
+                Tensor::from_vec(
+                    [4, 8],
+                    tensor.data::<f32>().unwrap()[range.start * 8..range.end * 8].to_vec(),
+                )
+                .unwrap()
+            } else {
+                Tensor::from_vec([4], tensor.data::<i32>().unwrap()[range].to_vec()).unwrap()
+            };
+            if name == "label" && d == 1 {
+                part.data_mut::<i32>().unwrap()[2] = 99;
+            }
+            t.feed(name, Device::cpu(d), part);
+        }
+    }
+    let ws = t.workspace();
+    let e = ws.run_net("mlp").unwrap_err().to_string();
+    assert!(e.contains("cpu_1/label") && e.contains("99"), "{e}");
+    // Batches that do not split evenly.
+    let mut t = Parallelize::new(ModelHelper::new("m"))
+        .devices(cpus(3))
+        .input(cycling_source(8, 0))
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    assert!(t.step().unwrap_err().to_string().contains("divisible"));
+    let mut fresh = trainer(1, 4, 0).build().unwrap();
+    assert!(fresh.step().unwrap_err().to_string().contains("run_init"));
+}
