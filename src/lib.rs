@@ -21,8 +21,10 @@
 #![warn(missing_docs)]
 
 pub use dpm_core::*;
+pub use dpm_macros::data_parallel;
 
 /// The names most programs need.
 pub mod prelude {
     pub use dpm_core::prelude::*;
+    pub use dpm_macros::data_parallel;
 }

@@ -15,11 +15,13 @@
 //! 7. optionally, gradient blobs with disjoint lifetimes share buffers.
 
 mod analysis;
+mod device_model;
 mod group;
 mod memory;
 mod trainer;
 
 pub use analysis::{check_namescopes, infer_blob_devices};
+pub use device_model::{Blob, DeviceModel, IntoLosses, IntoUnit, Losses};
 pub use group::{group_by_device, Group};
 pub use memory::share_gradient_blobs;
 pub use trainer::{InputSource, Trainer};
@@ -34,41 +36,41 @@ use crate::proto::NetDef;
 /// Adds a replica's input ops (readers, preprocessing) in its scope.
 pub trait InputBuilder {
     /// Called once per device, inside that device's scopes.
-    fn build(&self, model: &mut ModelHelper) -> Result<()>;
+    fn build(&self, model: &mut ModelHelper, device: Device) -> Result<()>;
 }
 
 /// Adds a replica's forward pass and returns its (unscaled) losses.
 pub trait ForwardBuilder {
     /// Called once per device, inside that device's scopes.
-    fn build(&self, model: &mut ModelHelper) -> Result<Vec<BlobRef>>;
+    fn build(&self, model: &mut ModelHelper, device: Device) -> Result<Vec<BlobRef>>;
 }
 
 /// Adds a replica's parameter update (weight decay, momentum, the step).
 pub trait UpdateBuilder {
     /// Called once per device, inside that device's scopes.
-    fn build(&self, model: &mut ModelHelper) -> Result<()>;
+    fn build(&self, model: &mut ModelHelper, device: Device) -> Result<()>;
 }
 
 impl<F: Fn(&mut ModelHelper) -> Result<()>> InputBuilder for F {
-    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+    fn build(&self, model: &mut ModelHelper, _: Device) -> Result<()> {
         self(model)
     }
 }
 
 impl<F: Fn(&mut ModelHelper) -> Result<Vec<BlobRef>>> ForwardBuilder for F {
-    fn build(&self, model: &mut ModelHelper) -> Result<Vec<BlobRef>> {
+    fn build(&self, model: &mut ModelHelper, _: Device) -> Result<Vec<BlobRef>> {
         self(model)
     }
 }
 
 impl<F: Fn(&mut ModelHelper) -> Result<()>> UpdateBuilder for F {
-    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+    fn build(&self, model: &mut ModelHelper, _: Device) -> Result<()> {
         self(model)
     }
 }
 
 impl UpdateBuilder for Sgd {
-    fn build(&self, model: &mut ModelHelper) -> Result<()> {
+    fn build(&self, model: &mut ModelHelper, _: Device) -> Result<()> {
         Sgd::build(self, model)
     }
 }
@@ -273,9 +275,9 @@ impl Parallelize {
         for &d in &devices {
             let l = in_scope(&mut model, d, |m| {
                 if let Some(ib) = &input_builder {
-                    ib.build(m)?;
+                    ib.build(m, d)?;
                 }
-                forward.build(m)
+                forward.build(m, d)
             })?;
             if update.is_some() && l.is_empty() {
                 return Err(Error::Config(format!(
@@ -331,7 +333,7 @@ impl Parallelize {
             add_allreduces(&mut model, &devices, &grad_groups);
             // 6. Updates.
             for &d in &devices {
-                in_scope(&mut model, d, |m| update.build(m))?;
+                in_scope(&mut model, d, |m| update.build(m, d))?;
             }
             state_groups = group_by_device(
                 &devices,

@@ -1,0 +1,250 @@
+//! [`DeviceModel`]: the per-device view of a model that `#[data_parallel]`
+//! functions build with, and [`Blob`], a handle branded with its device's scope.
+//!
+//! The brand is an invariant lifetime `'d` that only exists inside one call of a
+//! builder (`for<'d> FnOnce(&mut DeviceModel<'d>)`): a `Blob<'d>` made while
+//! building one device cannot be passed to another device's model, nor kept after
+//! the build, so mixing namescopes is a compile error rather than Caffe2's
+//! run-time exception.
+//!
+//! ```compile_fail
+//! use dpm_core::parallel::{Blob, DeviceModel};
+//! // Two devices' models have two distinct brands: this does not compile.
+//! fn mix<'a, 'b>(a: &mut DeviceModel<'a>, b: &mut DeviceModel<'b>) {
+//!     let x: Blob<'a> = a.input("data");
+//!     b.relu(x).unwrap();
+//! }
+//! ```
+
+use std::marker::PhantomData;
+
+use crate::error::{Error, Result};
+use crate::graph::{BlobRef, Device};
+use crate::model::ModelHelper;
+use crate::tensor::Shape;
+
+/// Invariant in `'d`: neither shorter nor longer brands convert.
+type Brand<'d> = PhantomData<fn(&'d ()) -> &'d ()>;
+
+/// A blob of one device's replica. `Copy`, cheap, and only usable with the
+/// [`DeviceModel`] that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Blob<'d> {
+    id: usize,
+    brand: Brand<'d>,
+}
+
+/// The losses a forward function returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Losses<'d>(Vec<Blob<'d>>);
+
+impl<'d> From<Blob<'d>> for Losses<'d> {
+    fn from(b: Blob<'d>) -> Self {
+        Losses(vec![b])
+    }
+}
+
+impl<'d> From<Vec<Blob<'d>>> for Losses<'d> {
+    fn from(v: Vec<Blob<'d>>) -> Self {
+        Losses(v)
+    }
+}
+
+impl<'d, const N: usize> From<[Blob<'d>; N]> for Losses<'d> {
+    fn from(v: [Blob<'d>; N]) -> Self {
+        Losses(v.to_vec())
+    }
+}
+
+/// One device's replica under construction: the model helper inside the device's
+/// scopes, plus the per-sample shape of each blob where known.
+pub struct DeviceModel<'d> {
+    model: &'d mut ModelHelper,
+    device: Device,
+    blobs: Vec<(BlobRef, Option<Shape>)>,
+    brand: Brand<'d>,
+}
+
+impl<'d> DeviceModel<'d> {
+    /// Runs `f` on `device`'s view of `model`, inside the device's scopes. The
+    /// higher-ranked `'d` is what brands the blobs `f` creates.
+    pub fn scope<R>(
+        model: &mut ModelHelper,
+        device: Device,
+        f: impl for<'x> FnOnce(&mut DeviceModel<'x>) -> R,
+    ) -> R {
+        model.device_scope(device, |m| {
+            m.name_scope(&device.namescope(), |m| {
+                let mut dm = DeviceModel {
+                    model: m,
+                    device,
+                    blobs: Vec::new(),
+                    brand: PhantomData,
+                };
+                f(&mut dm)
+            })
+        })
+    }
+
+    /// Like [`DeviceModel::scope`], for a model helper already inside the device's
+    /// scopes (what `Parallelize` hands its builders).
+    pub fn within<R>(
+        model: &mut ModelHelper,
+        device: Device,
+        f: impl for<'x> FnOnce(&mut DeviceModel<'x>) -> R,
+    ) -> R {
+        let mut dm = DeviceModel {
+            model,
+            device,
+            blobs: Vec::new(),
+            brand: PhantomData,
+        };
+        f(&mut dm)
+    }
+
+    fn add(&mut self, name: BlobRef, shape: Option<Shape>) -> Blob<'d> {
+        self.blobs.push((name, shape));
+        Blob {
+            id: self.blobs.len() - 1,
+            brand: PhantomData,
+        }
+    }
+
+    /// The device this replica runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The full name of a blob (`cpu_0/fc1`).
+    pub fn name(&self, b: Blob<'d>) -> &BlobRef {
+        &self.blobs[b.id].0
+    }
+
+    /// The per-sample shape of a blob (without the batch dimension), if known.
+    pub fn sample_shape(&self, b: Blob<'d>) -> Option<&Shape> {
+        self.blobs[b.id].1.as_ref()
+    }
+
+    /// The underlying model helper, in this device's scopes: for ops the
+    /// `DeviceModel` has no helper for. Names given to it as strings are relative to
+    /// the device scope; [`DeviceModel::adopt`] turns its outputs into blobs.
+    pub fn model(&mut self) -> &mut ModelHelper {
+        self.model
+    }
+
+    /// A blob for an output made through [`DeviceModel::model`].
+    pub fn adopt(&mut self, name: BlobRef, sample_shape: Option<Shape>) -> Blob<'d> {
+        self.add(name, sample_shape)
+    }
+
+    /// An input blob fed from outside (data, labels), of unknown shape.
+    pub fn input(&mut self, name: &str) -> Blob<'d> {
+        let b = self.model.blob(name);
+        self.add(b, None)
+    }
+
+    /// An input blob whose per-sample shape is `shape` (e.g. `[3, 32, 32]`), so
+    /// that layers can size their parameters from it.
+    pub fn input_with_shape(&mut self, name: &str, shape: impl Into<Shape>) -> Blob<'d> {
+        let b = self.model.blob(name);
+        self.add(b, Some(shape.into()))
+    }
+
+    fn known_shape(&self, b: Blob<'d>, layer: &str) -> Result<Shape> {
+        self.sample_shape(b).cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "{layer}: the per-sample shape of `{}` is unknown; declare it with input_with_shape",
+                self.name(b)
+            ))
+        })
+    }
+
+    /// Fully connected layer `name` with `dim_out` outputs; its input size comes from
+    /// `x`'s per-sample shape.
+    pub fn fc(&mut self, name: &str, x: Blob<'d>, dim_out: usize) -> Result<Blob<'d>> {
+        let dim_in = self.known_shape(x, name)?.numel();
+        let input = self.name(x).clone();
+        let y = self.model.fc(name, &input, dim_in, dim_out)?;
+        Ok(self.add(y, Some(Shape::from([dim_out]))))
+    }
+
+    /// `max(x, 0)`, into `<x>_relu`.
+    pub fn relu(&mut self, x: Blob<'d>) -> Result<Blob<'d>> {
+        let input = self.name(x).clone();
+        let out = format!("{}_relu", input.short_name());
+        let out = out.rsplit('/').next().unwrap_or(&out).to_owned();
+        let y = self.model.relu(&input, &out);
+        let shape = self.blobs[x.id].1.clone();
+        Ok(self.add(y, shape))
+    }
+
+    /// Softmax cross-entropy loss `name` of `logits` against integer `label`s;
+    /// returns `(softmax, loss)`.
+    pub fn softmax_with_loss(
+        &mut self,
+        name: &str,
+        logits: Blob<'d>,
+        label: Blob<'d>,
+    ) -> Result<(Blob<'d>, Blob<'d>)> {
+        let (l, y) = (self.name(logits).clone(), self.name(label).clone());
+        let shape = self.blobs[logits.id].1.clone();
+        let (p, loss) = self.model.softmax_with_loss(&l, &y, name);
+        Ok((self.add(p, shape), self.add(loss, Some(Shape::from([])))))
+    }
+
+    /// Top-1 accuracy of `scores` against `label`, into `name`.
+    pub fn accuracy(&mut self, name: &str, scores: Blob<'d>, label: Blob<'d>) -> Blob<'d> {
+        let (s, y) = (self.name(scores).clone(), self.name(label).clone());
+        let a = self.model.accuracy(&s, &y, name);
+        self.add(a, Some(Shape::from([])))
+    }
+}
+
+/// What a forward function may return: [`Losses`], one [`Blob`], a `Vec` of blobs,
+/// or a `Result` of any of them.
+pub trait IntoLosses<'d> {
+    /// The losses' full names.
+    fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>>;
+}
+
+impl<'d> IntoLosses<'d> for Losses<'d> {
+    fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>> {
+        Ok(self.0.into_iter().map(|b| m.name(b).clone()).collect())
+    }
+}
+
+impl<'d> IntoLosses<'d> for Blob<'d> {
+    fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>> {
+        Losses::from(self).into_losses(m)
+    }
+}
+
+impl<'d> IntoLosses<'d> for Vec<Blob<'d>> {
+    fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>> {
+        Losses::from(self).into_losses(m)
+    }
+}
+
+impl<'d, T: IntoLosses<'d>> IntoLosses<'d> for Result<T> {
+    fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>> {
+        self?.into_losses(m)
+    }
+}
+
+/// What an input or update function may return: `()` or `Result<()>`.
+pub trait IntoUnit {
+    /// As a `Result`.
+    fn into_unit(self) -> Result<()>;
+}
+
+impl IntoUnit for () {
+    fn into_unit(self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl IntoUnit for Result<()> {
+    fn into_unit(self) -> Result<()> {
+        self
+    }
+}

@@ -1,0 +1,172 @@
+//! The rules a `#[data_parallel]` function must follow, one `check_*` each.
+//! Every error is collected, so one compile shows all of them.
+
+use quote::ToTokens;
+use syn::visit::Visit;
+use syn::{ReturnType, Type};
+
+use crate::parse::{last_segment, type_args, Builder, Kind};
+
+/// Collects errors; [`Errors::finish`] combines them.
+#[derive(Default)]
+pub struct Errors(Vec<syn::Error>);
+
+impl Errors {
+    /// Adds an error.
+    pub fn push(&mut self, e: syn::Error) {
+        self.0.push(e);
+    }
+
+    /// Adds an error spanning `tokens`.
+    pub fn spanned(&mut self, tokens: impl ToTokens, msg: impl std::fmt::Display) {
+        self.0.push(syn::Error::new_spanned(tokens, msg));
+    }
+
+    /// How many errors so far.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `Ok` if no error was added, else all of them as one.
+    pub fn finish(self) -> Result<(), syn::Error> {
+        let mut it = self.0.into_iter();
+        match it.next() {
+            None => Ok(()),
+            Some(mut first) => {
+                first.extend(it);
+                Err(first)
+            }
+        }
+    }
+}
+
+/// Runs every rule.
+pub fn check(b: &Builder<'_>, errors: &mut Errors) {
+    check_return_type(b, errors);
+    check_literals(b, errors);
+}
+
+const LOSS_TYPES: &str = "Result<Losses<'_>>, Losses<'_>, Blob<'_>, Vec<Blob<'_>> or a Result of one";
+
+fn is_losses(ty: &Type) -> bool {
+    let Some(seg) = last_segment(ty) else { return false };
+    match seg.ident.to_string().as_str() {
+        "Losses" | "Blob" => true,
+        "Vec" => type_args(seg)
+            .first()
+            .is_some_and(|t| last_segment(t).is_some_and(|s| s.ident == "Blob")),
+        _ => false,
+    }
+}
+
+fn is_unit(ty: &Type) -> bool {
+    matches!(ty, Type::Tuple(t) if t.elems.is_empty())
+}
+
+/// `Result<T, ..>` → `T`.
+fn result_ok(ty: &Type) -> Option<&Type> {
+    let seg = last_segment(ty)?;
+    (seg.ident == "Result")
+        .then(|| type_args(seg).into_iter().next())
+        .flatten()
+}
+
+/// A forward function returns its losses; input and update functions return
+/// `()` or `Result<()>`.
+fn check_return_type(b: &Builder<'_>, errors: &mut Errors) {
+    let sig = &b.original.sig;
+    match (b.kind, b.output) {
+        (Kind::Forward, ReturnType::Default) => errors.spanned(
+            &sig.ident,
+            format!("a forward function returns its losses; add a return type: {LOSS_TYPES}"),
+        ),
+        (Kind::Forward, ReturnType::Type(_, ty)) => {
+            let inner = result_ok(ty).unwrap_or(ty);
+            if !is_losses(inner) {
+                errors.spanned(
+                    ty,
+                    format!("a forward function returns its losses: expected {LOSS_TYPES}"),
+                );
+            }
+        }
+        (_, ReturnType::Default) => {}
+        (_, ReturnType::Type(_, ty)) => {
+            let inner = result_ok(ty).unwrap_or(ty);
+            if !is_unit(inner) {
+                errors.spanned(ty, "an input or update function returns `()` or `Result<()>`");
+            }
+        }
+    }
+}
+
+/// Whether `s` names a device scope: `cpu_N` or `gpu_N` at a word start.
+fn device_prefix(s: &str) -> Option<&str> {
+    let bytes = s.as_bytes();
+    for start in 0..s.len() {
+        let at_word_start =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let rest = &s[start..];
+        if at_word_start && (rest.starts_with("cpu_") || rest.starts_with("gpu_")) {
+            let digits = rest[4..].bytes().take_while(u8::is_ascii_digit).count();
+            let end = 4 + digits;
+            let after_ok = rest
+                .as_bytes()
+                .get(end)
+                .is_none_or(|c| !c.is_ascii_alphanumeric());
+            if digits > 0 && after_ok {
+                return Some(&rest[..end]);
+            }
+        }
+    }
+    None
+}
+
+struct Literals<'e> {
+    errors: &'e mut Errors,
+}
+
+impl Literals<'_> {
+    fn check(&mut self, e: &syn::Expr) {
+        let syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) = e
+        else {
+            return;
+        };
+        let v = s.value();
+        if v.contains('/') {
+            self.errors.spanned(
+                s,
+                "blob names are relative to the device scope and cannot contain the namescope separator `/`; \
+                 dpm adds `cpu_N/` or `gpu_N/` for each device",
+            );
+        } else if let Some(p) = device_prefix(&v) {
+            self.errors.spanned(
+                s,
+                format!(
+                    "`{p}` names one device, but blob names are relative to the device scope: \
+                     this function is built once per device"
+                ),
+            );
+        }
+    }
+}
+
+impl<'ast> Visit<'ast> for Literals<'_> {
+    fn visit_expr_method_call(&mut self, c: &'ast syn::ExprMethodCall) {
+        c.args.iter().for_each(|a| self.check(a));
+        syn::visit::visit_expr_method_call(self, c);
+    }
+
+    fn visit_expr_call(&mut self, c: &'ast syn::ExprCall) {
+        c.args.iter().for_each(|a| self.check(a));
+        syn::visit::visit_expr_call(self, c);
+    }
+}
+
+/// String literals passed to calls in the body (blob names) are relative: no `/`,
+/// no `cpu_N` / `gpu_N`.
+fn check_literals(b: &Builder<'_>, errors: &mut Errors) {
+    Literals { errors }.visit_block(&b.original.block);
+}

@@ -1,0 +1,20 @@
+//! What the macro emits when the input has errors: the errors, plus the builder
+//! struct with a body that never runs, so the rest of the crate (and the IDE)
+//! still sees `forward` and one mistake gives one error.
+
+use proc_macro2::TokenStream;
+use quote::{quote, ToTokens};
+
+use crate::parse::Kind;
+
+pub fn expand(f: &syn::ItemFn, kind: Kind, error: syn::Error) -> TokenStream {
+    let errors = error.to_compile_error();
+    let stub = crate::expand::wrap(f, kind, quote!(::core::unreachable!()));
+    quote!(#errors #stub)
+}
+
+/// The part of a non-function item to put an error on: its first tokens.
+pub fn item_head(item: &syn::Item) -> TokenStream {
+    let tokens = item.to_token_stream();
+    tokens.into_iter().take(2).collect()
+}

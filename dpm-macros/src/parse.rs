@@ -1,0 +1,166 @@
+//! Parsing: the attribute arguments and the function into a small IR that
+//! borrows the original syntax.
+
+use proc_macro2::TokenStream;
+use syn::{FnArg, ItemFn, Lifetime, ReturnType, Type};
+
+use crate::check::Errors;
+
+/// Which builder the function is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Adds the forward pass; returns losses.
+    Forward,
+    /// Adds input ops.
+    Input,
+    /// Adds the parameter update.
+    Update,
+}
+
+impl Kind {
+    const ALL: [(&'static str, Kind); 3] = [
+        ("forward", Kind::Forward),
+        ("input", Kind::Input),
+        ("update", Kind::Update),
+    ];
+}
+
+/// Reads `forward` | `input` | `update` (default `forward`).
+pub fn parse_args(args: TokenStream, errors: &mut Errors) -> Kind {
+    if args.is_empty() {
+        return Kind::Forward;
+    }
+    let parsed = syn::parse::Parser::parse2(
+        syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+        args.clone(),
+    );
+    let metas = match parsed {
+        Ok(m) => m,
+        Err(e) => {
+            errors.push(e);
+            return Kind::Forward;
+        }
+    };
+    let mut kind = None;
+    for meta in &metas {
+        let known = meta
+            .path()
+            .get_ident()
+            .and_then(|i| Kind::ALL.iter().find(|(n, _)| i == n).map(|(_, k)| *k));
+        match (known, meta) {
+            (Some(k), syn::Meta::Path(_)) if kind.is_none() => kind = Some(k),
+            (Some(_), syn::Meta::Path(_)) => {
+                errors.spanned(meta, "only one of `forward`, `input`, `update` may be given")
+            }
+            (Some(_), _) => errors.spanned(meta, "takes no value: write `#[data_parallel(forward)]`"),
+            (None, _) => errors.spanned(
+                meta.path(),
+                "unknown argument; #[data_parallel] takes one of `forward` (the default), `input`, `update`",
+            ),
+        }
+    }
+    kind.unwrap_or(Kind::Forward)
+}
+
+/// A builder function, as the macro sees it.
+pub struct Builder<'a> {
+    /// The function as written.
+    pub original: &'a ItemFn,
+    /// Which builder it is.
+    pub kind: Kind,
+    /// The brand lifetime the user named, if any (`None`: elided, `'_` or absent).
+    pub brand: Option<&'a Lifetime>,
+    /// The return type.
+    pub output: &'a ReturnType,
+}
+
+/// The last path segment of a type, with its generic arguments.
+pub fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+        Type::Group(g) => last_segment(&g.elem),
+        Type::Paren(p) => last_segment(&p.elem),
+        _ => None,
+    }
+}
+
+/// The generic type arguments of a path segment.
+pub fn type_args(seg: &syn::PathSegment) -> Vec<&Type> {
+    match &seg.arguments {
+        syn::PathArguments::AngleBracketed(a) => a
+            .args
+            .iter()
+            .filter_map(|g| match g {
+                syn::GenericArgument::Type(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn lifetime_arg(seg: &syn::PathSegment) -> Option<&Lifetime> {
+    match &seg.arguments {
+        syn::PathArguments::AngleBracketed(a) => a.args.iter().find_map(|g| match g {
+            syn::GenericArgument::Lifetime(l) if l.ident != "_" => Some(l),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+impl<'a> Builder<'a> {
+    /// Reads the signature; signature errors go to `errors` and give `None`.
+    pub fn from_fn(f: &'a ItemFn, kind: Kind, errors: &mut Errors) -> Option<Builder<'a>> {
+        let sig = &f.sig;
+        let before = errors.len();
+        if let Some(a) = &sig.asyncness {
+            errors.spanned(
+                a,
+                "a #[data_parallel] function cannot be async: it builds a graph, it does not run it",
+            );
+        }
+        if let Some(c) = &sig.constness {
+            errors.spanned(c, "a #[data_parallel] function cannot be const");
+        }
+        if let Some(p) = sig.generics.type_params().next() {
+            errors.spanned(p, "a #[data_parallel] function cannot have type parameters");
+        }
+        let expected = "expected the per-device model as the only parameter: `m: &mut DeviceModel<'_>`";
+        let model_ty = match sig.inputs.first() {
+            None => {
+                errors.spanned(&sig.ident, format!("missing the model parameter; {expected}"));
+                None
+            }
+            Some(FnArg::Receiver(r)) => {
+                errors.spanned(r, expected);
+                None
+            }
+            Some(FnArg::Typed(t)) => {
+                let ok = matches!(&*t.ty, Type::Reference(r) if r.mutability.is_some()
+                    && last_segment(&r.elem).is_some_and(|s| s.ident == "DeviceModel"));
+                if !ok {
+                    errors.spanned(&t.ty, expected);
+                }
+                ok.then_some(&*t.ty)
+            }
+        };
+        if let Some(extra) = sig.inputs.iter().nth(1) {
+            errors.spanned(extra, format!("unexpected parameter; {expected}"));
+        }
+        if errors.len() > before {
+            return None;
+        }
+        let model_ty = model_ty?;
+        let brand = match model_ty {
+            Type::Reference(r) => last_segment(&r.elem).and_then(lifetime_arg),
+            _ => None,
+        };
+        Some(Builder {
+            original: f,
+            kind,
+            brand,
+            output: &sig.output,
+        })
+    }
+}

@@ -1,0 +1,6 @@
+use dpm::prelude::*;
+
+#[data_parallel]
+struct Forward;
+
+fn main() {}
