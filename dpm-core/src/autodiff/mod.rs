@@ -177,7 +177,9 @@ fn on_path<'a>(
     let mut requires: HashSet<&str> = wrt.iter().map(BlobRef::name).collect();
     for op in ops {
         if is_differentiable(op.op_type()) && op.input.iter().any(|i| requires.contains(i.as_str())) {
-            requires.extend(op.output.iter().map(String::as_str));
+            let skip = rules::non_differentiable_outputs(op.op_type());
+            let carrying = op.output.iter().enumerate().filter(|(i, _)| !skip.contains(i));
+            requires.extend(carrying.map(|(_, o)| o.as_str()));
         }
     }
     let mut contributes: HashSet<&str> = seeds.iter().map(|(b, _)| b.name()).collect();
@@ -199,7 +201,13 @@ fn on_path<'a>(
         }
     }
     for &i in &path {
-        for o in &ops[i].output {
+        let skip = rules::non_differentiable_outputs(ops[i].op_type());
+        for (_, o) in ops[i]
+            .output
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !skip.contains(k))
+        {
             if writers[o.as_str()] > 1 || ops[i].input.contains(o) {
                 return Err(Error::Autodiff(format!(
                     "blob `{o}` lies between a parameter and a loss but is written by more than one op \

@@ -37,9 +37,22 @@ pub fn is_differentiable(op_type: &str) -> bool {
     )
 }
 
+/// Outputs of an otherwise differentiable op that carry no gradient (statistics).
+pub fn non_differentiable_outputs(op_type: &str) -> &'static [usize] {
+    match op_type {
+        "SpatialBN" => &[1, 2, 3, 4],
+        _ => &[],
+    }
+}
+
 pub(super) fn rule(op_type: &str) -> Option<Rule> {
     Some(match op_type {
         "FC" => fc,
+        "Conv" => conv,
+        "SpatialBN" => spatial_bn,
+        "MaxPool" => max_pool,
+        "AveragePool" => average_pool,
+        "Flatten" | "Reshape" => reshape,
         "Relu" => relu,
         "Sum" | "Add" | "Copy" => pass_through,
         "Scale" => scale,
@@ -184,5 +197,93 @@ fn softmax_with_loss(c: &GradCtx<'_>) -> Result<GradOps> {
     Ok(GradOps {
         ops: vec![op],
         g_in: vec![c.need[0].then(|| c.gi[0].clone()), None],
+    })
+}
+
+/// `Conv(X, W[, b])` → `ConvGradient(X, W, dY) → (dW[, db][, dX])`.
+fn conv(c: &GradCtx<'_>) -> Result<GradOps> {
+    let bias = c.op.input.len() > 2;
+    let mut outs = vec![c.gi[1].clone()];
+    if bias {
+        outs.push(c.gi[2].clone());
+    }
+    if c.need[0] {
+        outs.push(c.gi[0].clone());
+    }
+    let mut args = c.op.arg.clone();
+    args.retain(|a| a.name.as_deref() != Some("no_bias"));
+    args.push(crate::graph::ArgValue::Int((!bias).into()).to_proto("no_bias"));
+    let op = c.op(
+        "ConvGradient",
+        vec![c.input(0), c.input(1), c.g_out(0)?],
+        outs,
+        args,
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `SpatialBN(X, scale, bias, rm, rv) → (Y, rm, rv, saved_mean, saved_inv_std)` →
+/// `SpatialBNGradient(X, scale, dY, saved_mean, saved_inv_std) → (dX, dscale, dbias)`;
+/// in inference mode the running statistics stand in for the saved ones.
+fn spatial_bn(c: &GradCtx<'_>) -> Result<GradOps> {
+    let is_test = c.op.output.len() == 1;
+    let (mean, stat) = if is_test {
+        (c.input(3), c.input(4))
+    } else {
+        (c.output(3), c.output(4))
+    };
+    let dx = if c.need[0] {
+        c.gi[0].clone()
+    } else {
+        format!("{}_unused", c.gi[0])
+    };
+    let op = c.op(
+        "SpatialBNGradient",
+        vec![c.input(0), c.input(1), c.g_out(0)?, mean, stat],
+        vec![dx, c.gi[1].clone(), c.gi[2].clone()],
+        c.args(&["is_test", "epsilon", "order"]),
+    );
+    let mut g_in = c.g_in_needed();
+    g_in.truncate(3);
+    Ok(GradOps { ops: vec![op], g_in })
+}
+
+fn pool(c: &GradCtx<'_>, grad_type: &str) -> Result<GradOps> {
+    let op = c.op(
+        grad_type,
+        vec![c.input(0), c.output(0), c.g_out(0)?],
+        vec![c.gi[0].clone()],
+        c.op.arg.clone(),
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `MaxPool(X) → Y` → `MaxPoolGradient(X, Y, dY) → dX`.
+fn max_pool(c: &GradCtx<'_>) -> Result<GradOps> {
+    pool(c, "MaxPoolGradient")
+}
+
+/// `AveragePool(X) → Y` → `AveragePoolGradient(X, Y, dY) → dX`.
+fn average_pool(c: &GradCtx<'_>) -> Result<GradOps> {
+    pool(c, "AveragePoolGradient")
+}
+
+/// `Flatten`/`Reshape(X) → Y` → `ReshapeLike(dY, X) → dX`.
+fn reshape(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        "ReshapeLike",
+        vec![c.g_out(0)?, c.input(0)],
+        vec![c.gi[0].clone()],
+        vec![],
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
     })
 }

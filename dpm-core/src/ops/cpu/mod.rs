@@ -1,12 +1,16 @@
 //! CPU kernels, one file per family, and their registration.
 
+pub mod conv;
 mod elementwise;
 mod fill;
 pub mod gemm;
 mod linear;
 mod loss;
+mod norm;
 mod optim;
+mod pool;
 pub mod rng;
+mod shape;
 
 pub use fill::Distribution;
 pub use gemm::{set_threads, threads};
@@ -41,4 +45,15 @@ pub fn register(r: &mut Registry) {
     r.register("Iter", Cpu, |_| Ok(Box::new(optim::Iter)));
     r.register("LearningRate", Cpu, optim::LearningRate::create);
     r.register("MomentumSGDUpdate", Cpu, optim::MomentumSgdUpdate::create);
+    r.register("Conv", Cpu, conv::Conv::create);
+    r.register("ConvGradient", Cpu, conv::ConvGradient::create);
+    r.register("SpatialBN", Cpu, norm::SpatialBn::create);
+    r.register("SpatialBNGradient", Cpu, norm::SpatialBnGradient::create);
+    r.register("MaxPool", Cpu, pool::Pooling::max);
+    r.register("MaxPoolGradient", Cpu, pool::PoolingGradient::max);
+    r.register("AveragePool", Cpu, pool::Pooling::average);
+    r.register("AveragePoolGradient", Cpu, pool::PoolingGradient::average);
+    r.register("Flatten", Cpu, shape::Reshape::flatten);
+    r.register("Reshape", Cpu, shape::Reshape::reshape);
+    r.register("ReshapeLike", Cpu, shape::Reshape::like);
 }

@@ -1,0 +1,241 @@
+//! `SpatialBN` (batch normalisation over N, H, W per channel) and its gradient.
+//!
+//! Training (`is_test = 0`): `(X, scale, bias, running_mean, running_var) →
+//! (Y, running_mean, running_var, saved_mean, saved_inv_std)`, the running
+//! statistics updated in place as `r ← momentum·r + (1 − momentum)·batch`.
+//! Inference (`is_test = 1`): `(X, scale, bias, mean, var) → Y`.
+
+use crate::error::{Error, Result};
+use crate::graph::Args;
+use crate::ops::{Kernel, OpContext};
+use crate::proto::OperatorDef;
+use crate::tensor::Shape;
+
+/// Parsed arguments of both directions.
+#[derive(Clone, Copy)]
+struct Params {
+    is_test: bool,
+    epsilon: f32,
+    momentum: f32,
+}
+
+impl Params {
+    fn parse(op: &OperatorDef) -> Result<Params> {
+        let a = Args(&op.arg);
+        let p = Params {
+            is_test: a.int("is_test", 0)? != 0,
+            epsilon: a.float("epsilon", 1e-5)?,
+            momentum: a.float("momentum", 0.9)?,
+        };
+        if p.epsilon <= 0.0 {
+            return Err(Error::arg("epsilon", "must be > 0"));
+        }
+        if !(0.0..=1.0).contains(&p.momentum) {
+            return Err(Error::arg("momentum", "must be in [0, 1]"));
+        }
+        Ok(p)
+    }
+}
+
+/// (N, C, H·W) of input 0, checking inputs `per_channel` hold C elements.
+fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize, usize, usize)> {
+    let x = ctx.input(0)?;
+    if x.shape().rank() < 2 {
+        return Err(Error::shape(ctx.input_name(0), "[N, C, …]", x.shape()));
+    }
+    let (n, c) = (x.dims()[0], x.dims()[1]);
+    let hw = x.dims()[2..].iter().product();
+    for &i in per_channel {
+        let t = ctx.input(i)?;
+        if t.numel() != c {
+            return Err(Error::shape(
+                ctx.input_name(i),
+                format!("[{c}] (one per channel)"),
+                t.shape(),
+            ));
+        }
+    }
+    Ok((n, c, hw))
+}
+
+/// `SpatialBN`.
+pub struct SpatialBn {
+    p: Params,
+    pairs: Vec<(usize, usize)>,
+}
+
+impl SpatialBn {
+    /// Parses `is_test`, `epsilon`, `momentum`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let p = Params::parse(op)?;
+        let pairs = if p.is_test { vec![] } else { vec![(3, 1), (4, 2)] };
+        Ok(Box::new(SpatialBn { p, pairs }))
+    }
+}
+
+impl Kernel for SpatialBn {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &self.pairs
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(5..=5)?;
+        if self.p.is_test {
+            ctx.expect_outputs(1..=1)?;
+        } else {
+            ctx.expect_outputs(5..=5)?;
+        }
+        let (n, c, hw) = dims(ctx, if self.p.is_test { &[1, 2, 3, 4] } else { &[1, 2] })?;
+        let (x, xd) = ctx.input_f32(0)?;
+        let (_, scale) = ctx.input_f32(1)?;
+        let (_, bias) = ctx.input_f32(2)?;
+        let count = (n * hw) as f64;
+        let (mean, inv_std): (Vec<f32>, Vec<f32>) = if self.p.is_test {
+            let (_, m) = ctx.input_f32(3)?;
+            let (_, v) = ctx.input_f32(4)?;
+            (
+                m.to_vec(),
+                v.iter().map(|&v| 1.0 / (v + self.p.epsilon).sqrt()).collect(),
+            )
+        } else {
+            if count == 0.0 {
+                return Err(Error::shape(ctx.input_name(0), "a non-empty batch", x.shape()));
+            }
+            // One pass for the statistics, in f64 so large planes keep their precision.
+            let mut sum = vec![0.0f64; c];
+            let mut sq = vec![0.0f64; c];
+            for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
+                let (s, q) = plane.iter().fold((0.0f64, 0.0f64), |(s, q), &v| {
+                    (s + f64::from(v), q + f64::from(v) * f64::from(v))
+                });
+                sum[i % c] += s;
+                sq[i % c] += q;
+            }
+            let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+            let var: Vec<f64> = sq
+                .iter()
+                .zip(&mean)
+                .map(|(q, m)| (q / count - m * m).max(0.0))
+                .collect();
+            let names = [ctx.output_name(1).to_owned(), ctx.output_name(2).to_owned()];
+            let mom = f64::from(self.p.momentum);
+            for (o, stat) in [(1, &mean), (2, &var)] {
+                let r = ctx.output_data::<f32>(o)?;
+                if r.len() != c {
+                    return Err(Error::value(
+                        &names[o - 1],
+                        format!("running statistic must hold {c} values"),
+                    ));
+                }
+                for (r, &s) in r.iter_mut().zip(stat.iter()) {
+                    *r = (mom * f64::from(*r) + (1.0 - mom) * s) as f32;
+                }
+            }
+            let inv: Vec<f32> = var
+                .iter()
+                .map(|v| (1.0 / (v + f64::from(self.p.epsilon)).sqrt()) as f32)
+                .collect();
+            let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+            ctx.output(3).resize::<f32>([c]).copy_from_slice(&mean);
+            ctx.output(4).resize::<f32>([c]).copy_from_slice(&inv);
+            (mean, inv)
+        };
+        let y = ctx.output(0).resize::<f32>(x.shape());
+        for (i, (yp, xp)) in y
+            .chunks_exact_mut(hw.max(1))
+            .zip(xd.chunks_exact(hw.max(1)))
+            .enumerate()
+        {
+            let ch = i % c;
+            let a = scale[ch] * inv_std[ch];
+            let b = bias[ch] - mean[ch] * a;
+            for (y, &x) in yp.iter_mut().zip(xp) {
+                *y = x * a + b;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `SpatialBNGradient(X, scale, dY, saved_mean, saved_inv_std) → (dX, dscale, dbias)`;
+/// with `is_test = 1` the last two inputs are the running mean and variance.
+pub struct SpatialBnGradient {
+    p: Params,
+}
+
+impl SpatialBnGradient {
+    /// Parses `is_test`, `epsilon`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(SpatialBnGradient {
+            p: Params::parse(op)?,
+        }))
+    }
+}
+
+impl Kernel for SpatialBnGradient {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(5..=5)?;
+        ctx.expect_outputs(3..=3)?;
+        let (n, c, hw) = dims(ctx, &[1, 3, 4])?;
+        let (x, xd) = ctx.input_f32(0)?;
+        let (_, scale) = ctx.input_f32(1)?;
+        let (dy, dyd) = ctx.input_f32(2)?;
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(ctx.input_name(2), x.shape().to_string(), dy.shape()));
+        }
+        let (_, mean) = ctx.input_f32(3)?;
+        let (_, s) = ctx.input_f32(4)?;
+        let inv_std: Vec<f32> = if self.p.is_test {
+            s.iter().map(|&v| 1.0 / (v + self.p.epsilon).sqrt()).collect()
+        } else {
+            s.to_vec()
+        };
+        // dbias = Σ dY, dscale = Σ dY·x̂ per channel.
+        let mut dbias = vec![0.0f64; c];
+        let mut dscale = vec![0.0f64; c];
+        for (i, (gp, xp)) in dyd
+            .chunks_exact(hw.max(1))
+            .zip(xd.chunks_exact(hw.max(1)))
+            .enumerate()
+        {
+            let ch = i % c;
+            let (m, is) = (mean[ch], inv_std[ch]);
+            let (sb, ss) = gp.iter().zip(xp).fold((0.0f64, 0.0f64), |(sb, ss), (&g, &x)| {
+                (sb + f64::from(g), ss + f64::from(g * (x - m) * is))
+            });
+            dbias[ch] += sb;
+            dscale[ch] += ss;
+        }
+        let count = (n * hw) as f32;
+        let outs = ctx.outputs();
+        let dx = outs[0].resize::<f32>(x.shape());
+        for (i, ((dxp, gp), xp)) in dx
+            .chunks_exact_mut(hw.max(1))
+            .zip(dyd.chunks_exact(hw.max(1)))
+            .zip(xd.chunks_exact(hw.max(1)))
+            .enumerate()
+        {
+            let ch = i % c;
+            let (m, is, sc) = (mean[ch], inv_std[ch], scale[ch]);
+            if self.p.is_test {
+                for (d, &g) in dxp.iter_mut().zip(gp) {
+                    *d = g * sc * is;
+                }
+            } else {
+                let (db, ds) = (dbias[ch] as f32 / count, dscale[ch] as f32 / count);
+                for ((d, &g), &x) in dxp.iter_mut().zip(gp).zip(xp) {
+                    let xhat = (x - m) * is;
+                    *d = sc * is * (g - db - xhat * ds);
+                }
+            }
+        }
+        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        outs[1]
+            .resize::<f32>(Shape::from([c]))
+            .copy_from_slice(&to32(&dscale));
+        outs[2]
+            .resize::<f32>(Shape::from([c]))
+            .copy_from_slice(&to32(&dbias));
+        Ok(())
+    }
+}
