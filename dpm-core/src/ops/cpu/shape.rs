@@ -59,7 +59,7 @@ impl Kernel for Reshape {
         let new: Shape = match &self.0 {
             Target::Flatten => {
                 let n = old.dims().first().copied().unwrap_or(1);
-                Shape::from([n, if n == 0 { 0 } else { numel / n }])
+                Shape::from([n, numel.checked_div(n).unwrap_or(0)])
             }
             Target::Like => ctx.input(1)?.shape().clone(),
             Target::Dims(d) => {
