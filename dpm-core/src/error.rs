@@ -127,6 +127,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A data file or directory is missing, truncated or malformed.
+    #[error("data `{path}`: {reason}")]
+    Data {
+        /// The file or directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The CUDA backend was asked for, but dpm was built without the `cuda` feature.
     #[error("device {0} needs CUDA, but dpm was compiled without the `cuda` feature")]
     NotCompiledWithCuda(String),

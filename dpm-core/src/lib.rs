@@ -21,6 +21,7 @@
 pub mod autodiff;
 pub mod checkpoint;
 pub mod comm;
+pub mod data;
 pub mod error;
 pub mod exec;
 pub mod graph;
@@ -37,7 +38,7 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::exec::Workspace;
     pub use crate::graph::{BlobRef, Device, DeviceType, Net};
-    pub use crate::model::{Init, ModelHelper, Sgd};
+    pub use crate::model::{ConvSpec, Init, ModelHelper, Sgd};
     pub use crate::parallel::{Blob, DeviceModel, Losses, Parallelize, Trainer};
     pub use crate::proto::{NetDef, OperatorDef, TensorProto, TensorProtos, Wire};
     pub use crate::tensor::{DataType, Shape, Tensor};

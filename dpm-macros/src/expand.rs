@@ -65,22 +65,31 @@ pub fn expand(b: &Builder<'_>) -> TokenStream {
     let f = b.original;
     let name = &f.sig.ident;
     let inner = branded_fn(b);
+    let args = b.extra.iter().enumerate().map(|(i, e)| {
+        let i = syn::Index::from(i);
+        if e.by_ref {
+            quote!(&self.#i)
+        } else {
+            quote!(::core::clone::Clone::clone(&self.#i))
+        }
+    });
     let call = match b.kind {
         Kind::Forward => quote! {
             ::dpm::parallel::DeviceModel::within(model, device, |m| {
-                let out = #name(m);
+                let out = #name(m #(, #args)*);
                 ::dpm::parallel::IntoLosses::into_losses(out, m)
             })
         },
         Kind::Input | Kind::Update => quote! {
-            ::dpm::parallel::DeviceModel::within(model, device, |m| ::dpm::parallel::IntoUnit::into_unit(#name(m)))
+            ::dpm::parallel::DeviceModel::within(model, device, |m| ::dpm::parallel::IntoUnit::into_unit(#name(m #(, #args)*)))
         },
     };
-    wrap(f, b.kind, quote!(#inner #call))
+    let fields: Vec<&syn::Type> = b.extra.iter().map(|e| e.ty).collect();
+    wrap(f, b.kind, &fields, quote!(#inner #call))
 }
 
 /// The unit struct and the builder-trait impl whose body is `body`.
-pub fn wrap(f: &syn::ItemFn, kind: Kind, body: TokenStream) -> TokenStream {
+pub fn wrap(f: &syn::ItemFn, kind: Kind, fields: &[&syn::Type], body: TokenStream) -> TokenStream {
     let name = &f.sig.ident;
     let vis = &f.vis;
     let docs = f.attrs.iter().filter(|a| a.path().is_ident("doc"));
@@ -92,11 +101,17 @@ pub fn wrap(f: &syn::ItemFn, kind: Kind, body: TokenStream) -> TokenStream {
         Kind::Input => (quote!(InputBuilder), quote!(::dpm::Result<()>)),
         Kind::Update => (quote!(UpdateBuilder), quote!(::dpm::Result<()>)),
     };
+    // Without configuration the builder is a unit struct (`.forward(forward)`); with
+    // it, a tuple struct built like a call (`.forward(resnet(config))`).
+    let item = if fields.is_empty() {
+        quote!(#[derive(Clone, Copy, Debug, Default)] #vis struct #name;)
+    } else {
+        quote!(#vis struct #name(#(pub #fields),*);)
+    };
     quote! {
         #(#docs)*
         #[allow(non_camel_case_types)]
-        #[derive(Clone, Copy, Debug, Default)]
-        #vis struct #name;
+        #item
 
         impl ::dpm::parallel::#trait_ for #name {
             fn build(&self, model: &mut ::dpm::model::ModelHelper, device: ::dpm::graph::Device) -> #ret {

@@ -9,7 +9,21 @@ use crate::parse::Kind;
 
 pub fn expand(f: &syn::ItemFn, kind: Kind, error: syn::Error) -> TokenStream {
     let errors = error.to_compile_error();
-    let stub = crate::expand::wrap(f, kind, quote!(::core::unreachable!()));
+    // Keep the configuration fields so that call sites still type-check.
+    let fields: Vec<&syn::Type> = f
+        .sig
+        .inputs
+        .iter()
+        .skip(1)
+        .filter_map(|a| match a {
+            syn::FnArg::Typed(t) => Some(match &*t.ty {
+                syn::Type::Reference(r) => &*r.elem,
+                ty => ty,
+            }),
+            syn::FnArg::Receiver(_) => None,
+        })
+        .collect();
+    let stub = crate::expand::wrap(f, kind, &fields, quote!(::core::unreachable!()));
     quote!(#errors #stub)
 }
 

@@ -72,6 +72,17 @@ pub struct Builder<'a> {
     pub brand: Option<&'a Lifetime>,
     /// The return type.
     pub output: &'a ReturnType,
+    /// Parameters after the model: configuration the builder carries.
+    pub extra: Vec<Extra<'a>>,
+}
+
+/// A configuration parameter after the model: stored in the builder struct and
+/// passed to every per-device call, by reference (`&T`) or as a clone (`T`).
+pub struct Extra<'a> {
+    /// The type stored in the struct.
+    pub ty: &'a Type,
+    /// Whether the function takes it by reference.
+    pub by_ref: bool,
 }
 
 /// The last path segment of a type, with its generic arguments.
@@ -126,7 +137,7 @@ impl<'a> Builder<'a> {
         if let Some(p) = sig.generics.type_params().next() {
             errors.spanned(p, "a #[data_parallel] function cannot have type parameters");
         }
-        let expected = "expected the per-device model as the only parameter: `m: &mut DeviceModel<'_>`";
+        let expected = "expected the per-device model as the first parameter: `m: &mut DeviceModel<'_>`";
         let model_ty = match sig.inputs.first() {
             None => {
                 errors.spanned(&sig.ident, format!("missing the model parameter; {expected}"));
@@ -145,8 +156,21 @@ impl<'a> Builder<'a> {
                 ok.then_some(&*t.ty)
             }
         };
-        if let Some(extra) = sig.inputs.iter().nth(1) {
-            errors.spanned(extra, format!("unexpected parameter; {expected}"));
+        let mut extra = Vec::new();
+        for arg in sig.inputs.iter().skip(1) {
+            let FnArg::Typed(t) = arg else { continue };
+            let syn::Pat::Ident(_) = &*t.pat else {
+                errors.spanned(&t.pat, "a configuration parameter needs a plain name");
+                continue;
+            };
+            match &*t.ty {
+                Type::Reference(r) if r.mutability.is_some() => errors.spanned(
+                    &t.ty,
+                    "a configuration parameter is shared by every device's build: take it by `&T` or by value, not `&mut`",
+                ),
+                Type::Reference(r) => extra.push(Extra { ty: &r.elem, by_ref: true }),
+                ty => extra.push(Extra { ty, by_ref: false }),
+            }
         }
         if errors.len() > before {
             return None;
@@ -161,6 +185,7 @@ impl<'a> Builder<'a> {
             kind,
             brand,
             output: &sig.output,
+            extra,
         })
     }
 }

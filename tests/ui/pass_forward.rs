@@ -33,3 +33,20 @@ fn main() {
         .forward(forward);
     let _ = (single, named);
 }
+
+/// Configuration parameters: kept in the builder, passed to every device's build.
+#[derive(Clone)]
+struct Config {
+    width: usize,
+}
+
+#[data_parallel]
+fn configured(m: &mut DeviceModel<'_>, cfg: &Config, classes: usize) -> Result<Blob<'_>> {
+    let x = m.input_with_shape("x", [cfg.width]);
+    m.fc("fc", x, classes)
+}
+
+#[allow(dead_code)]
+fn uses_config() {
+    let _ = Parallelize::new(ModelHelper::new("m")).forward(configured(Config { width: 4 }, 3));
+}

@@ -5,6 +5,7 @@
 mod layers;
 mod optimizer;
 
+pub use layers::ConvSpec;
 pub use optimizer::{LrPolicy, Sgd};
 
 use crate::autodiff::{self, GradientMap};
@@ -42,6 +43,8 @@ pub struct ModelHelper {
     optimizer_state: Vec<BlobRef>,
     param_to_grad: GradientMap,
     seed: u64,
+    init_params: bool,
+    is_test: bool,
 }
 
 impl ModelHelper {
@@ -56,7 +59,25 @@ impl ModelHelper {
             optimizer_state: Vec::new(),
             param_to_grad: GradientMap::default(),
             seed: 0,
+            init_params: true,
+            is_test: false,
         }
+    }
+
+    /// A model for evaluation: layers run in inference mode (batch norm uses its
+    /// running statistics) and parameters are not initialised, since they are
+    /// shared with a training model in the same workspace (Caffe2's
+    /// `init_params=False`).
+    pub fn new_test(name: &str) -> Self {
+        let mut m = Self::new(name);
+        m.init_params = false;
+        m.is_test = true;
+        m
+    }
+
+    /// Whether layers are built in inference mode.
+    pub fn is_test(&self) -> bool {
+        self.is_test
     }
 
     /// Sets the seed of every random initialiser added from now on.
@@ -153,6 +174,10 @@ impl ModelHelper {
             return Err(Error::Config(format!("parameter `{blob}` already exists")));
         }
         let shape: Vec<i64> = shape.into().dims().iter().map(|&d| d as i64).collect();
+        if !self.init_params {
+            self.params.push(blob.clone());
+            return Ok(blob);
+        }
         let seed = self.seed as i64;
         let op = match init {
             Init::Constant(v) => self.init_net.op("ConstantFill").arg("value", v),
@@ -168,6 +193,23 @@ impl ModelHelper {
         op.output(&blob).arg("shape", shape).build();
         self.params.push(blob.clone());
         Ok(blob)
+    }
+
+    /// Creates a computed param (a blob the net updates itself, such as a running
+    /// mean) filled with `value`, and registers it.
+    pub fn create_computed_param(&mut self, name: &str, shape: impl Into<Shape>, value: f32) -> BlobRef {
+        let blob = self.blob(name);
+        if self.init_params {
+            let shape: Vec<i64> = shape.into().dims().iter().map(|&d| d as i64).collect();
+            self.init_net
+                .op("ConstantFill")
+                .output(&blob)
+                .arg("shape", shape)
+                .arg("value", value)
+                .build();
+        }
+        self.add_computed_param(blob.clone());
+        blob
     }
 
     /// Registers a blob the net computes and keeps across steps (e.g. running mean).

@@ -20,7 +20,7 @@ use std::marker::PhantomData;
 
 use crate::error::{Error, Result};
 use crate::graph::{BlobRef, Device};
-use crate::model::ModelHelper;
+use crate::model::{ConvSpec, ModelHelper};
 use crate::tensor::Shape;
 
 /// Invariant in `'d`: neither shorter nor longer brands convert.
@@ -102,7 +102,7 @@ impl<'d> DeviceModel<'d> {
         f(&mut dm)
     }
 
-    fn add(&mut self, name: BlobRef, shape: Option<Shape>) -> Blob<'d> {
+    fn push_blob(&mut self, name: BlobRef, shape: Option<Shape>) -> Blob<'d> {
         self.blobs.push((name, shape));
         Blob {
             id: self.blobs.len() - 1,
@@ -134,20 +134,20 @@ impl<'d> DeviceModel<'d> {
 
     /// A blob for an output made through [`DeviceModel::model`].
     pub fn adopt(&mut self, name: BlobRef, sample_shape: Option<Shape>) -> Blob<'d> {
-        self.add(name, sample_shape)
+        self.push_blob(name, sample_shape)
     }
 
     /// An input blob fed from outside (data, labels), of unknown shape.
     pub fn input(&mut self, name: &str) -> Blob<'d> {
         let b = self.model.blob(name);
-        self.add(b, None)
+        self.push_blob(b, None)
     }
 
     /// An input blob whose per-sample shape is `shape` (e.g. `[3, 32, 32]`), so
     /// that layers can size their parameters from it.
     pub fn input_with_shape(&mut self, name: &str, shape: impl Into<Shape>) -> Blob<'d> {
         let b = self.model.blob(name);
-        self.add(b, Some(shape.into()))
+        self.push_blob(b, Some(shape.into()))
     }
 
     fn known_shape(&self, b: Blob<'d>, layer: &str) -> Result<Shape> {
@@ -165,7 +165,82 @@ impl<'d> DeviceModel<'d> {
         let dim_in = self.known_shape(x, name)?.numel();
         let input = self.name(x).clone();
         let y = self.model.fc(name, &input, dim_in, dim_out)?;
-        Ok(self.add(y, Some(Shape::from([dim_out]))))
+        Ok(self.push_blob(y, Some(Shape::from([dim_out]))))
+    }
+
+    /// Convolution `name` with `dim_out` channels and a `kernel × kernel` window;
+    /// set stride, padding, groups, bias on the returned builder.
+    pub fn conv<'m>(
+        &'m mut self,
+        name: &str,
+        x: Blob<'d>,
+        dim_out: usize,
+        kernel: usize,
+    ) -> ConvBuilder<'m, 'd> {
+        ConvBuilder {
+            m: self,
+            name: name.to_owned(),
+            x,
+            dim_out,
+            kernel,
+            stride: 1,
+            pad: 0,
+            groups: 1,
+            bias: true,
+        }
+    }
+
+    /// Spatial batch normalisation `name` (momentum 0.9, epsilon 1e-5); inference
+    /// mode in a test model.
+    pub fn spatial_bn(&mut self, name: &str, x: Blob<'d>) -> Result<Blob<'d>> {
+        let shape = self.known_shape(x, name)?;
+        let c = shape.dims().first().copied().unwrap_or(0);
+        let input = self.name(x).clone();
+        let y = self.model.spatial_bn(name, &input, c, 0.9, 1e-5)?;
+        Ok(self.push_blob(y, Some(shape)))
+    }
+
+    /// Max pooling over `kernel × kernel` windows, into `<x>_maxpool`.
+    pub fn max_pool(&mut self, x: Blob<'d>, kernel: usize, stride: usize, pad: usize) -> Result<Blob<'d>> {
+        let shape = self.known_shape(x, "max_pool")?;
+        let &[c, h, w] = shape.dims() else {
+            return Err(Error::Config(format!(
+                "max_pool: `{}` is not [C, H, W] per sample",
+                self.name(x)
+            )));
+        };
+        let input = self.name(x).clone();
+        let out = format!("{}_maxpool", input.short_name());
+        let y = self.model.max_pool(&input, &out, kernel, stride, pad);
+        let side = |n: usize| (n + 2 * pad).saturating_sub(kernel) / stride.max(1) + 1;
+        Ok(self.push_blob(y, Some(Shape::from([c, side(h), side(w)]))))
+    }
+
+    /// Average over each channel's whole plane, into `<x>_gap`: `[C, H, W] → [C, 1, 1]`.
+    pub fn global_average_pool(&mut self, x: Blob<'d>) -> Result<Blob<'d>> {
+        let shape = self.known_shape(x, "global_average_pool")?;
+        let input = self.name(x).clone();
+        let out = format!("{}_gap", input.short_name());
+        let y = self.model.global_average_pool(&input, &out);
+        Ok(self.push_blob(y, Some(Shape::from([shape.dims()[0], 1, 1]))))
+    }
+
+    /// `a + b` (same shapes), into `name`: residual connections.
+    pub fn add(&mut self, name: &str, a: Blob<'d>, b: Blob<'d>) -> Result<Blob<'d>> {
+        let (sa, sb) = (self.sample_shape(a).cloned(), self.sample_shape(b).cloned());
+        if let (Some(x), Some(y)) = (&sa, &sb) {
+            if x != y {
+                return Err(Error::Config(format!("add `{name}`: shapes {x} and {y} differ")));
+            }
+        }
+        let (na, nb) = (self.name(a).clone(), self.name(b).clone());
+        let y = self.model.add(&na, &nb, name);
+        Ok(self.push_blob(y, sa.or(sb)))
+    }
+
+    /// Whether this replica is built for inference (a test model).
+    pub fn is_test(&self) -> bool {
+        self.model.is_test()
     }
 
     /// `max(x, 0)`, into `<x>_relu`.
@@ -175,7 +250,7 @@ impl<'d> DeviceModel<'d> {
         let out = out.rsplit('/').next().unwrap_or(&out).to_owned();
         let y = self.model.relu(&input, &out);
         let shape = self.blobs[x.id].1.clone();
-        Ok(self.add(y, shape))
+        Ok(self.push_blob(y, shape))
     }
 
     /// Softmax cross-entropy loss `name` of `logits` against integer `label`s;
@@ -189,14 +264,88 @@ impl<'d> DeviceModel<'d> {
         let (l, y) = (self.name(logits).clone(), self.name(label).clone());
         let shape = self.blobs[logits.id].1.clone();
         let (p, loss) = self.model.softmax_with_loss(&l, &y, name);
-        Ok((self.add(p, shape), self.add(loss, Some(Shape::from([])))))
+        Ok((
+            self.push_blob(p, shape),
+            self.push_blob(loss, Some(Shape::from([]))),
+        ))
     }
 
     /// Top-1 accuracy of `scores` against `label`, into `name`.
     pub fn accuracy(&mut self, name: &str, scores: Blob<'d>, label: Blob<'d>) -> Blob<'d> {
         let (s, y) = (self.name(scores).clone(), self.name(label).clone());
         let a = self.model.accuracy(&s, &y, name);
-        self.add(a, Some(Shape::from([])))
+        self.push_blob(a, Some(Shape::from([])))
+    }
+}
+
+/// A convolution being added by [`DeviceModel::conv`]; [`ConvBuilder::build`]
+/// adds it.
+#[must_use = "the convolution is only added by .build()"]
+pub struct ConvBuilder<'m, 'd> {
+    m: &'m mut DeviceModel<'d>,
+    name: String,
+    x: Blob<'d>,
+    dim_out: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+    bias: bool,
+}
+
+impl<'d> ConvBuilder<'_, 'd> {
+    /// Stride (default 1).
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = s;
+        self
+    }
+
+    /// Padding on every side (default 0).
+    pub fn pad(mut self, p: usize) -> Self {
+        self.pad = p;
+        self
+    }
+
+    /// Channel groups (default 1).
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+
+    /// No bias (as before batch norm).
+    pub fn no_bias(mut self) -> Self {
+        self.bias = false;
+        self
+    }
+
+    /// Adds the layer; its input size comes from `x`'s per-sample shape `[C, H, W]`.
+    pub fn build(self) -> Result<Blob<'d>> {
+        let shape = self.m.known_shape(self.x, &self.name)?;
+        let &[c, h, w] = shape.dims() else {
+            return Err(Error::Config(format!(
+                "conv `{}`: input `{}` is not [C, H, W] per sample but {shape}",
+                self.name,
+                self.m.name(self.x)
+            )));
+        };
+        let (k, s, p) = (self.kernel, self.stride, self.pad);
+        if h + 2 * p < k || w + 2 * p < k || s == 0 {
+            return Err(Error::Config(format!(
+                "conv `{}`: a {k}×{k} window (stride {s}, pad {p}) does not fit {shape}",
+                self.name
+            )));
+        }
+        let spec = ConvSpec {
+            bias: self.bias,
+            ..ConvSpec::new(c, self.dim_out, k)
+                .stride(s)
+                .pad(p)
+                .groups(self.groups)
+        };
+        let input = self.m.name(self.x).clone();
+        let y = self.m.model.conv(&self.name, &input, spec)?;
+        let out = Shape::from([self.dim_out, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1]);
+        Ok(self.m.push_blob(y, Some(out)))
     }
 }
 

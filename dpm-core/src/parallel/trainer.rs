@@ -45,6 +45,7 @@ pub(super) struct Parts {
 /// input source.
 pub struct Trainer {
     p: Parts,
+    test: Option<TestNet>,
     ws: Workspace,
     sync_net: NetDef,
     initialized: bool,
@@ -72,6 +73,7 @@ impl Trainer {
             analysis::infer_blob_devices([p.model.init_net().proto(), p.model.net().proto()], &p.devices);
         Trainer {
             p,
+            test: None,
             ws: Workspace::new(),
             sync_net: sync.into_proto(),
             initialized: false,
@@ -112,6 +114,12 @@ impl Trainer {
         }
         crate::ops::cpu::set_threads(self.p.kernel_threads);
         self.ws.run_net(self.p.model.net().proto().net_name())
+    }
+
+    /// Replaces the input source (e.g. after [`Trainer::load`], with a loader that
+    /// starts at the restored iteration).
+    pub fn set_input(&mut self, source: impl InputSource + 'static) {
+        self.p.source = Some(Box::new(source));
     }
 
     /// Runs `iterations` steps.
@@ -282,6 +290,56 @@ impl Trainer {
     /// Whether the trainer updates parameters (false: forward-only).
     pub fn is_training(&self) -> bool {
         self.p.training
+    }
+}
+
+/// An inference net on the master device sharing the trainer's parameters.
+struct TestNet {
+    model: ModelHelper,
+    outputs: Vec<BlobRef>,
+}
+
+impl Trainer {
+    /// Builds an inference net of `forward` for the master device in this
+    /// trainer's workspace: batch norm on running statistics, no gradients, no
+    /// updates, the trained parameters read in place (Caffe2's test model with
+    /// `init_params=False`). Run it with [`Trainer::run_test`].
+    pub fn add_test_net(&mut self, forward: impl super::ForwardBuilder) -> Result<()> {
+        let master = self.p.devices[0];
+        let mut model = ModelHelper::new_test(&format!("{}_test", self.p.model.name()));
+        let outputs = model.device_scope(master, |m| {
+            m.name_scope(&master.namescope(), |m| forward.build(m, master))
+        })?;
+        for p in model.params() {
+            if !self.p.model.params().contains(p) {
+                return Err(Error::Config(format!(
+                    "the test net uses parameter `{p}`, which the trained model does not have"
+                )));
+            }
+        }
+        self.ws.create_net(model.net().proto())?;
+        self.test = Some(TestNet { model, outputs });
+        Ok(())
+    }
+
+    /// Feeds `batch` (short names → tensors) to the master device and runs the test
+    /// net; read results with [`Trainer::fetch`] on the master device.
+    pub fn run_test(&self, batch: Vec<(String, Tensor)>) -> Result<()> {
+        self.ensure_init()?;
+        let test = self
+            .test
+            .as_ref()
+            .ok_or_else(|| Error::Config("no test net: call add_test_net first".into()))?;
+        let master = self.p.devices[0];
+        for (name, t) in batch {
+            self.feed(&name, master, t);
+        }
+        self.ws.run_net(test.model.net().proto().net_name())
+    }
+
+    /// The outputs (losses) the test net's forward builder returned.
+    pub fn test_outputs(&self) -> &[BlobRef] {
+        self.test.as_ref().map_or(&[], |t| &t.outputs)
     }
 }
 

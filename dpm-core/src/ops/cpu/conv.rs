@@ -69,82 +69,235 @@ impl Window {
     fn is_pointwise(&self) -> bool {
         self.kernel == (1, 1) && self.stride == (1, 1) && self.pad == (0, 0, 0, 0)
     }
+}
 
-    /// For kernel offset `k` along an axis: the output range whose input index
-    /// `o·stride + k − pad` falls inside `0..len`.
-    fn valid(out: usize, len: usize, stride: usize, k: usize, pad: usize) -> (usize, usize) {
-        // o·stride + k ≥ pad  and  o·stride + k − pad < len
-        let lo = pad.saturating_sub(k).div_ceil(stride);
-        let hi = if len + pad > k {
-            (len + pad - k).div_ceil(stride)
-        } else {
-            0
-        };
-        (lo.min(out), hi.min(out).max(lo.min(out)))
+/// `a = q·s + r` with `0 ≤ r < s`.
+fn div_floor(a: isize, s: usize) -> (isize, usize) {
+    let q = a.div_euclid(s as isize);
+    (q, (a - q * s as isize) as usize)
+}
+
+/// Phase `(a, b)` of a plane for strides `(sh, sw)`: the elements at rows
+/// `a, a + sh, …` and columns `b, b + sw, …`, as a dense `ph × pw` plane.
+fn phase_dims(h: usize, w: usize, (sh, sw): (usize, usize), a: usize, b: usize) -> (usize, usize) {
+    (
+        (h.saturating_sub(a)).div_ceil(sh),
+        (w.saturating_sub(b)).div_ceil(sw),
+    )
+}
+
+/// Writes phase `(a, b)` of `plane` into `out` (dense, `phase_dims` in size).
+fn extract_phase(
+    plane: &[f32],
+    h: usize,
+    w: usize,
+    st: (usize, usize),
+    (a, b): (usize, usize),
+    out: &mut [f32],
+) {
+    let pw = phase_dims(h, w, st, a, b).1;
+    for (row, y) in out.chunks_exact_mut(pw.max(1)).zip((a..h).step_by(st.0)) {
+        let src = &plane[y * w + b..(y + 1) * w];
+        match st.1 {
+            1 => row.copy_from_slice(&src[..pw]),
+            2 => strided_copy::<2>(row, src),
+            s => row
+                .iter_mut()
+                .zip(src.iter().step_by(s))
+                .for_each(|(d, &v)| *d = v),
+        }
+    }
+}
+
+/// `dst[i] = src[S·i]`, with the bounds check hoisted so the loop vectorises.
+#[inline(always)]
+fn strided_copy<const S: usize>(dst: &mut [f32], src: &[f32]) {
+    if dst.is_empty() {
+        return;
+    }
+    let src = &src[..S * (dst.len() - 1) + 1];
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = src[S * i];
+    }
+}
+
+/// Scatters phase `(a, b)` back into `plane` (the inverse of [`extract_phase`]).
+fn insert_phase(
+    phase: &[f32],
+    h: usize,
+    w: usize,
+    st: (usize, usize),
+    (a, b): (usize, usize),
+    plane: &mut [f32],
+) {
+    let pw = phase_dims(h, w, st, a, b).1;
+    for (row, y) in phase.chunks_exact(pw.max(1)).zip((a..h).step_by(st.0)) {
+        for (d, &v) in plane[y * w + b..(y + 1) * w].iter_mut().step_by(st.1).zip(row) {
+            *d = v;
+        }
+    }
+}
+
+/// The phases a `kh × kw` window with padding `(pt, pl)` reads, in row-major order.
+fn used_phases(win: &Window) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for ki in 0..win.kernel.0 {
+        for kj in 0..win.kernel.1 {
+            let a = div_floor(ki as isize - win.pad.0 as isize, win.stride.0).1;
+            let b = div_floor(kj as isize - win.pad.1 as isize, win.stride.1).1;
+            if !v.contains(&(a, b)) {
+                v.push((a, b));
+            }
+        }
+    }
+    v
+}
+
+/// `dst[oy][ox] = src[oy + qy][ox + qx]`, zero outside `src` (`dst` is `oh × ow`,
+/// `src` is `ph × pw`). With `ow == pw` the valid part is one contiguous copy.
+fn shifted_copy(src: &[f32], (ph, pw): (usize, usize), (qy, qx): (isize, isize), dst: &mut [f32], ow: usize) {
+    let oh = dst.len() / ow.max(1);
+    let clamp = |v: isize, hi: usize| v.clamp(0, hi as isize) as usize;
+    let (y0, y1) = (clamp(-qy, oh), clamp(ph as isize - qy, oh));
+    let (x0, x1) = (clamp(-qx, ow), clamp(pw as isize - qx, ow));
+    if y1 <= y0 || x1 <= x0 {
+        dst.fill(0.0);
+        return;
+    }
+    dst[..y0 * ow].fill(0.0);
+    dst[y1 * ow..].fill(0.0);
+    if ow == pw {
+        let off = qy * pw as isize + qx;
+        let (lo, hi) = (y0 * ow + x0, (y1 - 1) * ow + x1);
+        let s0 = (lo as isize + off) as usize;
+        dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+        // The contiguous copy wrapped across rows at the borders: zero those columns.
+        if x0 > 0 || x1 < ow {
+            for row in dst[y0 * ow..y1 * ow].chunks_exact_mut(ow) {
+                row[..x0].iter_mut().for_each(|v| *v = 0.0);
+                row[x1..].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+    } else {
+        for oy in y0..y1 {
+            let row = &mut dst[oy * ow..(oy + 1) * ow];
+            let sy = (oy as isize + qy) as usize;
+            let sx = (x0 as isize + qx) as usize;
+            row[..x0].iter_mut().for_each(|v| *v = 0.0);
+            row[x1..].iter_mut().for_each(|v| *v = 0.0);
+            row[x0..x1].copy_from_slice(&src[sy * pw + sx..sy * pw + sx + (x1 - x0)]);
+        }
+    }
+}
+
+/// `dst[oy + qy][ox + qx] += src[oy][ox]` where inside `dst`: the adjoint of
+/// [`shifted_copy`].
+fn shifted_add(src: &[f32], ow: usize, (qy, qx): (isize, isize), dst: &mut [f32], (ph, pw): (usize, usize)) {
+    let oh = src.len() / ow.max(1);
+    let clamp = |v: isize, hi: usize| v.clamp(0, hi as isize) as usize;
+    let (y0, y1) = (clamp(-qy, oh), clamp(ph as isize - qy, oh));
+    let (x0, x1) = (clamp(-qx, ow), clamp(pw as isize - qx, ow));
+    if x1 <= x0 {
+        return;
+    }
+    for oy in y0..y1 {
+        let sy = (oy as isize + qy) as usize;
+        let sx = (x0 as isize + qx) as usize;
+        let d = &mut dst[sy * pw + sx..sy * pw + sx + (x1 - x0)];
+        for (d, &v) in d.iter_mut().zip(&src[oy * ow + x0..oy * ow + x1]) {
+            *d += v;
+        }
     }
 }
 
 /// Writes the column matrix of one image (`c` channels of `h × w`) into `col`
 /// (`c·kh·kw` rows of `oh·ow`).
+///
+/// Each row of `col` is a shifted window of one *phase* of the input plane (for
+/// stride 1, the plane itself), so rows are built from contiguous copies.
 pub fn im2col(x: &[f32], c: usize, h: usize, w: usize, win: &Window, col: &mut [f32]) {
     let (kh, kw) = win.kernel;
-    let (sh, sw) = win.stride;
+    let st = win.stride;
     let (oh, ow) = win.output(h, w).expect("checked by the caller");
-    let (pt, pl) = (win.pad.0, win.pad.1);
+    let (pt, pl) = (win.pad.0 as isize, win.pad.1 as isize);
+    let strided = st != (1, 1);
+    let used = if strided { used_phases(win) } else { Vec::new() };
+    let mut phases = vec![0.0f32; if strided { h * w } else { 0 }];
     let mut rows = col.chunks_exact_mut(oh * ow);
     for ci in 0..c {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for &(a, b) in &used {
+            let off = phase_offset(h, w, st, a, b);
+            extract_phase(plane, h, w, st, (a, b), &mut phases[off..]);
+        }
         for ki in 0..kh {
-            let (ylo, yhi) = Window::valid(oh, h, sh, ki, pt);
+            let (qy, a) = div_floor(ki as isize - pt, st.0);
             for kj in 0..kw {
+                let (qx, b) = div_floor(kj as isize - pl, st.1);
                 let row = rows.next().expect("col has c·kh·kw rows");
-                let (xlo, xhi) = Window::valid(ow, w, sw, kj, pl);
-                row[..ylo * ow].fill(0.0);
-                row[yhi * ow..].fill(0.0);
-                for oy in ylo..yhi {
-                    let iy = oy * sh + ki - pt;
-                    let out = &mut row[oy * ow..(oy + 1) * ow];
-                    out[..xlo].fill(0.0);
-                    out[xhi..].fill(0.0);
-                    let src = &plane[iy * w..(iy + 1) * w];
-                    if sw == 1 {
-                        let ix0 = xlo + kj - pl;
-                        out[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
-                    } else {
-                        for (ox, o) in out.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            *o = src[ox * sw + kj - pl];
-                        }
-                    }
-                }
+                let (src, dims) = if strided {
+                    (
+                        &phases[phase_offset(h, w, st, a, b)..],
+                        phase_dims(h, w, st, a, b),
+                    )
+                } else {
+                    (plane, (h, w))
+                };
+                shifted_copy(src, dims, (qy, qx), row, ow);
             }
         }
     }
+}
+
+/// Where phase `(a, b)` starts in the buffer [`split_phases`] fills.
+fn phase_offset(h: usize, w: usize, st: (usize, usize), a: usize, b: usize) -> usize {
+    let mut off = 0;
+    for pa in 0..st.0 {
+        for pb in 0..st.1 {
+            if (pa, pb) == (a, b) {
+                return off;
+            }
+            let (ph, pw) = phase_dims(h, w, st, pa, pb);
+            off += ph * pw;
+        }
+    }
+    off
 }
 
 /// Adds the column matrix `col` back into one image's gradient `dx` (the adjoint
 /// of [`im2col`]).
 pub fn col2im(col: &[f32], c: usize, h: usize, w: usize, win: &Window, dx: &mut [f32]) {
     let (kh, kw) = win.kernel;
-    let (sh, sw) = win.stride;
+    let st = win.stride;
     let (oh, ow) = win.output(h, w).expect("checked by the caller");
-    let (pt, pl) = (win.pad.0, win.pad.1);
+    let (pt, pl) = (win.pad.0 as isize, win.pad.1 as isize);
+    let strided = st != (1, 1);
+    let used = if strided { used_phases(win) } else { Vec::new() };
+    let mut phases = vec![0.0f32; if strided { h * w } else { 0 }];
     let mut rows = col.chunks_exact(oh * ow);
     for ci in 0..c {
         let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
+        if strided {
+            phases.fill(0.0);
+        }
         for ki in 0..kh {
-            let (ylo, yhi) = Window::valid(oh, h, sh, ki, pt);
+            let (qy, a) = div_floor(ki as isize - pt, st.0);
             for kj in 0..kw {
+                let (qx, b) = div_floor(kj as isize - pl, st.1);
                 let row = rows.next().expect("col has c·kh·kw rows");
-                let (xlo, xhi) = Window::valid(ow, w, sw, kj, pl);
-                for oy in ylo..yhi {
-                    let iy = oy * sh + ki - pt;
-                    let src = &row[oy * ow..(oy + 1) * ow];
-                    let dst = &mut plane[iy * w..(iy + 1) * w];
-                    for ox in xlo..xhi {
-                        dst[ox * sw + kj - pl] += src[ox];
-                    }
+                if strided {
+                    let off = phase_offset(h, w, st, a, b);
+                    shifted_add(row, ow, (qy, qx), &mut phases[off..], phase_dims(h, w, st, a, b));
+                } else {
+                    shifted_add(row, ow, (qy, qx), plane, (h, w));
                 }
             }
+        }
+        // The plane starts at zero (the caller zeroes dx); phases the window never
+        // reads keep their zeros.
+        for &(a, b) in &used {
+            let off = phase_offset(h, w, st, a, b);
+            insert_phase(&phases[off..], h, w, st, (a, b), plane);
         }
     }
 }

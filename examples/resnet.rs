@@ -1,0 +1,462 @@
+//! Data-parallel ResNet training, out of the box:
+//!
+//! ```sh
+//! cargo run --release --example resnet                    # ResNet-20, 2 CPU devices, synthetic data
+//! cargo run --release --example resnet -- --help          # every flag
+//! cargo run --release --example resnet -- --data cifar-10-batches-bin --iters 2000
+//! ```
+//!
+//! The model is one `#[data_parallel]` function; dpm replicates it per device,
+//! all-reduces the gradients and keeps the replicas identical.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use dpm::data::{batch_tensors, read_cifar10, Dataset, Loader, LoaderConfig, Synthetic};
+use dpm::prelude::*;
+
+/// Train a ResNet data-parallel with dpm.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "resnet", about = "Data-parallel ResNet training with dpm")]
+pub struct Args {
+    /// Depth: 20, 32, 44, 56, 110 (CIFAR-style, any 6n+2 ≥ 8) or 18, 34, 50 (ImageNet-style).
+    #[arg(long, default_value_t = 20)]
+    pub depth: usize,
+    /// Side of the (square) input images.
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// Devices, comma-separated: cpu:0,cpu:1 (cuda:N when built with CUDA).
+    #[arg(long, default_value = "cpu:0,cpu:1")]
+    pub devices: String,
+    /// Images per device per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_per_device: usize,
+    /// Total training iterations (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 300)]
+    pub iters: u64,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// Iteration after which the learning rate is divided by 10 (default: 75% of --iters).
+    #[arg(long)]
+    pub lr_decay_at: Option<u64>,
+    /// Seed of initialisation, data and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Executor: dag or simple.
+    #[arg(long, default_value = "dag")]
+    pub net_type: String,
+    /// CIFAR-10 binary directory (data_batch_1.bin … test_batch.bin); synthetic data if absent.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Random crop and horizontal flip of training images.
+    #[arg(long, default_value_t = false)]
+    pub augment: bool,
+    /// Synthetic training images.
+    #[arg(long, default_value_t = 10_000)]
+    pub train_images: usize,
+    /// Held-out images to report accuracy on.
+    #[arg(long, default_value_t = 1_000)]
+    pub heldout_images: usize,
+    /// Save a checkpoint here at the end.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Resume from this checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub summary_json: Option<PathBuf>,
+    /// Threads per CPU kernel (default: cores / devices).
+    #[arg(long)]
+    pub kernel_threads: Option<usize>,
+    /// No progress bar (logs and tests).
+    #[arg(long, default_value_t = false)]
+    pub quiet: bool,
+}
+
+/// The network, as one `#[data_parallel]` forward function's configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct ResNetConfig {
+    /// Depth (see `--depth`).
+    pub depth: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Per-sample input shape `[C, H, W]`.
+    pub image: [usize; 3],
+}
+
+impl ResNetConfig {
+    fn check(&self) -> Result<()> {
+        let cifar = self.depth >= 8 && (self.depth - 2) % 6 == 0;
+        let imagenet = matches!(self.depth, 18 | 34 | 50);
+        if !cifar && !imagenet {
+            return Err(Error::Config(format!(
+                "--depth {} is not a ResNet: use 20, 32, 44, 56, 110 (6n+2) or 18, 34, 50",
+                self.depth
+            )));
+        }
+        if self.image[1] < 8 {
+            return Err(Error::Config(format!(
+                "--image-size {} is too small (≥ 8)",
+                self.image[1]
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// conv → batch norm (→ relu).
+fn conv_bn<'d>(
+    m: &mut DeviceModel<'d>,
+    name: &str,
+    x: Blob<'d>,
+    out: usize,
+    k: usize,
+    stride: usize,
+    relu: bool,
+) -> Result<Blob<'d>> {
+    let y = m
+        .conv(&format!("{name}_conv"), x, out, k)
+        .stride(stride)
+        .pad(k / 2)
+        .no_bias()
+        .build()?;
+    let y = m.spatial_bn(&format!("{name}_bn"), y)?;
+    if relu {
+        m.relu(y)
+    } else {
+        Ok(y)
+    }
+}
+
+/// The shortcut: identity, or a strided 1×1 projection when the shape changes.
+fn shortcut<'d>(
+    m: &mut DeviceModel<'d>,
+    name: &str,
+    x: Blob<'d>,
+    out: usize,
+    stride: usize,
+) -> Result<Blob<'d>> {
+    let cin = m.sample_shape(x).map_or(0, |s| s.dims()[0]);
+    if stride == 1 && cin == out {
+        Ok(x)
+    } else {
+        conv_bn(m, &format!("{name}_proj"), x, out, 1, stride, false)
+    }
+}
+
+/// Two 3×3 convolutions plus the shortcut.
+fn basic_block<'d>(
+    m: &mut DeviceModel<'d>,
+    name: &str,
+    x: Blob<'d>,
+    out: usize,
+    stride: usize,
+) -> Result<Blob<'d>> {
+    let y = conv_bn(m, &format!("{name}_a"), x, out, 3, stride, true)?;
+    let y = conv_bn(m, &format!("{name}_b"), y, out, 3, 1, false)?;
+    let s = shortcut(m, name, x, out, stride)?;
+    let sum = m.add(&format!("{name}_sum"), y, s)?;
+    m.relu(sum)
+}
+
+/// 1×1 → 3×3 → 1×1 (×4 channels) plus the shortcut (ResNet-50).
+fn bottleneck<'d>(
+    m: &mut DeviceModel<'d>,
+    name: &str,
+    x: Blob<'d>,
+    width: usize,
+    stride: usize,
+) -> Result<Blob<'d>> {
+    let y = conv_bn(m, &format!("{name}_a"), x, width, 1, 1, true)?;
+    let y = conv_bn(m, &format!("{name}_b"), y, width, 3, stride, true)?;
+    let y = conv_bn(m, &format!("{name}_c"), y, 4 * width, 1, 1, false)?;
+    let s = shortcut(m, name, x, 4 * width, stride)?;
+    let sum = m.add(&format!("{name}_sum"), y, s)?;
+    m.relu(sum)
+}
+
+/// ResNet for CIFAR (depth 6n+2: 3 stages of n basic blocks, 16/32/64 channels)
+/// or ImageNet-style (18/34: basic blocks, 50: bottlenecks; 64…512 channels).
+#[data_parallel]
+pub fn resnet(m: &mut DeviceModel<'_>, cfg: &ResNetConfig) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", cfg.image);
+    let label = m.input("label");
+    let mut x;
+    if matches!(cfg.depth, 18 | 34 | 50) {
+        x = conv_bn(m, "stem", data, 64, 7, 2, true)?;
+        x = m.max_pool(x, 3, 2, 1)?;
+        let blocks = match cfg.depth {
+            18 => [2, 2, 2, 2],
+            _ => [3, 4, 6, 3],
+        };
+        for (stage, (&n, width)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+            for b in 0..n {
+                let stride = if b == 0 && stage > 0 { 2 } else { 1 };
+                let name = format!("s{stage}_b{b}");
+                x = if cfg.depth == 50 {
+                    bottleneck(m, &name, x, width, stride)?
+                } else {
+                    basic_block(m, &name, x, width, stride)?
+                };
+            }
+        }
+    } else {
+        let n = (cfg.depth - 2) / 6;
+        x = conv_bn(m, "stem", data, 16, 3, 1, true)?;
+        for (stage, width) in [16, 32, 64].into_iter().enumerate() {
+            for b in 0..n {
+                let stride = if b == 0 && stage > 0 { 2 } else { 1 };
+                x = basic_block(m, &format!("s{stage}_b{b}"), x, width, stride)?;
+            }
+        }
+    }
+    let pooled = m.global_average_pool(x)?;
+    let logits = m.fc("pred", pooled, cfg.classes)?;
+    let (softmax, loss) = m.softmax_with_loss("loss", logits, label)?;
+    m.accuracy("accuracy", softmax, label);
+    Ok(loss.into())
+}
+
+/// What a run reports.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    /// Depth trained.
+    pub depth: usize,
+    /// Devices used.
+    pub devices: Vec<String>,
+    /// Images per device per step.
+    pub batch_per_device: usize,
+    /// Iteration reached.
+    pub iters: u64,
+    /// The first iteration this run executed (non-zero when resumed).
+    pub first_iter: u64,
+    /// Loss of every step this run executed.
+    pub losses: Vec<f32>,
+    /// Loss of the last step.
+    pub final_loss: f32,
+    /// Accuracy on held-out images.
+    pub heldout_accuracy: f32,
+    /// Training throughput over the steady-state steps (after warm-up).
+    pub images_per_sec: f64,
+}
+
+impl Summary {
+    /// The JSON the `--summary-json` flag writes.
+    pub fn to_json(&self) -> String {
+        let devices: Vec<String> = self.devices.iter().map(|d| format!("\"{d}\"")).collect();
+        format!(
+            "{{\"depth\": {}, \"devices\": [{}], \"batch_per_device\": {}, \"iters\": {}, \"final_loss\": {}, \"heldout_accuracy\": {}, \"images_per_sec\": {:.2}}}\n",
+            self.depth,
+            devices.join(", "),
+            self.batch_per_device,
+            self.iters,
+            self.final_loss,
+            self.heldout_accuracy,
+            self.images_per_sec
+        )
+    }
+}
+
+fn parse_devices(s: &str) -> Result<Vec<Device>> {
+    let devices = s
+        .split(',')
+        .map(|d| d.trim().parse::<Device>())
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(d) = devices.iter().find(|d| matches!(d, Device::Cuda(_))) {
+        return Err(Error::Config(format!(
+            "device {d} is not available: this build of dpm has no CUDA backend; use cpu:N devices"
+        )));
+    }
+    Ok(devices)
+}
+
+fn datasets(args: &Args) -> Result<(Dataset, Dataset)> {
+    match &args.data {
+        Some(dir) => {
+            if args.image_size != 32 {
+                return Err(Error::Config(
+                    "CIFAR-10 images are 32×32: drop --image-size or set it to 32".into(),
+                ));
+            }
+            read_cifar10(dir)
+        }
+        None => {
+            let gen = Synthetic::new(10, args.image_size, args.seed);
+            Ok((
+                gen.generate(args.train_images, args.seed + 1),
+                gen.generate(args.heldout_images, args.seed + 2),
+            ))
+        }
+    }
+}
+
+/// Trains as `args` says and returns the summary.
+pub fn run(args: &Args) -> Result<Summary> {
+    let devices = parse_devices(&args.devices)?;
+    let cfg = ResNetConfig {
+        depth: args.depth,
+        classes: 10,
+        image: [3, args.image_size, args.image_size],
+    };
+    cfg.check()?;
+    if !matches!(args.net_type.as_str(), "dag" | "simple") {
+        return Err(Error::Config(format!(
+            "--net-type {} is unknown: use dag or simple",
+            args.net_type
+        )));
+    }
+    if args.batch_per_device == 0 || args.iters == 0 {
+        return Err(Error::Config(
+            "--batch-per-device and --iters must be at least 1".into(),
+        ));
+    }
+    let (train, heldout) = datasets(args)?;
+    let train = Arc::new(train);
+    let global_batch = args.batch_per_device * devices.len();
+
+    let mut model = ModelHelper::new("resnet");
+    model.set_seed(args.seed);
+    let stepsize = args.lr_decay_at.unwrap_or(args.iters * 3 / 4).max(1);
+    let mut builder = Parallelize::new(model);
+    if let Some(t) = args.kernel_threads {
+        builder = builder.kernel_threads(t);
+    }
+    let mut trainer = builder
+        .devices(devices.clone())
+        .forward(resnet(cfg))
+        .update(
+            Sgd::new(args.lr)
+                .momentum(0.9)
+                .weight_decay(1e-4)
+                .step_schedule(stepsize, 0.1),
+        )
+        .net_type(&args.net_type)
+        .build()?;
+    trainer.run_init()?;
+    let mut first_iter = 0;
+    if let Some(path) = &args.resume {
+        trainer.load(path)?;
+        first_iter = trainer
+            .fetch("ITER", devices[0])?
+            .data::<i64>()
+            .map_or(0, |d| d[0].max(0) as u64);
+    }
+    let loader_cfg = LoaderConfig {
+        batch: global_batch,
+        seed: args.seed,
+        augment: args.augment,
+        start_step: first_iter,
+        prefetch: 3,
+    };
+    trainer.set_input(Loader::new(train, loader_cfg)?);
+
+    let todo = args.iters.saturating_sub(first_iter);
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(todo)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let warmup = (todo / 10).clamp(1, 10);
+    let mut losses = Vec::with_capacity(todo as usize);
+    let mut steady_start = None;
+    let start = Instant::now();
+    for i in 0..todo {
+        if i == warmup {
+            steady_start = Some(Instant::now());
+        }
+        trainer.step()?;
+        let loss = trainer.loss()?;
+        if !loss.is_finite() {
+            return Err(Error::Config(format!(
+                "the loss diverged ({loss}) at iteration {}; lower --lr",
+                first_iter + i + 1
+            )));
+        }
+        losses.push(loss);
+        let acc = trainer.mean_scalar("accuracy")?;
+        let ips = (i + 1) as f64 * global_batch as f64 / start.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {loss:.3}  acc {:.1}%  {ips:.0} img/s", 100.0 * acc));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let images_per_sec = match steady_start {
+        Some(t) => (todo - warmup) as f64 * global_batch as f64 / t.elapsed().as_secs_f64(),
+        None => todo as f64 * global_batch as f64 / start.elapsed().as_secs_f64().max(1e-9),
+    };
+    if let Some(path) = &args.save {
+        trainer.save(path)?;
+    }
+
+    // Held-out accuracy, on the master device in inference mode.
+    trainer.add_test_net(resnet(cfg))?;
+    let mut correct = 0.0f64;
+    let ids: Vec<usize> = (0..heldout.len()).collect();
+    for chunk in ids.chunks(100) {
+        trainer.run_test(batch_tensors(&heldout, chunk, None))?;
+        correct += f64::from(
+            trainer
+                .fetch("accuracy", devices[0])?
+                .data::<f32>()
+                .map_or(0.0, |d| d[0]),
+        ) * chunk.len() as f64;
+    }
+    let heldout_accuracy = if heldout.is_empty() {
+        0.0
+    } else {
+        (correct / heldout.len() as f64) as f32
+    };
+
+    let summary = Summary {
+        depth: args.depth,
+        devices: devices.iter().map(ToString::to_string).collect(),
+        batch_per_device: args.batch_per_device,
+        iters: first_iter + todo,
+        first_iter,
+        final_loss: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+        heldout_accuracy,
+        images_per_sec,
+    };
+    if let Some(path) = &args.summary_json {
+        std::fs::write(path, summary.to_json()).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(summary)
+}
+
+#[allow(dead_code)] // the tests include this file as a module and call `run`
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let t = Instant::now();
+    match run(&args) {
+        Ok(s) => {
+            println!(
+                "ResNet-{} on {} × {} images: {} iterations in {:.0} s, final loss {:.3}, held-out accuracy {:.1}%, {:.0} images/s",
+                s.depth,
+                s.devices.join(", "),
+                s.batch_per_device,
+                s.iters,
+                t.elapsed().as_secs_f64(),
+                s.final_loss,
+                100.0 * s.heldout_accuracy,
+                s.images_per_sec
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The `resnet` example's own code path, at a tiny size: it trains on two
+//! devices, resumes exactly from a checkpoint, reads CIFAR-10 files, and turns
+//! bad input into errors.
+
+#[path = "../examples/resnet.rs"]
+#[allow(dead_code)]
+mod resnet;
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use dpm::data::{read_cifar10, read_cifar10_file, CIFAR10_RECORD};
+
+fn args(extra: &[&str]) -> resnet::Args {
+    let base = [
+        "resnet",
+        "--quiet",
+        "--depth",
+        "8",
+        "--batch-per-device",
+        "8",
+        "--train-images",
+        "256",
+        "--heldout-images",
+        "40",
+    ];
+    let mut a = resnet::Args::try_parse_from(base).unwrap();
+    a.try_update_from(std::iter::once(&"resnet").chain(extra))
+        .unwrap();
+    a
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dpm-resnet-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mean(v: &[f32]) -> f32 {
+    v.iter().sum::<f32>() / v.len() as f32
+}
+
+#[test]
+fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
+    let dir = scratch("train");
+    let json = dir.join("summary.json");
+    let s = resnet::run(&args(&[
+        "--iters",
+        "40",
+        "--lr",
+        "0.05",
+        "--summary-json",
+        json.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(s.devices, ["cpu:0", "cpu:1"]);
+    assert_eq!(s.losses.len(), 40);
+    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[35..]));
+    assert!(last < 0.8 * first, "loss {first} → {last}");
+    assert!(s.images_per_sec > 0.0 && (0.0..=1.0).contains(&s.heldout_accuracy));
+    let text = std::fs::read_to_string(&json).unwrap();
+    for key in [
+        "depth",
+        "devices",
+        "batch_per_device",
+        "iters",
+        "final_loss",
+        "heldout_accuracy",
+        "images_per_sec",
+    ] {
+        assert!(text.contains(&format!("\"{key}\"")), "{key} missing from {text}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn resume_continues_the_same_loss_curve() {
+    let dir = scratch("resume");
+    let ckpt = dir.join("ckpt.safetensors");
+    let ck = ckpt.to_str().unwrap();
+    let same = ["--augment", "--lr-decay-at", "6"];
+    let run = |extra: &[&str]| resnet::run(&args(&[&same[..], extra].concat())).unwrap();
+    let straight = run(&["--iters", "8"]);
+    let first = run(&["--iters", "4", "--save", ck]);
+    let resumed = run(&["--iters", "8", "--resume", ck]);
+    assert_eq!(first.losses[..], straight.losses[..4]);
+    assert_eq!(resumed.first_iter, 4);
+    assert_eq!(resumed.losses[..], straight.losses[4..], "resumed curve differs");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn bad_input_is_a_readable_error() {
+    let err = |extra: &[&str]| resnet::run(&args(extra)).unwrap_err().to_string();
+    assert!(err(&["--devices", "cuda:0"]).contains("CUDA"));
+    assert!(err(&["--devices", "tpu:0"]).contains("tpu:0"));
+    assert!(err(&["--depth", "21"]).contains("--depth 21"));
+    assert!(err(&["--data", "/nonexistent/cifar"]).contains("not a directory"));
+    assert!(err(&["--net-type", "async"]).contains("async"));
+    let dir = scratch("bad");
+    let corrupt = dir.join("corrupt.safetensors");
+    std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
+    assert!(err(&["--resume", corrupt.to_str().unwrap()]).contains("checkpoint"));
+    assert!(resnet::Args::try_parse_from(["resnet", "--iters", "many"]).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Writes `n` CIFAR-10 records whose pixels encode their index.
+fn write_records(path: &Path, n: usize, first_label: u8) {
+    let mut bytes = Vec::with_capacity(n * CIFAR10_RECORD);
+    for i in 0..n {
+        bytes.push((first_label + i as u8) % 10);
+        bytes.extend((0..CIFAR10_RECORD - 1).map(|p| ((i * 7 + p) % 251) as u8));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn cifar10_reader_on_generated_files() {
+    let dir = scratch("cifar");
+    for b in 1..=5 {
+        write_records(&dir.join(format!("data_batch_{b}.bin")), 8, b as u8);
+    }
+    write_records(&dir.join("test_batch.bin"), 6, 0);
+    let (train, test) = read_cifar10(&dir).unwrap();
+    assert_eq!((train.len(), test.len(), train.shape), (40, 6, [3, 32, 32]));
+    assert_eq!(train.labels[..3], [1, 2, 3]);
+    assert_eq!(train.image(1)[..3], [7, 8, 9]);
+    // The example trains on it.
+    let s = resnet::run(&args(&[
+        "--iters",
+        "2",
+        "--data",
+        dir.to_str().unwrap(),
+        "--batch-per-device",
+        "4",
+    ]))
+    .unwrap();
+    assert_eq!(s.losses.len(), 2);
+    // A truncated file is named in the error.
+    let full = std::fs::read(dir.join("data_batch_3.bin")).unwrap();
+    std::fs::write(dir.join("data_batch_3.bin"), &full[..full.len() - 100]).unwrap();
+    let e = read_cifar10(&dir).unwrap_err().to_string();
+    assert!(e.contains("data_batch_3.bin") && e.contains("truncated"), "{e}");
+    // So is a bad label, and a missing file.
+    let mut bad = full.clone();
+    bad[0] = 42;
+    std::fs::write(dir.join("bad.bin"), bad).unwrap();
+    assert!(read_cifar10_file(&dir.join("bad.bin"))
+        .unwrap_err()
+        .to_string()
+        .contains("label 42"));
+    std::fs::remove_file(dir.join("test_batch.bin")).unwrap();
+    std::fs::write(dir.join("data_batch_3.bin"), &full).unwrap();
+    assert!(read_cifar10(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("test_batch.bin"));
+    std::fs::remove_dir_all(dir).ok();
+}
