@@ -69,6 +69,9 @@ pub struct Args {
     /// Write a JSON summary here.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
+    /// Worker threads of the DAG executor (default: 4 per device).
+    #[arg(long)]
+    pub num_workers: Option<usize>,
     /// Threads per CPU kernel (default: cores / devices).
     #[arg(long)]
     pub kernel_threads: Option<usize>,
@@ -324,6 +327,9 @@ pub fn run(args: &Args) -> Result<Summary> {
     let mut builder = Parallelize::new(model);
     if let Some(t) = args.kernel_threads {
         builder = builder.kernel_threads(t);
+    }
+    if let Some(n) = args.num_workers {
+        builder = builder.num_workers(n);
     }
     let mut trainer = builder
         .devices(devices.clone())

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""dpm's ResNet-20 example against PyTorch DDP (gloo) on CPU, side by side.
+
+Alternates runs of both in one sitting and prints medians:
+  - throughput at 2 devices x batch 32 (PyTorch: 2 processes x 1 thread);
+  - weak scaling: 2 x 32 against 1 x 32 (dpm with 1 kernel thread per device).
+
+Usage: python3 benches/resnet_vs_torch.py PATH/TO/torch_resnet_ddp.py [ROUNDS] [ITERS]
+Needs `pip install torch` and `cargo build --release --example resnet`.
+"""
+import json, os, re, statistics, subprocess, sys, tempfile
+
+peer = sys.argv[1]
+rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+iters = int(sys.argv[3]) if len(sys.argv) > 3 else 40
+example = os.path.join(os.path.dirname(__file__), "..", "target", "release", "examples", "resnet")
+
+def dpm(devices, threads):
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [example, "--quiet", "--devices", devices, "--batch-per-device", "32", "--iters", str(iters),
+               "--train-images", "2048", "--heldout-images", "100", "--kernel-threads", str(threads),
+               "--summary-json", f.name]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.load(open(f.name))["images_per_sec"]
+
+def torch(world):
+    out = subprocess.run([sys.executable, peer, str(world), "32", str(iters), "1"], check=True,
+                         capture_output=True, text=True).stdout
+    return float(re.search(r"images_per_s=([\d.]+)", out).group(1))
+
+runs = {k: [] for k in ("dpm2", "torch2", "dpm1", "torch1")}
+for r in range(rounds):
+    runs["dpm2"].append(dpm("cpu:0,cpu:1", 1))
+    runs["torch2"].append(torch(2))
+    runs["dpm1"].append(dpm("cpu:0", 1))
+    runs["torch1"].append(torch(1))
+    print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
+med = {k: statistics.median(v) for k, v in runs.items()}
+print(f"\nmedian images/s over {rounds} rounds of {iters} iterations")
+print(f"  2 devices x 32: dpm {med['dpm2']:.1f}, PyTorch DDP {med['torch2']:.1f}, ratio {med['dpm2'] / med['torch2']:.2f}")
+print(f"  1 device  x 32: dpm {med['dpm1']:.1f}, PyTorch {med['torch1']:.1f}, ratio {med['dpm1'] / med['torch1']:.2f}")
+print(f"  weak scaling (2x32 / (2 x 1x32)): dpm {med['dpm2'] / (2 * med['dpm1']):.0%}, "
+      f"PyTorch DDP {med['torch2'] / (2 * med['torch1']):.0%}")
