@@ -191,13 +191,29 @@ fn shifted_copy(src: &[f32], (ph, pw): (usize, usize), (qy, qx): (isize, isize),
 }
 
 /// `dst[oy + qy][ox + qx] += src[oy][ox]` where inside `dst`: the adjoint of
-/// [`shifted_copy`].
-fn shifted_add(src: &[f32], ow: usize, (qy, qx): (isize, isize), dst: &mut [f32], (ph, pw): (usize, usize)) {
+/// [`shifted_copy`]. `src` is scratch: with `ow == pw` its out-of-range columns
+/// are zeroed so that the valid part is one contiguous add.
+fn shifted_add(src: &mut [f32], ow: usize, (qy, qx): (isize, isize), dst: &mut [f32], (ph, pw): (usize, usize)) {
     let oh = src.len() / ow.max(1);
     let clamp = |v: isize, hi: usize| v.clamp(0, hi as isize) as usize;
     let (y0, y1) = (clamp(-qy, oh), clamp(ph as isize - qy, oh));
     let (x0, x1) = (clamp(-qx, ow), clamp(pw as isize - qx, ow));
-    if x1 <= x0 {
+    if x1 <= x0 || y1 <= y0 {
+        return;
+    }
+    if ow == pw {
+        if x0 > 0 || x1 < ow {
+            for row in src[y0 * ow..y1 * ow].chunks_exact_mut(ow) {
+                row[..x0].iter_mut().for_each(|v| *v = 0.0);
+                row[x1..].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        let off = qy * pw as isize + qx;
+        let (lo, hi) = (y0 * ow + x0, (y1 - 1) * ow + x1);
+        let d0 = (lo as isize + off) as usize;
+        for (d, &v) in dst[d0..d0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+            *d += v;
+        }
         return;
     }
     for oy in y0..y1 {
@@ -265,8 +281,8 @@ fn phase_offset(h: usize, w: usize, st: (usize, usize), a: usize, b: usize) -> u
 }
 
 /// Adds the column matrix `col` back into one image's gradient `dx` (the adjoint
-/// of [`im2col`]).
-pub fn col2im(col: &[f32], c: usize, h: usize, w: usize, win: &Window, dx: &mut [f32]) {
+/// of [`im2col`]). `col` is used as scratch.
+pub fn col2im(col: &mut [f32], c: usize, h: usize, w: usize, win: &Window, dx: &mut [f32]) {
     let (kh, kw) = win.kernel;
     let st = win.stride;
     let (oh, ow) = win.output(h, w).expect("checked by the caller");
@@ -274,7 +290,7 @@ pub fn col2im(col: &[f32], c: usize, h: usize, w: usize, win: &Window, dx: &mut 
     let strided = st != (1, 1);
     let used = if strided { used_phases(win) } else { Vec::new() };
     let mut phases = vec![0.0f32; if strided { h * w } else { 0 }];
-    let mut rows = col.chunks_exact(oh * ow);
+    let mut rows = col.chunks_exact_mut(oh * ow);
     for ci in 0..c {
         let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
         if strided {
@@ -530,7 +546,7 @@ impl Kernel for ConvGradient {
                         sgemm(k, ohw, mg, Mat::t(wg), Mat::n(dys), 0.0, dxs);
                     } else {
                         sgemm(k, ohw, mg, Mat::t(wg), Mat::n(dys), 0.0, &mut col[..k * ohw]);
-                        col2im(&col[..k * ohw], cg, d.h, d.w, &self.win, dxs);
+                        col2im(&mut col[..k * ohw], cg, d.h, d.w, &self.win, dxs);
                     }
                 }
             }
