@@ -193,7 +193,13 @@ fn shifted_copy(src: &[f32], (ph, pw): (usize, usize), (qy, qx): (isize, isize),
 /// `dst[oy + qy][ox + qx] += src[oy][ox]` where inside `dst`: the adjoint of
 /// [`shifted_copy`]. `src` is scratch: with `ow == pw` its out-of-range columns
 /// are zeroed so that the valid part is one contiguous add.
-fn shifted_add(src: &mut [f32], ow: usize, (qy, qx): (isize, isize), dst: &mut [f32], (ph, pw): (usize, usize)) {
+fn shifted_add(
+    src: &mut [f32],
+    ow: usize,
+    (qy, qx): (isize, isize),
+    dst: &mut [f32],
+    (ph, pw): (usize, usize),
+) {
     let oh = src.len() / ow.max(1);
     let clamp = |v: isize, hi: usize| v.clamp(0, hi as isize) as usize;
     let (y0, y1) = (clamp(-qy, oh), clamp(ph as isize - qy, oh));
