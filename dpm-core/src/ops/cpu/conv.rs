@@ -172,20 +172,24 @@ fn shifted_copy(src: &[f32], (ph, pw): (usize, usize), (qy, qx): (isize, isize),
         let s0 = (lo as isize + off) as usize;
         dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
         // The contiguous copy wrapped across rows at the borders: zero those columns.
-        if x0 > 0 || x1 < ow {
-            for row in dst[y0 * ow..y1 * ow].chunks_exact_mut(ow) {
-                row[..x0].iter_mut().for_each(|v| *v = 0.0);
-                row[x1..].iter_mut().for_each(|v| *v = 0.0);
-            }
-        }
+        zero_columns(&mut dst[y0 * ow..y1 * ow], ow, x0, x1);
     } else {
         for oy in y0..y1 {
             let row = &mut dst[oy * ow..(oy + 1) * ow];
             let sy = (oy as isize + qy) as usize;
             let sx = (x0 as isize + qx) as usize;
-            row[..x0].iter_mut().for_each(|v| *v = 0.0);
-            row[x1..].iter_mut().for_each(|v| *v = 0.0);
             row[x0..x1].copy_from_slice(&src[sy * pw + sx..sy * pw + sx + (x1 - x0)]);
+        }
+        zero_columns(&mut dst[y0 * ow..y1 * ow], ow, x0, x1);
+    }
+}
+
+/// Zeroes columns `..x0` and `x1..` of `rows` (rows of `ow`). Column by column:
+/// per-row slices of one or two elements would each become a `memset` call.
+fn zero_columns(rows: &mut [f32], ow: usize, x0: usize, x1: usize) {
+    for x in (0..x0).chain(x1..ow) {
+        for v in rows[x..].iter_mut().step_by(ow) {
+            *v = 0.0;
         }
     }
 }
@@ -208,12 +212,7 @@ fn shifted_add(
         return;
     }
     if ow == pw {
-        if x0 > 0 || x1 < ow {
-            for row in src[y0 * ow..y1 * ow].chunks_exact_mut(ow) {
-                row[..x0].iter_mut().for_each(|v| *v = 0.0);
-                row[x1..].iter_mut().for_each(|v| *v = 0.0);
-            }
-        }
+        zero_columns(&mut src[y0 * ow..y1 * ow], ow, x0, x1);
         let off = qy * pw as isize + qx;
         let (lo, hi) = (y0 * ow + x0, (y1 - 1) * ow + x1);
         let d0 = (lo as isize + off) as usize;
