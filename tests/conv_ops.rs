@@ -367,3 +367,30 @@ fn bad_convolutions_are_clear_errors() {
         .create_net(op_net("Conv", &["x", "w"], &["y"], &[("kernel", 3), ("dilation", 2)]).proto())
         .is_err());
 }
+
+#[test]
+fn spatial_bn_is_accurate_when_the_mean_dwarfs_the_spread() {
+    let noise = random(&[16, 1, 8, 8], 31, -0.05, 0.05, 0.0);
+    let x: Vec<f32> = noise.data::<f32>().unwrap().iter().map(|v| 1000.0 + v).collect();
+    let ws = Workspace::new();
+    ws.feed("x", Tensor::from_vec([16, 1, 8, 8], x).unwrap());
+    ws.feed("scale", Tensor::from_vec([1], vec![1.0f32]).unwrap());
+    ws.feed("bias", Tensor::from_vec([1], vec![0.0f32]).unwrap());
+    ws.feed("rm", Tensor::from_vec([1], vec![0.0f32]).unwrap());
+    ws.feed("rv", Tensor::from_vec([1], vec![1.0f32]).unwrap());
+    let net = op_net(
+        "SpatialBN",
+        &["x", "scale", "bias", "rm", "rv"],
+        &["y", "rm", "rv", "sm", "siv"],
+        &[],
+    );
+    ws.run_net_once(net.proto()).unwrap();
+    let y = ws.fetch("y").unwrap();
+    let yd = y.data::<f32>().unwrap();
+    let mean = yd.iter().sum::<f32>() / yd.len() as f32;
+    let var = yd.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / yd.len() as f32;
+    assert!(
+        mean.abs() < 1e-2 && (var - 1.0).abs() < 2e-2,
+        "mean {mean} var {var}"
+    );
+}
