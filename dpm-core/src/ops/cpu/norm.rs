@@ -125,21 +125,27 @@ impl Kernel for SpatialBn {
             if count == 0.0 {
                 return Err(Error::shape(ctx.input_name(0), "a non-empty batch", x.shape()));
             }
-            // One pass for the statistics, in f64 so large planes keep their precision.
+            // One pass for the moments of x − shift, shift = the channel's first
+            // sample: no cancellation however large the mean is against the spread.
+            let shift: Vec<f32> = (0..c).map(|ch| xd[ch * hw]).collect();
             let mut sum = vec![0.0f64; c];
             let mut sq = vec![0.0f64; c];
             for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
-                let (s, q) = plane.iter().fold((0.0f64, 0.0f64), |(s, q), &v| {
-                    (s + f64::from(v), q + f64::from(v) * f64::from(v))
-                });
+                let sh = shift[i % c];
+                let (s, q) = plane_sums(plane, plane, sh, sh);
                 sum[i % c] += s;
                 sq[i % c] += q;
             }
-            let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+            let shifted: Vec<f64> = sum.iter().map(|s| s / count).collect();
             let var: Vec<f64> = sq
                 .iter()
-                .zip(&mean)
+                .zip(&shifted)
                 .map(|(q, m)| (q / count - m * m).max(0.0))
+                .collect();
+            let mean: Vec<f64> = shifted
+                .iter()
+                .zip(&shift)
+                .map(|(m, &s)| m + f64::from(s))
                 .collect();
             let names = [ctx.output_name(1).to_owned(), ctx.output_name(2).to_owned()];
             let mom = f64::from(self.p.momentum);
@@ -223,12 +229,9 @@ impl Kernel for SpatialBnGradient {
             .enumerate()
         {
             let ch = i % c;
-            let (m, is) = (mean[ch], inv_std[ch]);
-            let (sb, ss) = gp.iter().zip(xp).fold((0.0f64, 0.0f64), |(sb, ss), (&g, &x)| {
-                (sb + f64::from(g), ss + f64::from(g * (x - m) * is))
-            });
+            let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
             dbias[ch] += sb;
-            dscale[ch] += ss;
+            dscale[ch] += f64::from(inv_std[ch]) * sgx;
         }
         let count = (n * hw) as f32;
         let outs = ctx.outputs();
