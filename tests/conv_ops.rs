@@ -3,22 +3,9 @@
 
 mod common;
 
-use common::{gradcheck, random};
+use common::{gradcheck, op_net, random};
 use dpm::ops::cpu::rng::Rng;
 use dpm::prelude::*;
-
-fn op_net(op: &str, inputs: &[&str], outputs: &[&str], args: &[(&str, i64)]) -> Net {
-    let mut net = Net::new(op);
-    let mut b = net
-        .op(op)
-        .inputs(inputs.iter().copied())
-        .outputs(outputs.iter().copied());
-    for (k, v) in args {
-        b = b.arg(k, *v);
-    }
-    b.build();
-    net
-}
 
 /// Distinct, well-separated values (no ties for max pooling, no kinks crossed).
 fn separated(shape: &[usize], seed: u64) -> Tensor {

@@ -184,3 +184,17 @@ pub fn cycling_source(batch: usize, start: usize) -> impl FnMut() -> Result<Vec<
         ])
     }
 }
+
+/// A net of one op with the given inputs, outputs and integer arguments.
+pub fn op_net(op: &str, inputs: &[&str], outputs: &[&str], args: &[(&str, i64)]) -> Net {
+    let mut net = Net::new(op);
+    let mut b = net
+        .op(op)
+        .inputs(inputs.iter().copied())
+        .outputs(outputs.iter().copied());
+    for (k, v) in args {
+        b = b.arg(k, *v);
+    }
+    b.build();
+    net
+}

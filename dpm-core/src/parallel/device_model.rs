@@ -177,16 +177,13 @@ impl<'d> DeviceModel<'d> {
         dim_out: usize,
         kernel: usize,
     ) -> ConvBuilder<'m, 'd> {
+        // dim_in is filled in by build(), from x's shape.
+        let spec = ConvSpec::new(0, dim_out, kernel);
         ConvBuilder {
             m: self,
             name: name.to_owned(),
             x,
-            dim_out,
-            kernel,
-            stride: 1,
-            pad: 0,
-            groups: 1,
-            bias: true,
+            spec,
         }
     }
 
@@ -279,42 +276,37 @@ impl<'d> DeviceModel<'d> {
 }
 
 /// A convolution being added by [`DeviceModel::conv`]; [`ConvBuilder::build`]
-/// adds it.
+/// adds it. Its options are those of [`ConvSpec`].
 #[must_use = "the convolution is only added by .build()"]
 pub struct ConvBuilder<'m, 'd> {
     m: &'m mut DeviceModel<'d>,
     name: String,
     x: Blob<'d>,
-    dim_out: usize,
-    kernel: usize,
-    stride: usize,
-    pad: usize,
-    groups: usize,
-    bias: bool,
+    spec: ConvSpec,
 }
 
 impl<'d> ConvBuilder<'_, 'd> {
     /// Stride (default 1).
     pub fn stride(mut self, s: usize) -> Self {
-        self.stride = s;
+        self.spec = self.spec.stride(s);
         self
     }
 
     /// Padding on every side (default 0).
     pub fn pad(mut self, p: usize) -> Self {
-        self.pad = p;
+        self.spec = self.spec.pad(p);
         self
     }
 
     /// Channel groups (default 1).
     pub fn groups(mut self, g: usize) -> Self {
-        self.groups = g;
+        self.spec = self.spec.groups(g);
         self
     }
 
     /// No bias (as before batch norm).
     pub fn no_bias(mut self) -> Self {
-        self.bias = false;
+        self.spec = self.spec.no_bias();
         self
     }
 
@@ -328,7 +320,7 @@ impl<'d> ConvBuilder<'_, 'd> {
                 self.m.name(self.x)
             )));
         };
-        let (k, s, p) = (self.kernel, self.stride, self.pad);
+        let (k, s, p) = (self.spec.kernel, self.spec.stride, self.spec.pad);
         if h + 2 * p < k || w + 2 * p < k || s == 0 {
             return Err(Error::Config(format!(
                 "conv `{}`: a {k}×{k} window (stride {s}, pad {p}) does not fit {shape}",
@@ -336,15 +328,12 @@ impl<'d> ConvBuilder<'_, 'd> {
             )));
         }
         let spec = ConvSpec {
-            bias: self.bias,
-            ..ConvSpec::new(c, self.dim_out, k)
-                .stride(s)
-                .pad(p)
-                .groups(self.groups)
+            dim_in: c,
+            ..self.spec
         };
         let input = self.m.name(self.x).clone();
         let y = self.m.model.conv(&self.name, &input, spec)?;
-        let out = Shape::from([self.dim_out, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1]);
+        let out = Shape::from([spec.dim_out, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1]);
         Ok(self.m.push_blob(y, Some(out)))
     }
 }
