@@ -64,9 +64,27 @@ fn reduce_slice(group: &mut [&mut [f32]], scale: f32) {
     while start < len {
         let end = (start + BLOCK).min(len);
         let acc = &mut first[start..end];
-        for other in rest.iter() {
-            for (a, &b) in acc.iter_mut().zip(&other[start..end]) {
-                *a += b;
+        // One fused pass for the common device counts; pairwise passes otherwise.
+        // The sum order (device 0, 1, 2, …) is the same either way.
+        match rest {
+            [b] => acc.iter_mut().zip(&b[start..end]).for_each(|(a, &x)| *a += x),
+            [b, c] => {
+                for ((a, &x), &y) in acc.iter_mut().zip(&b[start..end]).zip(&c[start..end]) {
+                    *a = *a + x + y;
+                }
+            }
+            [b, c, d] => {
+                let others = b[start..end].iter().zip(&c[start..end]).zip(&d[start..end]);
+                for (a, ((&x, &y), &z)) in acc.iter_mut().zip(others) {
+                    *a = *a + x + y + z;
+                }
+            }
+            _ => {
+                for other in rest.iter() {
+                    for (a, &b) in acc.iter_mut().zip(&other[start..end]) {
+                        *a += b;
+                    }
+                }
             }
         }
         if scale != 1.0 {
