@@ -2,25 +2,12 @@
 
 mod common;
 
-use common::{gradcheck, random};
+use common::{gradcheck, op_net, random};
 use dpm::prelude::*;
-
-fn net(op: &str, inputs: &[&str], outputs: &[&str], args: &[(&str, f32)]) -> Net {
-    let mut net = Net::new(op);
-    let mut b = net
-        .op(op)
-        .inputs(inputs.iter().copied())
-        .outputs(outputs.iter().copied());
-    for (k, v) in args {
-        b = b.arg(k, *v);
-    }
-    b.build();
-    net
-}
 
 #[test]
 fn fc_with_bias() {
-    let n = net("FC", &["x", "w", "b"], &["y"], &[]);
+    let n = op_net("FC", &["x", "w", "b"], &["y"], &[]);
     let feeds = [
         ("x", random(&[4, 5], 1, -1.0, 1.0, 0.0)),
         ("w", random(&[3, 5], 2, -1.0, 1.0, 0.0)),
@@ -31,7 +18,7 @@ fn fc_with_bias() {
 
 #[test]
 fn fc_without_bias_and_4d_input() {
-    let n = net("FC", &["x", "w"], &["y"], &[]);
+    let n = op_net("FC", &["x", "w"], &["y"], &[]);
     let feeds = [
         ("x", random(&[2, 2, 3, 2], 4, -1.0, 1.0, 0.0)),
         ("w", random(&[4, 12], 5, -1.0, 1.0, 0.0)),
@@ -41,34 +28,35 @@ fn fc_without_bias_and_4d_input() {
 
 #[test]
 fn relu() {
-    let n = net("Relu", &["x"], &["y"], &[]);
+    let n = op_net("Relu", &["x"], &["y"], &[]);
     gradcheck(&n, &[("x", random(&[3, 7], 6, -1.0, 1.0, 0.05))], &["y"], &["x"]);
 }
 
 #[test]
 fn sum_and_add() {
-    let n = net("Sum", &["a", "b", "c"], &["y"], &[]);
+    let n = op_net("Sum", &["a", "b", "c"], &["y"], &[]);
     let feeds = [
         ("a", random(&[2, 3], 7, -1.0, 1.0, 0.0)),
         ("b", random(&[2, 3], 8, -1.0, 1.0, 0.0)),
         ("c", random(&[2, 3], 9, -1.0, 1.0, 0.0)),
     ];
     gradcheck(&n, &feeds, &["y"], &["a", "b", "c"]);
-    let n = net("Add", &["a", "b"], &["y"], &[]);
+    let n = op_net("Add", &["a", "b"], &["y"], &[]);
     gradcheck(&n, &feeds[..2], &["y"], &["a", "b"]);
 }
 
 #[test]
 fn scale_and_copy() {
-    let n = net("Scale", &["x"], &["y"], &[("scale", -2.5)]);
+    let mut n = Net::new("Scale");
+    n.op("Scale").input("x").output("y").arg("scale", -2.5f32).build();
     gradcheck(&n, &[("x", random(&[5], 10, -1.0, 1.0, 0.0))], &["y"], &["x"]);
-    let n = net("Copy", &["x"], &["y"], &[]);
+    let n = op_net("Copy", &["x"], &["y"], &[]);
     gradcheck(&n, &[("x", random(&[5], 11, -1.0, 1.0, 0.0))], &["y"], &["x"]);
 }
 
 #[test]
 fn softmax_with_loss() {
-    let n = net("SoftmaxWithLoss", &["x", "label"], &["p", "loss"], &[]);
+    let n = op_net("SoftmaxWithLoss", &["x", "label"], &["p", "loss"], &[]);
     let label = Tensor::from_vec([4], vec![0i32, 2, 1, 2]).unwrap();
     gradcheck(
         &n,
