@@ -135,20 +135,24 @@ fn conv_bn<'d>(
     }
 }
 
-/// The shortcut: identity, or a strided 1×1 projection when the shape changes.
-fn shortcut<'d>(
+/// `relu(y + shortcut(x))`, the shortcut being the identity, or a strided 1×1
+/// projection when the shape changes: how every residual block ends.
+fn residual<'d>(
     m: &mut DeviceModel<'d>,
     name: &str,
+    y: Blob<'d>,
     x: Blob<'d>,
-    out: usize,
     stride: usize,
 ) -> Result<Blob<'d>> {
+    let out = m.sample_shape(y).map_or(0, |s| s.dims()[0]);
     let cin = m.sample_shape(x).map_or(0, |s| s.dims()[0]);
-    if stride == 1 && cin == out {
-        Ok(x)
+    let s = if stride == 1 && cin == out {
+        x
     } else {
-        conv_bn(m, &format!("{name}_proj"), x, out, 1, stride, false)
-    }
+        conv_bn(m, &format!("{name}_proj"), x, out, 1, stride, false)?
+    };
+    let sum = m.add(&format!("{name}_sum"), y, s)?;
+    m.relu(sum)
 }
 
 /// Two 3×3 convolutions plus the shortcut.
@@ -161,9 +165,7 @@ fn basic_block<'d>(
 ) -> Result<Blob<'d>> {
     let y = conv_bn(m, &format!("{name}_a"), x, out, 3, stride, true)?;
     let y = conv_bn(m, &format!("{name}_b"), y, out, 3, 1, false)?;
-    let s = shortcut(m, name, x, out, stride)?;
-    let sum = m.add(&format!("{name}_sum"), y, s)?;
-    m.relu(sum)
+    residual(m, name, y, x, stride)
 }
 
 /// 1×1 → 3×3 → 1×1 (×4 channels) plus the shortcut (ResNet-50).
@@ -177,9 +179,7 @@ fn bottleneck<'d>(
     let y = conv_bn(m, &format!("{name}_a"), x, width, 1, 1, true)?;
     let y = conv_bn(m, &format!("{name}_b"), y, width, 3, stride, true)?;
     let y = conv_bn(m, &format!("{name}_c"), y, 4 * width, 1, 1, false)?;
-    let s = shortcut(m, name, x, 4 * width, stride)?;
-    let sum = m.add(&format!("{name}_sum"), y, s)?;
-    m.relu(sum)
+    residual(m, name, y, x, stride)
 }
 
 /// ResNet for CIFAR (depth 6n+2: 3 stages of n basic blocks, 16/32/64 channels)
