@@ -227,6 +227,54 @@ fn close(a: &[f32], b: &[f32], what: &str) {
     }
 }
 
+/// Runs Conv and ConvGradient on random data and compares with the naive loops.
+fn check_against_reference(c: &ConvCase, seed: u64) {
+    let (oh, ow) = c.out();
+    let (k, g) = (c.k, c.g);
+    let x = random(&[c.n, c.c, c.h, c.w], seed, -1.0, 1.0, 0.0);
+    let wt = random(&[c.m, c.c / g, k.0, k.1], seed + 100, -1.0, 1.0, 0.0);
+    let dy = random(&[c.n, c.m, oh, ow], seed + 200, -1.0, 1.0, 0.0);
+    let (ry, rdx, rdw) = c.reference(x.data().unwrap(), wt.data().unwrap(), dy.data().unwrap());
+    let ws = Workspace::new();
+    ws.feed("x", x);
+    ws.feed("w", wt);
+    ws.feed("dy", dy);
+    let mut net = Net::new("c");
+    fn args<'n>(b: dpm::graph::OpBuilder<'n>, c: &ConvCase) -> dpm::graph::OpBuilder<'n> {
+        b.arg("kernel_h", c.k.0)
+            .arg("kernel_w", c.k.1)
+            .arg("stride_h", c.s.0)
+            .arg("stride_w", c.s.1)
+            .arg("pad", c.p)
+            .arg("group", c.g)
+    }
+    args(net.op("Conv").inputs(["x", "w"]).output("y"), c).build();
+    args(
+        net.op("ConvGradient")
+            .inputs(["x", "w", "dy"])
+            .outputs(["dw", "dx"])
+            .arg("no_bias", 1i64),
+        c,
+    )
+    .build();
+    ws.run_net_once(net.proto()).unwrap();
+    let what = format!(
+        "seed {seed}: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
+        c.n, c.c, c.h, c.w, c.m, k, c.s, c.p, g
+    );
+    close(ws.fetch("y").unwrap().data().unwrap(), &ry, &format!("{what} y"));
+    close(
+        ws.fetch("dx").unwrap().data().unwrap(),
+        &rdx,
+        &format!("{what} dx"),
+    );
+    close(
+        ws.fetch("dw").unwrap().data().unwrap(),
+        &rdw,
+        &format!("{what} dw"),
+    );
+}
+
 #[test]
 fn conv_matches_the_naive_reference_on_random_shapes() {
     let mut rng = Rng::new(42);
@@ -234,7 +282,6 @@ fn conv_matches_the_naive_reference_on_random_shapes() {
     for case in 0..40 {
         let g = [1, 1, 2, 3][pick(0, 3)];
         let k = (pick(1, 3), pick(1, 3));
-        let p = pick(0, 1);
         let c = ConvCase {
             n: pick(1, 3),
             c: g * pick(1, 3),
@@ -243,53 +290,45 @@ fn conv_matches_the_naive_reference_on_random_shapes() {
             m: g * pick(1, 4),
             k,
             s: (pick(1, 2), pick(1, 2)),
-            p,
+            p: pick(0, 1),
             g,
         };
-        let (oh, ow) = c.out();
-        let x = random(&[c.n, c.c, c.h, c.w], case, -1.0, 1.0, 0.0);
-        let wt = random(&[c.m, c.c / g, k.0, k.1], case + 100, -1.0, 1.0, 0.0);
-        let dy = random(&[c.n, c.m, oh, ow], case + 200, -1.0, 1.0, 0.0);
-        let (ry, rdx, rdw) = c.reference(x.data().unwrap(), wt.data().unwrap(), dy.data().unwrap());
-        let ws = Workspace::new();
-        ws.feed("x", x);
-        ws.feed("w", wt);
-        ws.feed("dy", dy);
-        let mut net = Net::new("c");
-        fn args<'n>(b: dpm::graph::OpBuilder<'n>, c: &ConvCase) -> dpm::graph::OpBuilder<'n> {
-            b.arg("kernel_h", c.k.0)
-                .arg("kernel_w", c.k.1)
-                .arg("stride_h", c.s.0)
-                .arg("stride_w", c.s.1)
-                .arg("pad", c.p)
-                .arg("group", c.g)
-        }
-        args(net.op("Conv").inputs(["x", "w"]).output("y"), &c).build();
-        args(
-            net.op("ConvGradient")
-                .inputs(["x", "w", "dy"])
-                .outputs(["dw", "dx"])
-                .arg("no_bias", 1i64),
-            &c,
-        )
-        .build();
-        ws.run_net_once(net.proto()).unwrap();
-        let what = format!(
-            "case {case}: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
-            c.n, c.c, c.h, c.w, c.m, k, c.s, p, g
-        );
-        close(ws.fetch("y").unwrap().data().unwrap(), &ry, &format!("{what} y"));
-        close(
-            ws.fetch("dx").unwrap().data().unwrap(),
-            &rdx,
-            &format!("{what} dx"),
-        );
-        close(
-            ws.fetch("dw").unwrap().data().unwrap(),
-            &rdw,
-            &format!("{what} dw"),
-        );
+        check_against_reference(&c, case);
     }
+}
+
+/// Shapes that fill whole register tiles and leave remainders (more than 6 output
+/// channels, rows wider than 8 pixels), strides larger than the kernel (phases no
+/// tap reads), and the multi-threaded split of the batch.
+#[test]
+fn conv_matches_the_naive_reference_on_larger_shapes_and_threads() {
+    let case = |n, c, h, w, m, k, s, p, g| ConvCase {
+        n,
+        c,
+        h,
+        w,
+        m,
+        k,
+        s,
+        p,
+        g,
+    };
+    let cases = [
+        case(3, 5, 19, 19, 13, (3, 3), (2, 2), 1, 1),
+        case(2, 16, 12, 20, 7, (3, 3), (1, 1), 1, 1),
+        case(2, 6, 11, 17, 14, (1, 1), (1, 1), 0, 2),
+        case(3, 4, 13, 10, 9, (1, 1), (3, 2), 0, 1),
+        case(2, 3, 16, 16, 8, (5, 5), (3, 3), 2, 1),
+        case(4, 4, 10, 18, 6, (2, 2), (2, 2), 0, 1),
+        case(5, 9, 8, 8, 12, (3, 3), (1, 1), 1, 3),
+    ];
+    for threads in [1, 3] {
+        dpm::ops::cpu::set_threads(threads);
+        for (i, c) in cases.iter().enumerate() {
+            check_against_reference(c, 1000 + i as u64);
+        }
+    }
+    dpm::ops::cpu::set_threads(1);
 }
 
 #[test]

@@ -1,0 +1,315 @@
+//! Where each tap of the window finds its inputs.
+//!
+//! With stride `s`, output pixel `(oy, ox)` and kernel tap `(ki, kj)` read padded
+//! input `(s·oy + ki, s·ox + kj)`: element `(oy + ki / s, ox + kj / s)` of the
+//! *phase* `(ki mod s, kj mod s)`, the sub-plane of every `s`-th row and column.
+//! Within a zero-padded phase plane, consecutive output pixels read consecutive
+//! elements for every tap, so a strided convolution is a sum of stride-1
+//! correlations, one per phase, and no column matrix is needed:
+//! - [`InputPlanes`] lays out an image that way for the forward pass and dW;
+//! - [`GradPlanes`] pads dY so that each phase of dX is again a stride-1
+//!   correlation, of dY with the taps of that phase, flipped ([`DxPhase`]).
+//!
+//! Buffers are written only where data goes: their zero padding is written once,
+//! when the caller sizes them, and survives reuse with the same geometry.
+
+use super::tiles::{gather_even, scatter_even, Isa, Segments, Taps};
+use super::window::Window;
+
+/// The `i` with `stride·i + phase − pad ∈ [0, len)`, capped at `limit`, as `lo..hi`.
+fn span(phase: usize, pad: usize, stride: usize, len: usize, limit: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(phase).div_ceil(stride).min(limit);
+    let hi = (pad + len).saturating_sub(phase).div_ceil(stride).min(limit);
+    (lo, hi.max(lo))
+}
+
+/// `dst[j] = src[stride·j]`.
+fn gather(isa: Isa, dst: &mut [f32], src: &[f32], stride: usize) {
+    match stride {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => gather_even(isa, dst, src),
+        s => {
+            let src = &src[..s * dst.len().saturating_sub(1) + 1];
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = src[s * j];
+            }
+        }
+    }
+}
+
+/// `dst[stride·j] = src[j]`, leaving the elements between untouched.
+fn scatter(isa: Isa, dst: &mut [f32], src: &[f32], stride: usize) {
+    match stride {
+        1 => dst[..src.len()].copy_from_slice(src),
+        2 => scatter_even(isa, dst, src),
+        s => {
+            let dst = &mut dst[..s * src.len().saturating_sub(1) + 1];
+            for (j, &v) in src.iter().enumerate() {
+                dst[s * j] = v;
+            }
+        }
+    }
+}
+
+/// One image of `c` channels as the zero-padded phase planes the window reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputPlanes {
+    win: Window,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    /// Phase plane size.
+    hq: usize,
+    wq: usize,
+    /// The phases some tap reads, in slot order.
+    phases: Vec<(usize, usize)>,
+}
+
+impl InputPlanes {
+    /// The layout of a `c × h × w` image under `win`, whose output must be non-empty.
+    pub fn new(win: &Window, c: usize, h: usize, w: usize) -> InputPlanes {
+        let (oh, ow) = win.output(h, w).expect("window checked by the caller");
+        let ((kh, kw), (sh, sw)) = (win.kernel, win.stride);
+        let mut phases = Vec::new();
+        for ki in 0..kh {
+            for kj in 0..kw {
+                if !phases.contains(&(ki % sh, kj % sw)) {
+                    phases.push((ki % sh, kj % sw));
+                }
+            }
+        }
+        InputPlanes {
+            win: *win,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            hq: oh + (kh - 1) / sh,
+            wq: ow + (kw - 1) / sw,
+            phases,
+        }
+    }
+
+    /// Elements per channel.
+    pub fn channel_len(&self) -> usize {
+        self.phases.len() * self.hq * self.wq
+    }
+
+    /// Elements per image.
+    pub fn image_len(&self) -> usize {
+        self.c * self.channel_len()
+    }
+
+    /// Writes the valid part of image `x` (`c × h × w`) into `out`, whose padding
+    /// must already be zero.
+    pub fn fill(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
+        let plane = self.hq * self.wq;
+        for (ci, x) in x.chunks_exact(self.h * self.w).take(self.c).enumerate() {
+            for (slot, &(a, b)) in self.phases.iter().enumerate() {
+                let out = &mut out[(ci * self.phases.len() + slot) * plane..][..plane];
+                let (i0, i1) = span(a, pt, sh, self.h, self.hq);
+                let (j0, j1) = span(b, pl, sw, self.w, self.wq);
+                if j0 == j1 {
+                    continue;
+                }
+                for i in i0..i1 {
+                    let src = &x[(sh * i + a - pt) * self.w + sw * j0 + b - pl..];
+                    gather(isa, &mut out[i * self.wq + j0..i * self.wq + j1], src, sw);
+                }
+            }
+        }
+    }
+
+    /// The taps of `cg` channels, `(channel, ki, kj)` in weight order, as offsets
+    /// into a channel-major run of images laid out by [`Self::fill`].
+    pub fn taps(&self, cg: usize, taps: &mut Taps) {
+        let ((kh, kw), (sh, sw)) = (self.win.kernel, self.win.stride);
+        let plane = self.hq * self.wq;
+        taps.clear();
+        for ci in 0..cg {
+            for ki in 0..kh {
+                for kj in 0..kw {
+                    let slot = self.phases.iter().position(|&p| p == (ki % sh, kj % sw));
+                    let slot = slot.expect("every tap's phase is laid out");
+                    taps.push((ci * self.phases.len() + slot) * plane + (ki / sh) * self.wq + kj / sw);
+                }
+            }
+        }
+    }
+
+    /// The output pixels of `images` consecutive images, whose outputs are
+    /// `out_image` elements apart.
+    pub fn segments(&self, images: usize, out_image: usize, segs: &mut Segments) {
+        segs.clear();
+        for img in 0..images {
+            let (src, dst) = (img * self.image_len(), img * out_image);
+            if self.wq == self.ow {
+                // Rows are contiguous in both: one run crosses them.
+                segs.push_run(src, dst, self.oh * self.ow);
+                continue;
+            }
+            for oy in 0..self.oh {
+                segs.push_run(src + oy * self.wq, dst + oy * self.ow, self.ow);
+            }
+        }
+    }
+}
+
+/// The output gradient of one image, `m` channels zero-padded so that every
+/// phase of dX reads it as a stride-1 correlation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GradPlanes {
+    win: Window,
+    m: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    /// Leading padding: the largest `ki / sh` and `kj / sw`.
+    ty: usize,
+    tx: usize,
+    hd: usize,
+    wd: usize,
+}
+
+/// One phase `(a, b)` of dX: the input pixels `(sh·i + a − pt, sw·j + b − pl)` for
+/// `i` in `rows`, `j` in `cols`, and the taps that reach them.
+pub struct DxPhase {
+    /// Input rows of this phase, in phase coordinates.
+    pub rows: (usize, usize),
+    /// Input columns of this phase, in phase coordinates.
+    pub cols: (usize, usize),
+    /// The phase itself.
+    pub phase: (usize, usize),
+    /// `(ki, kj, offset)`: kernel taps of this phase and where, relative to the
+    /// pixel, they read dY.
+    pub kernel_taps: Vec<(usize, usize, usize)>,
+}
+
+impl DxPhase {
+    /// Pixels per channel in this phase.
+    pub fn plane(&self) -> usize {
+        (self.rows.1 - self.rows.0) * (self.cols.1 - self.cols.0)
+    }
+}
+
+impl GradPlanes {
+    /// The layout for dY of a conv over `h × w` inputs with `m` output channels.
+    pub fn new(win: &Window, m: usize, h: usize, w: usize) -> GradPlanes {
+        let (oh, ow) = win.output(h, w).expect("window checked by the caller");
+        let ((kh, kw), (sh, sw)) = (win.kernel, win.stride);
+        let (ty, tx) = ((kh - 1) / sh, (kw - 1) / sw);
+        // Rows up to the last input row's phase index plus `ty` are read.
+        let hd = ty + oh.max((win.pad.0 + h).div_ceil(sh));
+        let wd = tx + ow.max((win.pad.1 + w).div_ceil(sw));
+        GradPlanes {
+            win: *win,
+            m,
+            h,
+            w,
+            oh,
+            ow,
+            ty,
+            tx,
+            hd,
+            wd,
+        }
+    }
+
+    /// Elements per channel.
+    pub fn channel_len(&self) -> usize {
+        self.hd * self.wd
+    }
+
+    /// Elements per image.
+    pub fn image_len(&self) -> usize {
+        self.m * self.channel_len()
+    }
+
+    /// Writes image `dy` (`m × oh × ow`) into `out`, whose padding must be zero.
+    pub fn fill(&self, dy: &[f32], out: &mut [f32]) {
+        let plane = self.hd * self.wd;
+        for (mi, dy) in dy.chunks_exact(self.oh * self.ow).take(self.m).enumerate() {
+            for (oy, row) in dy.chunks_exact(self.ow).enumerate() {
+                let at = mi * plane + (self.ty + oy) * self.wd + self.tx;
+                out[at..at + self.ow].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Every phase of the input, with the taps that reach it.
+    pub fn phases(&self) -> Vec<DxPhase> {
+        let ((kh, kw), (sh, sw)) = (self.win.kernel, self.win.stride);
+        let (pt, pl) = (self.win.pad.0, self.win.pad.1);
+        let mut out = Vec::new();
+        for a in 0..sh {
+            for b in 0..sw {
+                let mut kernel_taps = Vec::new();
+                for ki in (a..kh).step_by(sh) {
+                    for kj in (b..kw).step_by(sw) {
+                        // dX(i, j) += W · dY(i − ki/sh, j − kj/sw), stored at
+                        // (i − ki/sh + ty, j − kj/sw + tx).
+                        let off = (self.ty - ki / sh) * self.wd + self.tx - kj / sw;
+                        kernel_taps.push((ki, kj, off));
+                    }
+                }
+                out.push(DxPhase {
+                    rows: span(a, pt, sh, self.h, usize::MAX),
+                    cols: span(b, pl, sw, self.w, usize::MAX),
+                    phase: (a, b),
+                    kernel_taps,
+                });
+            }
+        }
+        out
+    }
+
+    /// The taps of phase `p` over `mg` output channels, channel-major.
+    pub fn taps(&self, p: &DxPhase, mg: usize, taps: &mut Taps) {
+        taps.clear();
+        for mi in 0..mg {
+            for &(_, _, off) in &p.kernel_taps {
+                taps.push(mi * self.hd * self.wd + off);
+            }
+        }
+    }
+
+    /// The pixels of phase `p` for `images` consecutive images, written densely
+    /// (`p.plane()` per channel) with images `out_image` elements apart.
+    pub fn segments(&self, p: &DxPhase, images: usize, out_image: usize, segs: &mut Segments) {
+        segs.clear();
+        let width = p.cols.1 - p.cols.0;
+        for img in 0..images {
+            for (r, i) in (p.rows.0..p.rows.1).enumerate() {
+                segs.push_run(
+                    img * self.image_len() + i * self.wd + p.cols.0,
+                    img * out_image + r * width,
+                    width,
+                );
+            }
+        }
+    }
+
+    /// Scatters a dense phase `p` of `c` channels (`p.plane()` each) into its
+    /// positions of the `c × h × w` input gradient `dx`.
+    pub fn scatter(&self, isa: Isa, p: &DxPhase, dense: &[f32], c: usize, dx: &mut [f32]) {
+        let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
+        let (a, b) = p.phase;
+        let width = p.cols.1 - p.cols.0;
+        if width == 0 {
+            return;
+        }
+        let x0 = sw * p.cols.0 + b - pl;
+        for ci in 0..c {
+            let plane = &mut dx[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+            let rows = dense[ci * p.plane()..(ci + 1) * p.plane()].chunks_exact(width);
+            for (i, row) in (p.rows.0..p.rows.1).zip(rows) {
+                scatter(isa, &mut plane[(sh * i + a - pt) * self.w + x0..], row, sw);
+            }
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! `Conv` and `ConvGradient` (NCHW) as direct convolutions.
+//!
+//! No column matrix is built. Each image is laid out once as zero-padded phase
+//! planes ([`layout`]), in which every tap of the window reads a contiguous run of
+//! input for a run of output pixels; register tiles ([`tiles`]) then multiply the
+//! weights straight out of that layout. The forward pass and dX are correlations
+//! (dX one per phase of the stride, over the padded dY with the flipped taps), dW
+//! is a reduction over pixels. This is what the best CPU kernels do for the small
+//! channel counts of ResNets, where im2col's copy costs as much as the product.
+//!
+//! Images are processed in blocks that keep the layout in L2, and split across
+//! [`threads`] workers when a kernel may use several cores. Every buffer lives in
+//! the kernel and is reused by the next call.
+
+mod layout;
+pub mod tiles;
+mod window;
+
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
+
+use layout::{DxPhase, GradPlanes, InputPlanes};
+use tiles::{correlate, pack_panels, weight_grad, Isa, Segments, Taps, LANES};
+pub use window::Window;
+
+use super::gemm::threads;
+use crate::error::{Error, Result};
+use crate::graph::Args;
+use crate::ops::{Kernel, OpContext};
+use crate::proto::OperatorDef;
+use crate::tensor::{Shape, Tensor};
+
+/// Bytes of laid-out input per block of images: half of L2.
+const BLOCK_BYTES: usize = 256 << 10;
+/// Segments per dW pass: long enough to amortise the horizontal sums, short
+/// enough that the dY rows of a tile stay in L1.
+const DW_CHUNK: usize = 256;
+
+/// Checked dimensions of a convolution.
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+    oh: usize,
+    ow: usize,
+    groups: usize,
+}
+
+impl Dims {
+    /// Input channels, output channels and weights per output channel, per group.
+    fn per_group(&self, win: &Window) -> (usize, usize, usize) {
+        let cg = self.c / self.groups;
+        (cg, self.m / self.groups, cg * win.kernel.0 * win.kernel.1)
+    }
+}
+
+fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<Dims> {
+    let x = ctx.input(0)?;
+    let wt = ctx.input(1)?;
+    let &[n, c, h, w] = x.dims() else {
+        return Err(Error::shape(ctx.input_name(0), "[N, C, H, W]", x.shape()));
+    };
+    let (oh, ow) = win.output(h, w).ok_or_else(|| {
+        Error::shape(
+            ctx.input_name(0),
+            format!("at least the {:?} kernel (with padding)", win.kernel),
+            x.shape(),
+        )
+    })?;
+    let m = wt.dims().first().copied().unwrap_or(0);
+    let expect = [m, c / groups.max(1), win.kernel.0, win.kernel.1];
+    if c % groups != 0 || m % groups != 0 || wt.dims() != expect {
+        return Err(Error::shape(
+            ctx.input_name(1),
+            format!(
+                "[M, C/group, kh, kw] = [M, {}, {}, {}] with M and C={c} divisible by group={groups}",
+                c / groups.max(1),
+                win.kernel.0,
+                win.kernel.1
+            ),
+            wt.shape(),
+        ));
+    }
+    Ok(Dims {
+        n,
+        c,
+        h,
+        w,
+        m,
+        oh,
+        ow,
+        groups,
+    })
+}
+
+fn groups(op: &OperatorDef) -> Result<usize> {
+    let g = Args(&op.arg).usize("group", 1)?;
+    if g == 0 {
+        return Err(Error::arg("group", "must be ≥ 1"));
+    }
+    Ok(g)
+}
+
+/// A buffer whose zero padding was written for layout `key`.
+struct Padded<K> {
+    data: Vec<f32>,
+    key: Option<(K, usize)>,
+}
+
+impl<K> Default for Padded<K> {
+    fn default() -> Self {
+        Padded {
+            data: Vec::new(),
+            key: None,
+        }
+    }
+}
+
+impl<K: Clone + PartialEq> Padded<K> {
+    /// `len` elements laid out as `key`: zeroed unless they already were.
+    fn get(&mut self, key: &K, len: usize) -> &mut [f32] {
+        if self.key.as_ref().is_none_or(|(k, l)| k != key || *l != len) {
+            self.data.clear();
+            self.data.resize(len, 0.0);
+            self.key = Some((key.clone(), len));
+        }
+        &mut self.data
+    }
+}
+
+/// What one worker reuses across calls.
+#[derive(Default)]
+struct Worker {
+    planes: Padded<InputPlanes>,
+    grad: Padded<GradPlanes>,
+    /// One phase of dX for a block, before it is scattered (strided convs).
+    dense: Vec<f32>,
+    segs: Segments,
+    /// This worker's share of dW.
+    dw: Vec<f32>,
+}
+
+/// A kernel's buffers: per-call weight panels and taps, and the workers'.
+#[derive(Default)]
+struct State {
+    workers: Vec<Worker>,
+    packed: Vec<f32>,
+    taps: Taps,
+    dx_taps: Vec<Taps>,
+}
+
+fn lock(state: &Mutex<State>, workers: usize) -> MutexGuard<'_, State> {
+    let mut g = state.lock().unwrap_or_else(|e| e.into_inner());
+    if g.workers.len() < workers {
+        g.workers.resize_with(workers, Worker::default);
+    }
+    g
+}
+
+/// Images per block for `bytes` of layout per image.
+fn block_images(bytes: usize, n: usize) -> usize {
+    (BLOCK_BYTES / bytes.max(1)).clamp(1, n.max(1))
+}
+
+/// Runs `f(images, worker, out)` on `workers` contiguous ranges of `n` images in
+/// parallel, `out` being the range's part of `out` (`per_image` elements each).
+fn for_ranges<F>(n: usize, workers: &mut [Worker], out: &mut [f32], per_image: usize, f: F)
+where
+    F: Fn(Range<usize>, &mut Worker, &mut [f32]) + Sync,
+{
+    let t = workers.len();
+    let mut parts = Vec::with_capacity(t);
+    let mut rest = out;
+    for i in 0..t {
+        let range = n * i / t..n * (i + 1) / t;
+        let (part, tail) = rest.split_at_mut(range.len() * per_image);
+        parts.push((range, part));
+        rest = tail;
+    }
+    if t == 1 {
+        let (range, part) = parts.pop().expect("one part");
+        return f(range, &mut workers[0], part);
+    }
+    use rayon::prelude::*;
+    parts
+        .into_par_iter()
+        .zip(workers.par_iter_mut())
+        .for_each(|((range, part), w)| f(range, w, part));
+}
+
+/// Packs each group's `mg × k` weights into panels, groups one after another.
+fn pack_groups(w: &[f32], groups: usize, mg: usize, k: usize, packed: &mut Vec<f32>) {
+    let mut panel = Vec::new();
+    packed.clear();
+    for gi in 0..groups {
+        let wg = &w[gi * mg * k..(gi + 1) * mg * k];
+        pack_panels(mg, k, |r, kk| wg[r * k + kk], &mut panel);
+        packed.extend_from_slice(&panel);
+    }
+}
+
+/// `Conv(X, W[, b]) → Y`.
+pub struct Conv {
+    win: Window,
+    groups: usize,
+    isa: Isa,
+    state: Mutex<State>,
+}
+
+/// `ConvGradient(X, W, dY) → (dW[, db][, dX])`; `no_bias = 1` means there is no db.
+pub struct ConvGradient {
+    win: Window,
+    groups: usize,
+    bias: bool,
+    isa: Isa,
+    state: Mutex<State>,
+}
+
+impl Conv {
+    /// Parses the window and `group`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(Conv {
+            win: Window::parse(op, true)?,
+            groups: groups(op)?,
+            isa: Isa::best(),
+            state: Mutex::default(),
+        }))
+    }
+
+    fn forward(&self, d: &Dims, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+        let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
+        let (cg, mg, k) = d.per_group(&self.win);
+        let (x_image, y_image, ohw) = (d.c * d.h * d.w, d.m * d.oh * d.ow, d.oh * d.ow);
+        let nb = block_images(lay.image_len() * 4, d.n);
+        let mut state = lock(&self.state, threads().clamp(1, d.n.max(1)));
+        let State {
+            workers,
+            packed,
+            taps,
+            ..
+        } = &mut *state;
+        pack_groups(w, d.groups, mg, k, packed);
+        lay.taps(cg, taps);
+        let (packed, taps, isa) = (&*packed, &*taps, self.isa);
+        let workers = &mut workers[..threads().clamp(1, d.n.max(1))];
+        for_ranges(d.n, workers, y, y_image, |images, s, y| {
+            for b0 in images.clone().step_by(nb) {
+                let count = nb.min(images.end - b0);
+                let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
+                for i in 0..count {
+                    let xi = &x[(b0 + i) * x_image..(b0 + i + 1) * x_image];
+                    lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
+                }
+                lay.segments(count, y_image, &mut s.segs);
+                let yb = &mut y[(b0 - images.start) * y_image..][..count * y_image];
+                for gi in 0..d.groups {
+                    correlate(
+                        isa,
+                        &packed[gi * mg * k..],
+                        mg,
+                        taps,
+                        &planes[gi * cg * lay.channel_len()..],
+                        &s.segs,
+                        bias.map(|b| &b[gi * mg..]),
+                        &mut yb[gi * mg * ohw..],
+                        ohw,
+                    );
+                }
+            }
+        });
+    }
+}
+
+impl ConvGradient {
+    /// Parses the window, `group` and `no_bias`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(ConvGradient {
+            win: Window::parse(op, true)?,
+            groups: groups(op)?,
+            bias: Args(&op.arg).int("no_bias", 0)? == 0,
+            isa: Isa::best(),
+            state: Mutex::default(),
+        }))
+    }
+
+    /// dW (overwritten) and, if asked, dX (overwritten).
+    fn backward(&self, d: &Dims, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+        let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
+        let grad = GradPlanes::new(&self.win, d.m, d.h, d.w);
+        let (cg, mg, k) = d.per_group(&self.win);
+        let (kh, kw) = self.win.kernel;
+        let (x_image, y_image, ohw) = (d.c * d.h * d.w, d.m * d.oh * d.ow, d.oh * d.ow);
+        let with_dx = dx.is_some();
+        let phases: Vec<DxPhase> = if with_dx { grad.phases() } else { Vec::new() };
+        let strided = self.win.stride != (1, 1);
+        let zero_first = phases.iter().any(|p| p.kernel_taps.is_empty() && p.plane() > 0);
+        let nb = block_images(lay.image_len() * 4, d.n);
+        let t = threads().clamp(1, d.n.max(1));
+        let mut state = lock(&self.state, t);
+        let State {
+            workers,
+            packed,
+            taps,
+            dx_taps,
+        } = &mut *state;
+        lay.taps(cg, taps);
+        // dX weights: for phase p and group g, rows are input channels and columns
+        // (output channel, tap of p), starting at `offsets[p]`.
+        packed.clear();
+        let mut offsets = Vec::with_capacity(phases.len());
+        let mut panel = Vec::new();
+        dx_taps.resize_with(phases.len(), Taps::default);
+        for (p, dx_taps) in phases.iter().zip(dx_taps.iter_mut()) {
+            offsets.push(packed.len());
+            let nt = p.kernel_taps.len();
+            for gi in 0..d.groups {
+                pack_panels(
+                    cg,
+                    mg * nt,
+                    |c, col| {
+                        let (ki, kj, _) = p.kernel_taps[col % nt];
+                        w[(((gi * mg + col / nt) * cg + c) * kh + ki) * kw + kj]
+                    },
+                    &mut panel,
+                );
+                packed.extend_from_slice(&panel);
+            }
+            grad.taps(p, mg, dx_taps);
+        }
+        let (packed, taps, dx_taps, isa) = (&*packed, &*taps, &*dx_taps, self.isa);
+        let workers = &mut workers[..t];
+        let (dx, dx_image) = match dx {
+            Some(dx) => (dx, x_image),
+            None => (&mut [][..], 0),
+        };
+        for_ranges(d.n, workers, dx, dx_image, |images, s, dx| {
+            s.dw.clear();
+            s.dw.resize(dw.len(), 0.0);
+            for b0 in images.clone().step_by(nb) {
+                let count = nb.min(images.end - b0);
+                let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
+                // dW += dY · (the window's inputs)ᵀ
+                let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
+                for i in 0..count {
+                    let xi = &x[(b0 + i) * x_image..(b0 + i + 1) * x_image];
+                    lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
+                }
+                lay.segments(count, y_image, &mut s.segs);
+                for c0 in (0..s.segs.len()).step_by(DW_CHUNK) {
+                    let chunk = c0..s.segs.len().min(c0 + DW_CHUNK);
+                    for gi in 0..d.groups {
+                        weight_grad(
+                            isa,
+                            &dyb[gi * mg * ohw..],
+                            ohw,
+                            mg,
+                            taps,
+                            &planes[gi * cg * lay.channel_len()..],
+                            &s.segs,
+                            chunk.clone(),
+                            &mut s.dw[gi * mg * k..],
+                            k,
+                        );
+                    }
+                }
+                if !with_dx {
+                    continue;
+                }
+                // dX: per phase, the padded dY correlated with that phase's taps.
+                let dxb = &mut dx[(b0 - images.start) * x_image..][..count * x_image];
+                let gp = s.grad.get(&grad, nb * grad.image_len() + LANES);
+                for i in 0..count {
+                    let dyi = &dyb[i * y_image..(i + 1) * y_image];
+                    grad.fill(dyi, &mut gp[i * grad.image_len()..]);
+                }
+                if zero_first {
+                    dxb.fill(0.0);
+                }
+                for ((p, ptaps), &off) in phases.iter().zip(dx_taps).zip(&offsets) {
+                    if ptaps.is_empty() || p.plane() == 0 {
+                        continue;
+                    }
+                    let plane = p.plane();
+                    let out_image = if strided { d.c * plane } else { x_image };
+                    grad.segments(p, count, out_image, &mut s.segs);
+                    let dense = if strided {
+                        s.dense.resize(count * out_image, 0.0);
+                        &mut s.dense[..]
+                    } else {
+                        &mut dxb[..]
+                    };
+                    for gi in 0..d.groups {
+                        correlate(
+                            isa,
+                            &packed[off + gi * cg * mg * p.kernel_taps.len()..],
+                            cg,
+                            ptaps,
+                            &gp[gi * mg * grad.channel_len()..],
+                            &s.segs,
+                            None,
+                            &mut dense[gi * cg * plane..],
+                            plane,
+                        );
+                    }
+                    if strided {
+                        for (i, dense) in s.dense.chunks_exact(out_image).take(count).enumerate() {
+                            grad.scatter(isa, p, dense, d.c, &mut dxb[i * x_image..(i + 1) * x_image]);
+                        }
+                    }
+                }
+            }
+        });
+        dw.copy_from_slice(&workers[0].dw);
+        for wk in &workers[1..] {
+            dw.iter_mut().zip(&wk.dw).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+impl Kernel for Conv {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(2..=3)?;
+        ctx.expect_outputs(1..=1)?;
+        let d = dims(ctx, &self.win, self.groups)?;
+        let (_, xd) = ctx.input_f32(0)?;
+        let (_, wd) = ctx.input_f32(1)?;
+        let bias = if ctx.num_inputs() == 3 {
+            let (b, bd) = ctx.input_f32(2)?;
+            if b.numel() != d.m {
+                return Err(Error::shape(ctx.input_name(2), format!("[{}]", d.m), b.shape()));
+            }
+            Some(bd)
+        } else {
+            None
+        };
+        let y = ctx.output(0).resize::<f32>(Shape::from([d.n, d.m, d.oh, d.ow]));
+        self.forward(&d, xd, wd, bias, y);
+        Ok(())
+    }
+}
+
+impl Kernel for ConvGradient {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(3..=3)?;
+        let with_dx = ctx.num_outputs() == 2 + usize::from(self.bias);
+        ctx.expect_outputs((1 + usize::from(self.bias))..=(2 + usize::from(self.bias)))?;
+        let d = dims(ctx, &self.win, self.groups)?;
+        let (x, xd) = ctx.input_f32(0)?;
+        let (w, wd) = ctx.input_f32(1)?;
+        let (dy, dyd) = ctx.input_f32(2)?;
+        if dy.dims() != [d.n, d.m, d.oh, d.ow] {
+            return Err(Error::shape(
+                ctx.input_name(2),
+                format!("[{}, {}, {}, {}]", d.n, d.m, d.oh, d.ow),
+                dy.shape(),
+            ));
+        }
+        let ohw = d.oh * d.ow;
+        let outs = ctx.outputs();
+        let (dw_t, rest) = outs.split_first_mut().expect("≥ 1 output");
+        let dw = dw_t.resize::<f32>(w.shape());
+        let mut rest = rest.iter_mut();
+        if self.bias {
+            let db = rest.next().expect("arity checked").resize::<f32>([d.m]);
+            db.fill(0.0);
+            for (i, plane) in dyd.chunks_exact(ohw.max(1)).enumerate() {
+                db[i % d.m] += plane.iter().sum::<f32>();
+            }
+        }
+        let dx = if with_dx {
+            let t: &mut Tensor = rest.next().expect("arity checked");
+            Some(t.resize::<f32>(x.shape()))
+        } else {
+            None
+        };
+        self.backward(&d, xd, wd, dyd, dw, dx);
+        Ok(())
+    }
+}

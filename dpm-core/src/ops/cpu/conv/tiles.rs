@@ -1,0 +1,703 @@
+//! Register tiles of direct convolution: the only code here that touches SIMD.
+//!
+//! Two tile shapes cover the three products of a convolution:
+//! - [`correlate`]: [`MR`] rows × [`SR`] segments of up to [`LANES`] pixels, reducing
+//!   over taps. The forward pass (rows are output channels) and dX (rows are input
+//!   channels, reading the padded output gradient).
+//! - [`weight_grad`]: [`WR`] output channels × [`WK`] taps, reducing over pixels: dW.
+//!
+//! A *tap* is one (channel, kernel row, kernel column) of the window, stored as
+//! the offset of its first element in the source buffer; a [`Segment`] is a run of
+//! output pixels whose inputs sit at consecutive addresses for every tap. So no
+//! column matrix is ever written: tiles read the (padded) image directly.
+//!
+//! Both tiles have an AVX2+FMA version, chosen at run time, and a portable one
+//! with the same summation order per lane.
+
+/// Pixels per segment: one 256-bit vector of f32.
+pub const LANES: usize = 8;
+/// Rows (channels) per [`correlate`] tile.
+pub const MR: usize = 6;
+/// Segments per [`correlate`] tile. `MR × SR` = 12 accumulators hide the FMA
+/// latency; with `SR` source vectors and one broadcast weight that is 15 of the
+/// 16 vector registers (one more and the compiler spills an accumulator).
+pub const SR: usize = 2;
+/// Output channels per [`weight_grad`] tile.
+pub const WR: usize = 2;
+/// Taps per [`weight_grad`] tile: again 12 accumulators, plus `WR` dY vectors and
+/// one input vector at a time.
+pub const WK: usize = 6;
+
+/// Output pixels `dst..dst + len` whose inputs, for each tap `t`, are
+/// `src + t..src + t + len` of the source buffer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Segment {
+    /// Offset of the run in the source buffer (before adding the tap).
+    pub src: usize,
+    /// Offset of the run in the output (or, for dW, in the output gradient).
+    pub dst: usize,
+    /// Pixels in the run, `1..=LANES`.
+    pub len: usize,
+}
+
+/// A list of segments with the bounds the tiles check once per call.
+#[derive(Default)]
+pub struct Segments {
+    list: Vec<Segment>,
+    src_end: usize,
+    dst_end: usize,
+}
+
+impl Segments {
+    /// Empties the list, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.list.clear();
+        self.src_end = 0;
+        self.dst_end = 0;
+    }
+
+    /// Appends the runs `src..src + n`, `dst..dst + n` cut into segments.
+    pub fn push_run(&mut self, src: usize, dst: usize, n: usize) {
+        for o in (0..n).step_by(LANES) {
+            let len = LANES.min(n - o);
+            self.list.push(Segment {
+                src: src + o,
+                dst: dst + o,
+                len,
+            });
+        }
+        if n > 0 {
+            self.src_end = self.src_end.max(src + n);
+            self.dst_end = self.dst_end.max(dst + n);
+        }
+    }
+
+    /// Number of segments.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are no segments.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Tap offsets and their maximum.
+#[derive(Default)]
+pub struct Taps {
+    offsets: Vec<usize>,
+    max: usize,
+}
+
+impl Taps {
+    /// Empties the list, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.offsets.clear();
+        self.max = 0;
+    }
+
+    /// Appends one tap.
+    pub fn push(&mut self, offset: usize) {
+        self.offsets.push(offset);
+        self.max = self.max.max(offset);
+    }
+
+    /// Number of taps (the reduction length of [`correlate`]).
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// Whether there are no taps.
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+}
+
+/// Which implementation runs the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// 256-bit vectors with fused multiply-add.
+    Avx2Fma,
+    /// Plain Rust, for processors without AVX2 and FMA.
+    Portable,
+}
+
+impl Isa {
+    /// The fastest implementation this processor runs.
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Portable
+    }
+}
+
+/// `dst[j] = src[2j]`: splitting a row of a stride-2 plane into its phases.
+/// Vectors may read past `src[2·(dst.len() − 1)]`, up to the end of `src`.
+pub fn gather_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
+    assert!(src.len() >= (2 * dst.len()).saturating_sub(1));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // Blocks whose 16 inputs all lie inside `src`.
+        done = (src.len() / 16).min(dst.len() / LANES) * LANES;
+        // SAFETY: blocks `..done` read `src[..2·done]` and write `dst[..done]`.
+        unsafe { avx2::gather_even(dst.as_mut_ptr(), src.as_ptr(), done / LANES) };
+    }
+    let _ = isa;
+    for j in done..dst.len() {
+        dst[j] = src[2 * j];
+    }
+}
+
+/// `dst[2j] = src[j]`, leaving the odd elements of `dst` as they are (vectors
+/// rewrite them with their own values, up to the end of `dst`).
+pub fn scatter_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
+    assert!(dst.len() >= (2 * src.len()).saturating_sub(1));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        done = (dst.len() / 16).min(src.len() / LANES) * LANES;
+        // SAFETY: blocks `..done` read `src[..done]` and touch `dst[..2·done]`.
+        unsafe { avx2::scatter_even(dst.as_mut_ptr(), src.as_ptr(), done / LANES) };
+    }
+    let _ = isa;
+    for j in done..src.len() {
+        dst[2 * j] = src[j];
+    }
+}
+
+/// Packs `rows × k` values `at(r, k)` into panels of [`MR`] rows, `k`-major within a
+/// panel (the last panel holds `rows % MR` rows), as [`correlate`] reads them.
+pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(rows * k);
+    for r0 in (0..rows).step_by(MR) {
+        let mr = MR.min(rows - r0);
+        for kk in 0..k {
+            out.extend((r0..r0 + mr).map(|r| at(r, kk)));
+        }
+    }
+}
+
+/// `out[r·pitch + s.dst + l] = init[r] + Σ_k a[r][k] · src[taps[k] + s.src + l]` for
+/// every row `r < rows` (`a` packed by [`pack_panels`]), segment `s` of `segs` and
+/// lane `l < s.len`. `init` defaults to zeros.
+///
+/// Pixel tiles are the outer loop, so the source data of one tile stays in L1
+/// while every panel of `a` streams past it.
+///
+/// # Panics
+/// If a read or write would leave `src` or `out`: `src` must extend [`LANES`]
+/// elements past `taps.max + segs.src_end` (tiles load whole vectors).
+#[allow(clippy::too_many_arguments)]
+pub fn correlate(
+    isa: Isa,
+    a: &[f32],
+    rows: usize,
+    taps: &Taps,
+    src: &[f32],
+    segs: &Segments,
+    init: Option<&[f32]>,
+    out: &mut [f32],
+    pitch: usize,
+) {
+    let k = taps.len();
+    if rows == 0 || segs.is_empty() {
+        return;
+    }
+    assert!(a.len() >= rows * k, "correlate: packed weights too short");
+    assert!(init.is_none_or(|b| b.len() >= rows));
+    assert!(
+        taps.max + segs.src_end + LANES <= src.len(),
+        "correlate: source too short"
+    );
+    assert!(
+        (rows - 1) * pitch + segs.dst_end <= out.len(),
+        "correlate: output too short"
+    );
+    let (src, out) = (src.as_ptr(), out.as_mut_ptr());
+    for tile in segs.list.chunks(SR) {
+        for r0 in (0..rows).step_by(MR) {
+            let mr = MR.min(rows - r0);
+            let panel = a[r0 * k..].as_ptr();
+            let init = init.map(|b| &b[r0..r0 + mr]);
+            // SAFETY: the asserts above bound every tap, segment and row.
+            unsafe {
+                let out = out.add(r0 * pitch);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2Fma => {
+                        by_rows_segs!(
+                            mr,
+                            tile.len(),
+                            avx2::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
+                        )
+                    }
+                    _ => by_rows_segs!(
+                        mr,
+                        tile.len(),
+                        portable::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// `out[r·out_pitch + j] += Σ_s Σ_{l < s.len} dy[r·dy_pitch + s.dst + l] ·
+/// src[taps[j] + s.src + l]` for `r < rows`, `j < taps.len()`, over `segs`.
+///
+/// # Panics
+/// If a read or write would leave `dy`, `src` or `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad(
+    isa: Isa,
+    dy: &[f32],
+    dy_pitch: usize,
+    rows: usize,
+    taps: &Taps,
+    src: &[f32],
+    segs: &Segments,
+    chunk: std::ops::Range<usize>,
+    out: &mut [f32],
+    out_pitch: usize,
+) {
+    let k = taps.len();
+    if rows == 0 || k == 0 || chunk.is_empty() {
+        return;
+    }
+    assert!(
+        (rows - 1) * dy_pitch + segs.dst_end <= dy.len(),
+        "weight_grad: dY too short"
+    );
+    assert!(
+        taps.max + segs.src_end + LANES <= src.len(),
+        "weight_grad: source too short"
+    );
+    assert!(
+        (rows - 1) * out_pitch + k <= out.len(),
+        "weight_grad: output too short"
+    );
+    let segs = &segs.list[chunk];
+    let (dy, src, out) = (dy.as_ptr(), src.as_ptr(), out.as_mut_ptr());
+    for r0 in (0..rows).step_by(WR) {
+        let mr = WR.min(rows - r0);
+        for j0 in (0..k).step_by(WK) {
+            let taps = &taps.offsets[j0..k.min(j0 + WK)];
+            // SAFETY: the asserts above bound every tap, segment, row and column.
+            unsafe {
+                let dy = dy.add(r0 * dy_pitch);
+                let out = out.add(r0 * out_pitch + j0);
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2Fma => by_rows_taps!(
+                        mr,
+                        taps.len(),
+                        avx2::weight_grad(dy, dy_pitch, taps, src, segs, out, out_pitch)
+                    ),
+                    _ => by_rows_taps!(
+                        mr,
+                        taps.len(),
+                        portable::weight_grad(dy, dy_pitch, taps, src, segs, out, out_pitch)
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f::<rows, segs>(args)` for a runtime [`correlate`] tile shape.
+macro_rules! by_rows_segs {
+    ($rows:expr, $segs:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match ($rows, $segs) {
+            (1, 1) => $($f)::+::<1, 1>($($arg),*),
+            (1, _) => $($f)::+::<1, 2>($($arg),*),
+            (2, 1) => $($f)::+::<2, 1>($($arg),*),
+            (2, _) => $($f)::+::<2, 2>($($arg),*),
+            (3, 1) => $($f)::+::<3, 1>($($arg),*),
+            (3, _) => $($f)::+::<3, 2>($($arg),*),
+            (4, 1) => $($f)::+::<4, 1>($($arg),*),
+            (4, _) => $($f)::+::<4, 2>($($arg),*),
+            (5, 1) => $($f)::+::<5, 1>($($arg),*),
+            (5, _) => $($f)::+::<5, 2>($($arg),*),
+            (_, 1) => $($f)::+::<6, 1>($($arg),*),
+            (_, _) => $($f)::+::<6, 2>($($arg),*),
+        }
+    };
+}
+use by_rows_segs;
+
+/// Calls `f::<rows, taps>(args)` for a runtime [`weight_grad`] tile shape.
+macro_rules! by_rows_taps {
+    ($rows:expr, $taps:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match ($rows, $taps) {
+            (1, 1) => $($f)::+::<1, 1>($($arg),*),
+            (1, 2) => $($f)::+::<1, 2>($($arg),*),
+            (1, 3) => $($f)::+::<1, 3>($($arg),*),
+            (1, 4) => $($f)::+::<1, 4>($($arg),*),
+            (1, 5) => $($f)::+::<1, 5>($($arg),*),
+            (1, _) => $($f)::+::<1, 6>($($arg),*),
+            (_, 1) => $($f)::+::<2, 1>($($arg),*),
+            (_, 2) => $($f)::+::<2, 2>($($arg),*),
+            (_, 3) => $($f)::+::<2, 3>($($arg),*),
+            (_, 4) => $($f)::+::<2, 4>($($arg),*),
+            (_, 5) => $($f)::+::<2, 5>($($arg),*),
+            (_, _) => $($f)::+::<2, 6>($($arg),*),
+        }
+    };
+}
+use by_rows_taps;
+
+// Both tile sets below trust their caller for bounds.
+
+// Register tiles index their accumulators by (row, column) on purpose: the loops
+// have constant bounds and unroll into straight-line code.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::{Segment, LANES};
+    use std::arch::x86_64::*;
+
+    /// Lanes `..len` set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mask(len: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(len as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// `blocks` blocks of 8 outputs `dst[j] = src[2j]`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gather_even(dst: *mut f32, src: *const f32, blocks: usize) {
+        for i in 0..blocks {
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_ps(src.add(16 * i)),
+                    _mm256_loadu_ps(src.add(16 * i + 8)),
+                )
+            };
+            // [a0 a2 b0 b2 | a4 a6 b4 b6], then the middle 64-bit lanes swapped.
+            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even)));
+            unsafe { _mm256_storeu_ps(dst.add(8 * i), even) };
+        }
+    }
+
+    /// `blocks` blocks of 8 inputs `dst[2j] = src[j]`, odd elements kept.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scatter_even(dst: *mut f32, src: *const f32, blocks: usize) {
+        let lo_idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        let hi_idx = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+        for i in 0..blocks {
+            let v = unsafe { _mm256_loadu_ps(src.add(8 * i)) };
+            let (d0, d1) = unsafe { (dst.add(16 * i), dst.add(16 * i + 8)) };
+            let lo = _mm256_blend_ps::<0b1010_1010>(_mm256_permutevar8x32_ps(v, lo_idx), unsafe {
+                _mm256_loadu_ps(d0)
+            });
+            let hi = _mm256_blend_ps::<0b1010_1010>(_mm256_permutevar8x32_ps(v, hi_idx), unsafe {
+                _mm256_loadu_ps(d1)
+            });
+            unsafe {
+                _mm256_storeu_ps(d0, lo);
+                _mm256_storeu_ps(d1, hi);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn correlate<const M: usize, const S: usize>(
+        a: *const f32,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        init: Option<&[f32]>,
+        out: *mut f32,
+        pitch: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); S]; M];
+        if let Some(b) = init {
+            for r in 0..M {
+                acc[r] = [_mm256_set1_ps(b[r]); S];
+            }
+        }
+        let mut base = [src; S];
+        for s in 0..S {
+            base[s] = unsafe { src.add(segs[s].src) };
+        }
+        let mut a = a;
+        for &t in taps {
+            let mut b = [_mm256_setzero_ps(); S];
+            for s in 0..S {
+                b[s] = unsafe { _mm256_loadu_ps(base[s].add(t)) };
+            }
+            for r in 0..M {
+                let av = _mm256_set1_ps(unsafe { *a.add(r) });
+                for s in 0..S {
+                    acc[r][s] = _mm256_fmadd_ps(av, b[s], acc[r][s]);
+                }
+            }
+            a = unsafe { a.add(M) };
+        }
+        for s in 0..S {
+            let dst = unsafe { out.add(segs[s].dst) };
+            if segs[s].len == LANES {
+                for r in 0..M {
+                    unsafe { _mm256_storeu_ps(dst.add(r * pitch), acc[r][s]) };
+                }
+            } else {
+                let m = mask(segs[s].len);
+                for r in 0..M {
+                    unsafe { _mm256_maskstore_ps(dst.add(r * pitch), m, acc[r][s]) };
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weight_grad<const M: usize, const K: usize>(
+        dy: *const f32,
+        dy_pitch: usize,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        out: *mut f32,
+        out_pitch: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); K]; M];
+        let mut base = [src; K];
+        for j in 0..K {
+            base[j] = unsafe { src.add(taps[j]) };
+        }
+        for seg in segs {
+            let mut d = [_mm256_setzero_ps(); M];
+            let dp = unsafe { dy.add(seg.dst) };
+            if seg.len == LANES {
+                for r in 0..M {
+                    d[r] = unsafe { _mm256_loadu_ps(dp.add(r * dy_pitch)) };
+                }
+                for j in 0..K {
+                    let x = unsafe { _mm256_loadu_ps(base[j].add(seg.src)) };
+                    for r in 0..M {
+                        acc[r][j] = _mm256_fmadd_ps(d[r], x, acc[r][j]);
+                    }
+                }
+            } else {
+                let m = mask(seg.len);
+                for r in 0..M {
+                    d[r] = unsafe { _mm256_maskload_ps(dp.add(r * dy_pitch), m) };
+                }
+                for j in 0..K {
+                    let x = unsafe { _mm256_maskload_ps(base[j].add(seg.src), m) };
+                    for r in 0..M {
+                        acc[r][j] = _mm256_fmadd_ps(d[r], x, acc[r][j]);
+                    }
+                }
+            }
+        }
+        for r in 0..M {
+            for j in 0..K {
+                unsafe { *out.add(r * out_pitch + j) += hsum(acc[r][j]) };
+            }
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+mod portable {
+    use super::{Segment, LANES};
+
+    pub unsafe fn correlate<const M: usize, const S: usize>(
+        a: *const f32,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        init: Option<&[f32]>,
+        out: *mut f32,
+        pitch: usize,
+    ) {
+        let mut acc = [[[0.0f32; LANES]; S]; M];
+        if let Some(b) = init {
+            for r in 0..M {
+                acc[r] = [[b[r]; LANES]; S];
+            }
+        }
+        for (k, &t) in taps.iter().enumerate() {
+            for s in 0..S {
+                let b = unsafe { std::slice::from_raw_parts(src.add(segs[s].src + t), LANES) };
+                for r in 0..M {
+                    let av = unsafe { *a.add(k * M + r) };
+                    for l in 0..LANES {
+                        acc[r][s][l] += av * b[l];
+                    }
+                }
+            }
+        }
+        for s in 0..S {
+            for r in 0..M {
+                let dst = unsafe { out.add(segs[s].dst + r * pitch) };
+                for l in 0..segs[s].len {
+                    unsafe { *dst.add(l) = acc[r][s][l] };
+                }
+            }
+        }
+    }
+
+    pub unsafe fn weight_grad<const M: usize, const K: usize>(
+        dy: *const f32,
+        dy_pitch: usize,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        out: *mut f32,
+        out_pitch: usize,
+    ) {
+        let mut acc = [[[0.0f32; LANES]; K]; M];
+        for seg in segs {
+            for r in 0..M {
+                for j in 0..K {
+                    for l in 0..seg.len {
+                        let (d, x) = unsafe {
+                            (
+                                *dy.add(r * dy_pitch + seg.dst + l),
+                                *src.add(taps[j] + seg.src + l),
+                            )
+                        };
+                        acc[r][j][l] += d * x;
+                    }
+                }
+            }
+        }
+        for r in 0..M {
+            for j in 0..K {
+                // Same pairwise order as the vector version's horizontal sum.
+                let v = &acc[r][j];
+                let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+                let h = [q[0] + q[2], q[1] + q[3]];
+                unsafe { *out.add(r * out_pitch + j) += h[0] + h[1] };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn even_gather_and_scatter_match_plain_loops() {
+        for isa in [Isa::Portable, Isa::best()] {
+            for n in [0, 1, 7, 8, 9, 16, 17, 40] {
+                let src = random(2 * n + 1, n as u32);
+                let mut dst = vec![0.0; n];
+                gather_even(isa, &mut dst, &src);
+                assert!(
+                    dst.iter().enumerate().all(|(j, &v)| v == src[2 * j]),
+                    "{isa:?} gather {n}"
+                );
+                let mut back = random(2 * n + 1, 99);
+                let keep = back.clone();
+                scatter_even(isa, &mut back, &dst);
+                for (i, (&b, &k)) in back.iter().zip(&keep).enumerate() {
+                    let want = if i % 2 == 0 && i / 2 < n { src[i] } else { k };
+                    assert_eq!(b, want, "{isa:?} scatter {n} at {i}");
+                }
+            }
+        }
+    }
+
+    /// Every tile shape of both implementations against plain loops, with full
+    /// and partial segments.
+    #[test]
+    fn tiles_match_plain_loops() {
+        let isas = [Isa::Portable, Isa::best()];
+        for rows in 1..=9 {
+            for k in [1, 2, 5, 9] {
+                let src = random(200, rows as u32 * 31 + k as u32);
+                let w = random(rows * k, 7);
+                let mut taps = Taps::default();
+                (0..k).for_each(|i| taps.push(i * 13 % 40));
+                let mut segs = Segments::default();
+                segs.push_run(3, 0, 21); // 8 + 8 + 5
+                segs.push_run(60, 21, 11); // 8 + 3
+                segs.push_run(100, 32, 2);
+                let pitch = 40;
+                let mut packed = Vec::new();
+                pack_panels(rows, k, |r, kk| w[r * k + kk], &mut packed);
+                let init = random(rows, 3);
+                let dy = random(rows * pitch, 11);
+                for isa in isas {
+                    let mut out = vec![0.0f32; rows * pitch];
+                    correlate(
+                        isa,
+                        &packed,
+                        rows,
+                        &taps,
+                        &src,
+                        &segs,
+                        Some(&init),
+                        &mut out,
+                        pitch,
+                    );
+                    let mut dw = vec![0.0f32; rows * k];
+                    weight_grad(
+                        isa,
+                        &dy,
+                        pitch,
+                        rows,
+                        &taps,
+                        &src,
+                        &segs,
+                        0..segs.len(),
+                        &mut dw,
+                        k,
+                    );
+                    let mut want_dw = vec![0.0f32; rows * k];
+                    for r in 0..rows {
+                        for s in &segs.list {
+                            for l in 0..s.len {
+                                let mut acc = init[r];
+                                for (kk, &t) in taps.offsets.iter().enumerate() {
+                                    acc += w[r * k + kk] * src[t + s.src + l];
+                                    want_dw[r * k + kk] += dy[r * pitch + s.dst + l] * src[t + s.src + l];
+                                }
+                                let got = out[r * pitch + s.dst + l];
+                                assert!(
+                                    (got - acc).abs() < 1e-4,
+                                    "{isa:?} rows {rows} k {k}: {got} vs {acc}"
+                                );
+                            }
+                        }
+                    }
+                    for (g, w) in dw.iter().zip(&want_dw) {
+                        assert!((g - w).abs() < 1e-4, "{isa:?} dW rows {rows} k {k}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+}
