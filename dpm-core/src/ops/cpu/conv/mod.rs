@@ -32,9 +32,6 @@ use crate::tensor::{Shape, Tensor};
 
 /// Bytes of laid-out input per block of images: half of L2.
 const BLOCK_BYTES: usize = 256 << 10;
-/// Segments per dW pass: long enough to amortise the horizontal sums, short
-/// enough that the dY rows of a tile stay in L1.
-const DW_CHUNK: usize = 256;
 
 /// Checked dimensions of a convolution.
 struct Dims {
@@ -140,6 +137,8 @@ struct Worker {
     segs: Segments,
     /// This worker's share of dW.
     dw: Vec<f32>,
+    /// Partial sums of dW tiles.
+    dw_acc: Vec<f32>,
 }
 
 /// A kernel's buffers: per-call weight panels and taps, and the workers'.
@@ -348,22 +347,19 @@ impl ConvGradient {
                     lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
                 }
                 lay.segments(count, y_image, &mut s.segs);
-                for c0 in (0..s.segs.len()).step_by(DW_CHUNK) {
-                    let chunk = c0..s.segs.len().min(c0 + DW_CHUNK);
-                    for gi in 0..d.groups {
-                        weight_grad(
-                            isa,
-                            &dyb[gi * mg * ohw..],
-                            ohw,
-                            mg,
-                            taps,
-                            &planes[gi * cg * lay.channel_len()..],
-                            &s.segs,
-                            chunk.clone(),
-                            &mut s.dw[gi * mg * k..],
-                            k,
-                        );
-                    }
+                for gi in 0..d.groups {
+                    weight_grad(
+                        isa,
+                        &dyb[gi * mg * ohw..],
+                        ohw,
+                        mg,
+                        taps,
+                        &planes[gi * cg * lay.channel_len()..],
+                        &s.segs,
+                        &mut s.dw[gi * mg * k..],
+                        k,
+                        &mut s.dw_acc,
+                    );
                 }
                 if !with_dx {
                     continue;

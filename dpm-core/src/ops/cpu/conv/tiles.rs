@@ -247,8 +247,16 @@ pub fn correlate(
     }
 }
 
+/// Segments per pass of the [`weight_grad`] tiles: the input vectors of one
+/// tap block over a pass stay in L1 while every row block reads them.
+pub const DW_CHUNK: usize = 32;
+
 /// `out[r·out_pitch + j] += Σ_s Σ_{l < s.len} dy[r·dy_pitch + s.dst + l] ·
 /// src[taps[j] + s.src + l]` for `r < rows`, `j < taps.len()`, over `segs`.
+///
+/// Like a GEMM whose reduction runs over pixels: for each block of [`WK`] taps,
+/// passes of [`DW_CHUNK`] segments sweep all row blocks, and the per-lane partial
+/// sums wait in `acc` (`rows × WK` vectors) until the block's horizontal sums.
 ///
 /// # Panics
 /// If a read or write would leave `dy`, `src` or `out`.
@@ -261,12 +269,12 @@ pub fn weight_grad(
     taps: &Taps,
     src: &[f32],
     segs: &Segments,
-    chunk: std::ops::Range<usize>,
     out: &mut [f32],
     out_pitch: usize,
+    acc: &mut Vec<f32>,
 ) {
     let k = taps.len();
-    if rows == 0 || k == 0 || chunk.is_empty() {
+    if rows == 0 || k == 0 || segs.is_empty() {
         return;
     }
     assert!(
@@ -281,28 +289,47 @@ pub fn weight_grad(
         (rows - 1) * out_pitch + k <= out.len(),
         "weight_grad: output too short"
     );
-    let segs = &segs.list[chunk];
-    let (dy, src, out) = (dy.as_ptr(), src.as_ptr(), out.as_mut_ptr());
-    for r0 in (0..rows).step_by(WR) {
-        let mr = WR.min(rows - r0);
-        for j0 in (0..k).step_by(WK) {
-            let taps = &taps.offsets[j0..k.min(j0 + WK)];
-            // SAFETY: the asserts above bound every tap, segment, row and column.
-            unsafe {
-                let dy = dy.add(r0 * dy_pitch);
-                let out = out.add(r0 * out_pitch + j0);
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2Fma => by_rows_taps!(
-                        mr,
-                        taps.len(),
-                        avx2::weight_grad(dy, dy_pitch, taps, src, segs, out, out_pitch)
-                    ),
-                    _ => by_rows_taps!(
-                        mr,
-                        taps.len(),
-                        portable::weight_grad(dy, dy_pitch, taps, src, segs, out, out_pitch)
-                    ),
+    let blocks = rows.div_ceil(WR);
+    let tile = WR * WK * LANES;
+    let (dyp, srcp) = (dy.as_ptr(), src.as_ptr());
+    for j0 in (0..k).step_by(WK) {
+        let taps = &taps.offsets[j0..k.min(j0 + WK)];
+        acc.clear();
+        acc.resize(blocks * tile, 0.0);
+        for chunk in segs.list.chunks(DW_CHUNK) {
+            for (b, acc) in acc.chunks_exact_mut(tile).enumerate() {
+                let (r0, mr) = (b * WR, WR.min(rows - b * WR));
+                let acc = acc.as_mut_ptr();
+                // SAFETY: the asserts above bound every tap, segment and row, and
+                // `acc` holds a whole tile.
+                unsafe {
+                    let dy = dyp.add(r0 * dy_pitch);
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2Fma => by_rows_taps!(
+                            mr,
+                            taps.len(),
+                            avx2::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc)
+                        ),
+                        _ => by_rows_taps!(
+                            mr,
+                            taps.len(),
+                            portable::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc)
+                        ),
+                    }
+                }
+            }
+        }
+        for (b, acc) in acc.chunks_exact(tile).enumerate() {
+            for r in 0..WR.min(rows - b * WR) {
+                for (j, v) in acc[r * WK * LANES..]
+                    .chunks_exact(LANES)
+                    .take(taps.len())
+                    .enumerate()
+                {
+                    // Pairwise, as a vector horizontal sum would.
+                    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+                    out[(b * WR + r) * out_pitch + j0 + j] += (q[0] + q[2]) + (q[1] + q[3]);
                 }
             }
         }
@@ -358,7 +385,7 @@ use by_rows_taps;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
-    use super::{Segment, LANES};
+    use super::{Segment, LANES, WK};
     use std::arch::x86_64::*;
 
     /// Lanes `..len` set.
@@ -369,14 +396,6 @@ mod avx2 {
             _mm256_set1_epi32(len as i32),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         )
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
     /// `blocks` blocks of 8 outputs `dst[j] = src[2j]`.
@@ -466,6 +485,8 @@ mod avx2 {
         }
     }
 
+    /// Adds one pass over `segs` to the tile's partial sums in `acc`
+    /// (`[row][tap][lane]`, [`WK`] taps per row).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weight_grad<const M: usize, const K: usize>(
         dy: *const f32,
@@ -473,10 +494,15 @@ mod avx2 {
         taps: &[usize],
         src: *const f32,
         segs: &[Segment],
-        out: *mut f32,
-        out_pitch: usize,
+        acc_mem: *mut f32,
     ) {
+        let at = |r: usize, j: usize| unsafe { acc_mem.add((r * WK + j) * LANES) };
         let mut acc = [[_mm256_setzero_ps(); K]; M];
+        for r in 0..M {
+            for j in 0..K {
+                acc[r][j] = unsafe { _mm256_loadu_ps(at(r, j)) };
+            }
+        }
         let mut base = [src; K];
         for j in 0..K {
             base[j] = unsafe { src.add(taps[j]) };
@@ -509,7 +535,7 @@ mod avx2 {
         }
         for r in 0..M {
             for j in 0..K {
-                unsafe { *out.add(r * out_pitch + j) += hsum(acc[r][j]) };
+                unsafe { _mm256_storeu_ps(at(r, j), acc[r][j]) };
             }
         }
     }
@@ -517,7 +543,7 @@ mod avx2 {
 
 #[allow(clippy::needless_range_loop)]
 mod portable {
-    use super::{Segment, LANES};
+    use super::{Segment, LANES, WK};
 
     pub unsafe fn correlate<const M: usize, const S: usize>(
         a: *const f32,
@@ -561,13 +587,12 @@ mod portable {
         taps: &[usize],
         src: *const f32,
         segs: &[Segment],
-        out: *mut f32,
-        out_pitch: usize,
+        acc: *mut f32,
     ) {
-        let mut acc = [[[0.0f32; LANES]; K]; M];
         for seg in segs {
             for r in 0..M {
                 for j in 0..K {
+                    let acc = unsafe { std::slice::from_raw_parts_mut(acc.add((r * WK + j) * LANES), LANES) };
                     for l in 0..seg.len {
                         let (d, x) = unsafe {
                             (
@@ -575,18 +600,9 @@ mod portable {
                                 *src.add(taps[j] + seg.src + l),
                             )
                         };
-                        acc[r][j][l] += d * x;
+                        acc[l] += d * x;
                     }
                 }
-            }
-        }
-        for r in 0..M {
-            for j in 0..K {
-                // Same pairwise order as the vector version's horizontal sum.
-                let v = &acc[r][j];
-                let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-                let h = [q[0] + q[2], q[1] + q[3]];
-                unsafe { *out.add(r * out_pitch + j) += h[0] + h[1] };
             }
         }
     }
@@ -672,9 +688,9 @@ mod tests {
                         &taps,
                         &src,
                         &segs,
-                        0..segs.len(),
                         &mut dw,
                         k,
+                        &mut Vec::new(),
                     );
                     let mut want_dw = vec![0.0f32; rows * k];
                     for r in 0..rows {
