@@ -475,3 +475,73 @@ impl Kernel for ConvGradient {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::ops::cpu::rng::Rng::new(seed);
+        (0..n).map(|_| rng.uniform() as f32 - 0.5).collect()
+    }
+
+    /// The portable tiles give what the processor's best tiles give, through the
+    /// whole kernel (layouts, phases, groups, partial segments).
+    #[test]
+    fn portable_kernels_match_the_best_ones() {
+        // (n, c, h, w, m, kernel, stride, pad, groups)
+        let cases = [
+            (2, 3, 11, 13, 7, 3, 2, 1, 1),
+            (3, 4, 9, 17, 10, 3, 1, 1, 2),
+            (2, 5, 8, 8, 6, 1, 2, 0, 1),
+        ];
+        for (n, c, h, w, m, k, s, p, g) in cases {
+            let win = Window {
+                kernel: (k, k),
+                stride: (s, s),
+                pad: (p, p, p, p),
+            };
+            let (oh, ow) = win.output(h, w).unwrap();
+            let d = Dims {
+                n,
+                c,
+                h,
+                w,
+                m,
+                oh,
+                ow,
+                groups: g,
+            };
+            let x = random(n * c * h * w, 1);
+            let wt = random(m * c / g * k * k, 2);
+            let dy = random(n * m * oh * ow, 3);
+            let bias = random(m, 4);
+            let run = |isa: Isa| {
+                let conv = Conv {
+                    win,
+                    groups: g,
+                    isa,
+                    state: Mutex::default(),
+                };
+                let grad = ConvGradient {
+                    win,
+                    groups: g,
+                    bias: false,
+                    isa,
+                    state: Mutex::default(),
+                };
+                let mut y = vec![0.0; dy.len()];
+                conv.forward(&d, &x, &wt, Some(&bias), &mut y);
+                let (mut dw, mut dx) = (vec![0.0; wt.len()], vec![0.0; x.len()]);
+                grad.backward(&d, &x, &wt, &dy, &mut dw, Some(&mut dx));
+                [y, dw, dx]
+            };
+            let (best, portable) = (run(Isa::best()), run(Isa::Portable));
+            for (what, (a, b)) in ["y", "dw", "dx"].iter().zip(best.iter().zip(&portable)) {
+                for (i, (u, v)) in a.iter().zip(b).enumerate() {
+                    assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{what}[{i}]: {u} vs {v}");
+                }
+            }
+        }
+    }
+}

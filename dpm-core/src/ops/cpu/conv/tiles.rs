@@ -169,13 +169,20 @@ pub fn scatter_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Packs `rows × k` values `at(r, k)` into panels of [`MR`] rows, `k`-major within a
-/// panel (the last panel holds `rows % MR` rows), as [`correlate`] reads them.
+/// `(first row, rows)` of each panel: `rows` split as evenly as [`MR`]-row panels
+/// allow (32 rows: 6, 6, 5, 5, 5, 5), so no panel is left with too few
+/// accumulators to hide the FMA latency.
+pub fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let n = rows.div_ceil(MR);
+    (0..n).map(move |i| (rows * i / n, rows * (i + 1) / n - rows * i / n))
+}
+
+/// Packs `rows × k` values `at(r, k)` into [`panels`], `k`-major within a panel,
+/// as [`correlate`] reads them.
 pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
     out.clear();
     out.reserve(rows * k);
-    for r0 in (0..rows).step_by(MR) {
-        let mr = MR.min(rows - r0);
+    for (r0, mr) in panels(rows) {
         for kk in 0..k {
             out.extend((r0..r0 + mr).map(|r| at(r, kk)));
         }
@@ -220,8 +227,7 @@ pub fn correlate(
     );
     let (src, out) = (src.as_ptr(), out.as_mut_ptr());
     for tile in segs.list.chunks(SR) {
-        for r0 in (0..rows).step_by(MR) {
-            let mr = MR.min(rows - r0);
+        for (r0, mr) in panels(rows) {
             let panel = a[r0 * k..].as_ptr();
             let init = init.map(|b| &b[r0..r0 + mr]);
             // SAFETY: the asserts above bound every tap, segment and row.
