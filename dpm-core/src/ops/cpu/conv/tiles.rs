@@ -262,7 +262,8 @@ pub const DW_CHUNK: usize = 32;
 ///
 /// Like a GEMM whose reduction runs over pixels: for each block of [`WK`] taps,
 /// passes of [`DW_CHUNK`] segments sweep all row blocks, and the per-lane partial
-/// sums wait in `acc` (`rows × WK` vectors) until the block's horizontal sums.
+/// sums wait in `acc` (`rows × WK` vectors) between passes; the last pass adds
+/// their horizontal sums to `out`.
 ///
 /// # Panics
 /// If a read or write would leave `dy`, `src` or `out`.
@@ -297,49 +298,52 @@ pub fn weight_grad(
     );
     let blocks = rows.div_ceil(WR);
     let tile = WR * WK * LANES;
-    let (dyp, srcp) = (dy.as_ptr(), src.as_ptr());
+    let (dyp, srcp, outp) = (dy.as_ptr(), src.as_ptr(), out.as_mut_ptr());
+    let passes = segs.list.len().div_ceil(DW_CHUNK);
+    acc.resize(blocks * tile, 0.0);
     for j0 in (0..k).step_by(WK) {
         let taps = &taps.offsets[j0..k.min(j0 + WK)];
-        acc.clear();
-        acc.resize(blocks * tile, 0.0);
-        for chunk in segs.list.chunks(DW_CHUNK) {
+        for (pass, chunk) in segs.list.chunks(DW_CHUNK).enumerate() {
+            let stage = Stage {
+                first: pass == 0,
+                last: pass + 1 == passes,
+            };
             for (b, acc) in acc.chunks_exact_mut(tile).enumerate() {
                 let (r0, mr) = (b * WR, WR.min(rows - b * WR));
                 let acc = acc.as_mut_ptr();
-                // SAFETY: the asserts above bound every tap, segment and row, and
-                // `acc` holds a whole tile.
+                // SAFETY: the asserts above bound every tap, segment, row and
+                // column, and `acc` holds a whole tile.
                 unsafe {
                     let dy = dyp.add(r0 * dy_pitch);
+                    let out = outp.add(r0 * out_pitch + j0);
                     match isa {
                         #[cfg(target_arch = "x86_64")]
                         Isa::Avx2Fma => by_rows_taps!(
                             mr,
                             taps.len(),
-                            avx2::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc)
+                            avx2::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc, stage, out, out_pitch)
                         ),
                         _ => by_rows_taps!(
                             mr,
                             taps.len(),
-                            portable::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc)
+                            portable::weight_grad(
+                                dy, dy_pitch, taps, srcp, chunk, acc, stage, out, out_pitch
+                            )
                         ),
                     }
                 }
             }
         }
-        for (b, acc) in acc.chunks_exact(tile).enumerate() {
-            for r in 0..WR.min(rows - b * WR) {
-                for (j, v) in acc[r * WK * LANES..]
-                    .chunks_exact(LANES)
-                    .take(taps.len())
-                    .enumerate()
-                {
-                    // Pairwise, as a vector horizontal sum would.
-                    let q = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-                    out[(b * WR + r) * out_pitch + j0 + j] += (q[0] + q[2]) + (q[1] + q[3]);
-                }
-            }
-        }
     }
+}
+
+/// Where a [`weight_grad`] pass sits among the passes of a tap block: the first
+/// starts from zero, the last adds its horizontal sums to the output, and the
+/// others keep their partial sums in memory.
+#[derive(Clone, Copy)]
+struct Stage {
+    first: bool,
+    last: bool,
 }
 
 /// Calls `f::<rows, segs>(args)` for a runtime [`correlate`] tile shape.
@@ -391,7 +395,7 @@ use by_rows_taps;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
-    use super::{Segment, LANES, WK};
+    use super::{Segment, Stage, LANES, WK};
     use std::arch::x86_64::*;
 
     /// Lanes `..len` set.
@@ -491,8 +495,25 @@ mod avx2 {
         }
     }
 
-    /// Adds one pass over `segs` to the tile's partial sums in `acc`
-    /// (`[row][tap][lane]`, [`WK`] taps per row).
+    /// Sums of 8 vectors, lane `i` holding the sum of `v[i]`'s lanes, added in
+    /// the order `((0+1)+(2+3)) + ((4+5)+(6+7))`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum8(v: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(v[0], v[1]);
+        let t1 = _mm256_hadd_ps(v[2], v[3]);
+        let t2 = _mm256_hadd_ps(v[4], v[5]);
+        let t3 = _mm256_hadd_ps(v[6], v[7]);
+        let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
+    /// One pass over `segs` of an `M × K` tile of dW; see [`Stage`] for `acc_mem`
+    /// (`[row][tap][lane]`, [`WK`] taps per row) and `out` (`[row][tap]`).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weight_grad<const M: usize, const K: usize>(
         dy: *const f32,
@@ -501,12 +522,17 @@ mod avx2 {
         src: *const f32,
         segs: &[Segment],
         acc_mem: *mut f32,
+        stage: Stage,
+        out: *mut f32,
+        out_pitch: usize,
     ) {
         let at = |r: usize, j: usize| unsafe { acc_mem.add((r * WK + j) * LANES) };
         let mut acc = [[_mm256_setzero_ps(); K]; M];
-        for r in 0..M {
-            for j in 0..K {
-                acc[r][j] = unsafe { _mm256_loadu_ps(at(r, j)) };
+        if !stage.first {
+            for r in 0..M {
+                for j in 0..K {
+                    acc[r][j] = unsafe { _mm256_loadu_ps(at(r, j)) };
+                }
             }
         }
         let mut base = [src; K];
@@ -539,17 +565,28 @@ mod avx2 {
                 }
             }
         }
-        for r in 0..M {
-            for j in 0..K {
-                unsafe { _mm256_storeu_ps(at(r, j), acc[r][j]) };
+        if !stage.last {
+            for r in 0..M {
+                for j in 0..K {
+                    unsafe { _mm256_storeu_ps(at(r, j), acc[r][j]) };
+                }
             }
+            return;
+        }
+        let m = mask(K);
+        for r in 0..M {
+            let mut v = [_mm256_setzero_ps(); 8];
+            v[..K].copy_from_slice(&acc[r]);
+            let o = unsafe { out.add(r * out_pitch) };
+            let sums = _mm256_add_ps(hsum8(v), unsafe { _mm256_maskload_ps(o, m) });
+            unsafe { _mm256_maskstore_ps(o, m, sums) };
         }
     }
 }
 
 #[allow(clippy::needless_range_loop)]
 mod portable {
-    use super::{Segment, LANES, WK};
+    use super::{Segment, Stage, LANES, WK};
 
     pub unsafe fn correlate<const M: usize, const S: usize>(
         a: *const f32,
@@ -587,18 +624,25 @@ mod portable {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn weight_grad<const M: usize, const K: usize>(
         dy: *const f32,
         dy_pitch: usize,
         taps: &[usize],
         src: *const f32,
         segs: &[Segment],
-        acc: *mut f32,
+        acc_mem: *mut f32,
+        stage: Stage,
+        out: *mut f32,
+        out_pitch: usize,
     ) {
-        for seg in segs {
-            for r in 0..M {
-                for j in 0..K {
-                    let acc = unsafe { std::slice::from_raw_parts_mut(acc.add((r * WK + j) * LANES), LANES) };
+        for r in 0..M {
+            for j in 0..K {
+                let acc = unsafe { std::slice::from_raw_parts_mut(acc_mem.add((r * WK + j) * LANES), LANES) };
+                if stage.first {
+                    acc.fill(0.0);
+                }
+                for seg in segs {
                     for l in 0..seg.len {
                         let (d, x) = unsafe {
                             (
@@ -608,6 +652,12 @@ mod portable {
                         };
                         acc[l] += d * x;
                     }
+                }
+                if stage.last {
+                    // The vector version's order.
+                    let v = &acc;
+                    let sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+                    unsafe { *out.add(r * out_pitch + j) += sum };
                 }
             }
         }
