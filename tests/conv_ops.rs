@@ -299,7 +299,7 @@ fn conv_matches_the_naive_reference_on_random_shapes() {
 
 /// Shapes that fill whole register tiles and leave remainders (more than 6 output
 /// channels, rows wider than 8 pixels), strides larger than the kernel (phases no
-/// tap reads), and the multi-threaded split of the batch.
+/// tap reads), long reductions, and the multi-threaded split of the batch.
 #[test]
 fn conv_matches_the_naive_reference_on_larger_shapes_and_threads() {
     let case = |n, c, h, w, m, k, s, p, g| ConvCase {
@@ -321,6 +321,10 @@ fn conv_matches_the_naive_reference_on_larger_shapes_and_threads() {
         case(2, 3, 16, 16, 8, (5, 5), (3, 3), 2, 1),
         case(4, 4, 10, 18, 6, (2, 2), (2, 2), 0, 1),
         case(5, 9, 8, 8, 12, (3, 3), (1, 1), 1, 3),
+        // Long reductions, forward and for dX.
+        case(2, 17, 10, 10, 18, (3, 3), (2, 2), 1, 1),
+        case(1, 60, 6, 6, 8, (3, 3), (1, 1), 1, 1),
+        case(1, 8, 6, 6, 60, (3, 3), (1, 1), 1, 1),
     ];
     for threads in [1, 3] {
         dpm::ops::cpu::set_threads(threads);
