@@ -233,7 +233,9 @@ impl Conv {
         let (cg, mg, k) = d.per_group(&self.win);
         let (x_image, y_image, ohw) = (d.c * d.h * d.w, d.m * d.oh * d.ow, d.oh * d.ow);
         let nb = block_images(lay.image_len() * 4, d.n);
-        let mut state = lock(&self.state, threads().clamp(1, d.n.max(1)));
+        // Read once: another thread may change the setting meanwhile.
+        let t = threads().clamp(1, d.n.max(1));
+        let mut state = lock(&self.state, t);
         let State {
             workers,
             packed,
@@ -243,7 +245,7 @@ impl Conv {
         pack_groups(w, d.groups, mg, k, packed);
         lay.taps(cg, taps);
         let (packed, taps, isa) = (&*packed, &*taps, self.isa);
-        let workers = &mut workers[..threads().clamp(1, d.n.max(1))];
+        let workers = &mut workers[..t];
         for_ranges(d.n, workers, y, y_image, |images, s, y| {
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
