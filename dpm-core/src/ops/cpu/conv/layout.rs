@@ -13,7 +13,9 @@
 //! Buffers are written only where data goes: their zero padding is written once,
 //! when the caller sizes them, and survives reuse with the same geometry.
 
-use super::tiles::{gather_even, scatter_even, Isa, Segments, Taps};
+use std::ops::Range;
+
+use super::tiles::{gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps};
 use super::window::Window;
 
 /// The `i` with `stride·i + phase − pad ∈ [0, len)`, capped at `limit`, as `lo..hi`.
@@ -48,6 +50,17 @@ fn scatter(isa: Isa, dst: &mut [f32], src: &[f32], stride: usize) {
                 dst[s * j] = v;
             }
         }
+    }
+}
+
+/// Two disjoint ranges of `buf`, mutably.
+fn pair_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
+    if a.start <= b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&mut lo[a], &mut hi[..b.len()])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b])
     }
 }
 
@@ -108,17 +121,32 @@ impl InputPlanes {
     pub fn fill(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
         let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
         let plane = self.hq * self.wq;
+        let slot = |a: usize, b: usize| self.phases.iter().position(|&p| p == (a, b));
         for (ci, x) in x.chunks_exact(self.h * self.w).take(self.c).enumerate() {
-            for (slot, &(a, b)) in self.phases.iter().enumerate() {
-                let out = &mut out[(ci * self.phases.len() + slot) * plane..][..plane];
+            let out = &mut out[ci * self.phases.len() * plane..][..self.phases.len() * plane];
+            for (s, &(a, b)) in self.phases.iter().enumerate() {
+                // With stride 2, a row's even and odd columns go to two phases
+                // at once, when both are laid out.
+                let partner = if sw == 2 { slot(a, 1 - b) } else { None };
+                if partner.is_some() && b != pl % 2 {
+                    continue; // written with its partner
+                }
                 let (i0, i1) = span(a, pt, sh, self.h, self.hq);
                 let (j0, j1) = span(b, pl, sw, self.w, self.wq);
-                if j0 == j1 {
-                    continue;
-                }
                 for i in i0..i1 {
-                    let src = &x[(sh * i + a - pt) * self.w + sw * j0 + b - pl..];
-                    gather(isa, &mut out[i * self.wq + j0..i * self.wq + j1], src, sw);
+                    let row = &x[(sh * i + a - pt) * self.w..];
+                    let at = |slot: usize, j: usize| slot * plane + i * self.wq + j;
+                    match partner {
+                        Some(o) => {
+                            let (k0, k1) = span(1 - b, pl, sw, self.w, self.wq);
+                            let (even, odd) = pair_mut(out, at(s, j0)..at(s, j1), at(o, k0)..at(o, k1));
+                            split_even_odd(isa, row, even, odd);
+                        }
+                        None if j0 < j1 => {
+                            gather(isa, &mut out[at(s, j0)..at(s, j1)], &row[sw * j0 + b - pl..], sw)
+                        }
+                        None => {}
+                    }
                 }
             }
         }
@@ -294,21 +322,64 @@ impl GradPlanes {
         }
     }
 
-    /// Scatters a dense phase `p` of `c` channels (`p.plane()` each) into its
-    /// positions of the `c × h × w` input gradient `dx`.
-    pub fn scatter(&self, isa: Isa, p: &DxPhase, dense: &[f32], c: usize, dx: &mut [f32]) {
+    /// Writes the `images × c × h × w` input gradient `dx` from its phases,
+    /// stored densely one after another (`images · c · p.plane()` each, in the
+    /// order of [`Self::phases`]; those without taps are not read).
+    pub fn assemble(
+        &self,
+        isa: Isa,
+        phases: &[DxPhase],
+        dense: &[f32],
+        images: usize,
+        c: usize,
+        dx: &mut [f32],
+    ) {
         let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
-        let (a, b) = p.phase;
-        let width = p.cols.1 - p.cols.0;
-        if width == 0 {
+        let mut at = Vec::with_capacity(phases.len());
+        let mut off = 0;
+        for p in phases {
+            at.push(off);
+            off += images * c * p.plane();
+        }
+        let row = |p: usize, img: usize, ci: usize, i: usize| {
+            let (ph, width) = (&phases[p], phases[p].cols.1 - phases[p].cols.0);
+            &dense[at[p] + (img * c + ci) * ph.plane() + (i - ph.rows.0) * width..][..width]
+        };
+        let empty = |p: &DxPhase| p.kernel_taps.is_empty();
+        if (sh, sw) == (2, 2) && !phases.iter().any(empty) {
+            // Each row of dX interleaves one row of two phases: no read-modify-write.
+            for (n, dx) in dx.chunks_exact_mut(self.h * self.w).take(images * c).enumerate() {
+                let (img, ci) = (n / c, n % c);
+                for (y, dx) in dx.chunks_exact_mut(self.w).enumerate() {
+                    let (a, i) = ((y + pt) % 2, (y + pt) / 2);
+                    let (even, odd) = (
+                        row(2 * a + pl % 2, img, ci, i),
+                        row(2 * a + (pl + 1) % 2, img, ci, i),
+                    );
+                    interleave(isa, even, odd, dx);
+                }
+            }
             return;
         }
-        let x0 = sw * p.cols.0 + b - pl;
-        for ci in 0..c {
-            let plane = &mut dx[ci * self.h * self.w..(ci + 1) * self.h * self.w];
-            let rows = dense[ci * p.plane()..(ci + 1) * p.plane()].chunks_exact(width);
-            for (i, row) in (p.rows.0..p.rows.1).zip(rows) {
-                scatter(isa, &mut plane[(sh * i + a - pt) * self.w + x0..], row, sw);
+        // Phases no tap reaches (a stride beyond the kernel) stay zero.
+        if phases.iter().any(empty) {
+            dx[..images * c * self.h * self.w].fill(0.0);
+        }
+        for (pi, p) in phases.iter().enumerate() {
+            let ((a, b), width) = (p.phase, p.cols.1 - p.cols.0);
+            if width == 0 || empty(p) {
+                continue;
+            }
+            let x0 = sw * p.cols.0 + b - pl;
+            for (n, dx) in dx.chunks_exact_mut(self.h * self.w).take(images * c).enumerate() {
+                for i in p.rows.0..p.rows.1 {
+                    scatter(
+                        isa,
+                        &mut dx[(sh * i + a - pt) * self.w + x0..],
+                        row(pi, n / c, n % c, i),
+                        sw,
+                    );
+                }
             }
         }
     }

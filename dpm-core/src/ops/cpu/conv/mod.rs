@@ -132,7 +132,7 @@ impl<K: Clone + PartialEq> Padded<K> {
 struct Worker {
     planes: Padded<InputPlanes>,
     grad: Padded<GradPlanes>,
-    /// One phase of dX for a block, before it is scattered (strided convs).
+    /// The phases of dX for a block, before they are interleaved (strided convs).
     dense: Vec<f32>,
     segs: Segments,
     /// This worker's share of dW.
@@ -296,7 +296,6 @@ impl ConvGradient {
         let with_dx = dx.is_some();
         let phases: Vec<DxPhase> = if with_dx { grad.phases() } else { Vec::new() };
         let strided = self.win.stride != (1, 1);
-        let zero_first = phases.iter().any(|p| p.kernel_taps.is_empty() && p.plane() > 0);
         let nb = block_images(lay.image_len() * 4, d.n);
         let t = threads().clamp(1, d.n.max(1));
         let mut state = lock(&self.state, t);
@@ -373,22 +372,25 @@ impl ConvGradient {
                     let dyi = &dyb[i * y_image..(i + 1) * y_image];
                     grad.fill(dyi, &mut gp[i * grad.image_len()..]);
                 }
-                if zero_first {
-                    dxb.fill(0.0);
+                // Stride 1 has one phase, dX itself; otherwise the phases go
+                // one after another into `s.dense` and are interleaved after.
+                if strided {
+                    s.dense.resize(count * x_image, 0.0);
                 }
+                let mut at = 0;
                 for ((p, ptaps), &off) in phases.iter().zip(dx_taps).zip(&offsets) {
-                    if ptaps.is_empty() || p.plane() == 0 {
-                        continue;
-                    }
                     let plane = p.plane();
                     let out_image = if strided { d.c * plane } else { x_image };
-                    grad.segments(p, count, out_image, &mut s.segs);
                     let dense = if strided {
-                        s.dense.resize(count * out_image, 0.0);
-                        &mut s.dense[..]
+                        at += count * out_image;
+                        &mut s.dense[at - count * out_image..at]
                     } else {
                         &mut dxb[..]
                     };
+                    if ptaps.is_empty() || plane == 0 {
+                        continue;
+                    }
+                    grad.segments(p, count, out_image, &mut s.segs);
                     for gi in 0..d.groups {
                         correlate(
                             isa,
@@ -402,11 +404,9 @@ impl ConvGradient {
                             plane,
                         );
                     }
-                    if strided {
-                        for (i, dense) in s.dense.chunks_exact(out_image).take(count).enumerate() {
-                            grad.scatter(isa, p, dense, d.c, &mut dxb[i * x_image..(i + 1) * x_image]);
-                        }
-                    }
+                }
+                if strided {
+                    grad.assemble(isa, &phases, &s.dense, count, d.c, dxb);
                 }
             }
         });

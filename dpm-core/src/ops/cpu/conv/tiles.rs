@@ -177,6 +177,44 @@ pub fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).map(move |i| (rows * i / n, rows * (i + 1) / n - rows * i / n))
 }
 
+/// `even[t] = src[2t]`, `odd[t] = src[2t + 1]`: a row split into its two column
+/// phases in one pass. Vectors may read on up to the end of `src`.
+pub fn split_even_odd(isa: Isa, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    assert!(src.len() >= (2 * even.len()).max(2 * odd.len() + 1) - 1);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        done = (src.len() / 16).min(even.len() / LANES).min(odd.len() / LANES) * LANES;
+        // SAFETY: blocks `..done` read `src[..2·done]` and write `..done` of both.
+        unsafe { avx2::split_even_odd(src.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr(), done / LANES) };
+    }
+    let _ = isa;
+    for t in done..even.len() {
+        even[t] = src[2 * t];
+    }
+    for t in done..odd.len() {
+        odd[t] = src[2 * t + 1];
+    }
+}
+
+/// `dst[2t] = even[t]`, `dst[2t + 1] = odd[t]`: the inverse of [`split_even_odd`],
+/// for all of `dst`.
+pub fn interleave(isa: Isa, even: &[f32], odd: &[f32], dst: &mut [f32]) {
+    let n = dst.len();
+    assert!(even.len() >= n.div_ceil(2) && odd.len() >= n / 2);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        done = (n / 16).min(even.len() / LANES).min(odd.len() / LANES) * LANES;
+        // SAFETY: blocks `..done` read `..done` of both and write `dst[..2·done]`.
+        unsafe { avx2::interleave(even.as_ptr(), odd.as_ptr(), dst.as_mut_ptr(), done / LANES) };
+    }
+    let _ = isa;
+    for x in 2 * done..n {
+        dst[x] = if x % 2 == 0 { even[x / 2] } else { odd[x / 2] };
+    }
+}
+
 /// Packs `rows × k` values `at(r, k)` into [`panels`], `k`-major within a panel,
 /// as [`correlate`] reads them.
 pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
@@ -406,6 +444,41 @@ mod avx2 {
             _mm256_set1_epi32(len as i32),
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
         )
+    }
+
+    /// `blocks` blocks of 16 inputs split into 8 even and 8 odd outputs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn split_even_odd(src: *const f32, even: *mut f32, odd: *mut f32, blocks: usize) {
+        for i in 0..blocks {
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_ps(src.add(16 * i)),
+                    _mm256_loadu_ps(src.add(16 * i + 8)),
+                )
+            };
+            // [a0 a2 b0 b2 | a4 a6 b4 b6] (and the odd ones), then the middle
+            // 64-bit lanes swapped.
+            let fix =
+                |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+            unsafe {
+                _mm256_storeu_ps(even.add(8 * i), fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)));
+                _mm256_storeu_ps(odd.add(8 * i), fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)));
+            }
+        }
+    }
+
+    /// `blocks` blocks of 8 even and 8 odd inputs interleaved into 16 outputs.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn interleave(even: *const f32, odd: *const f32, dst: *mut f32, blocks: usize) {
+        for i in 0..blocks {
+            let (e, o) = unsafe { (_mm256_loadu_ps(even.add(8 * i)), _mm256_loadu_ps(odd.add(8 * i))) };
+            // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+            let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+            unsafe {
+                _mm256_storeu_ps(dst.add(16 * i), _mm256_permute2f128_ps::<0x20>(lo, hi));
+                _mm256_storeu_ps(dst.add(16 * i + 8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+            }
+        }
     }
 
     /// `blocks` blocks of 8 outputs `dst[j] = src[2j]`.
@@ -698,6 +771,28 @@ mod tests {
                     let want = if i % 2 == 0 && i / 2 < n { src[i] } else { k };
                     assert_eq!(b, want, "{isa:?} scatter {n} at {i}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn even_odd_split_and_interleave_match_plain_loops() {
+        for isa in [Isa::Portable, Isa::best()] {
+            for n in [0, 1, 2, 15, 16, 17, 33, 40] {
+                let src = random(n + 3, n as u32);
+                let (mut even, mut odd) = (vec![0.0; n.div_ceil(2)], vec![0.0; n / 2]);
+                split_even_odd(isa, &src[..n.max(1)], &mut even, &mut odd);
+                assert!(
+                    even.iter().enumerate().all(|(t, &v)| v == src[2 * t]),
+                    "{isa:?} even {n}"
+                );
+                assert!(
+                    odd.iter().enumerate().all(|(t, &v)| v == src[2 * t + 1]),
+                    "{isa:?} odd {n}"
+                );
+                let mut back = vec![0.0; n];
+                interleave(isa, &even, &odd, &mut back);
+                assert_eq!(back, src[..n], "{isa:?} interleave {n}");
             }
         }
     }
