@@ -133,20 +133,34 @@ impl InputPlanes {
                 }
                 let (i0, i1) = span(a, pt, sh, self.h, self.hq);
                 let (j0, j1) = span(b, pl, sw, self.w, self.wq);
+                if i0 == i1 {
+                    continue;
+                }
+                let first = &x[(sh * i0 + a - pt) * self.w..];
+                if let Some(o) = partner {
+                    let (k0, k1) = span(1 - b, pl, sw, self.w, self.wq);
+                    let at = |slot: usize, j: usize| slot * plane + i0 * self.wq + j;
+                    let (even, odd) = pair_mut(out, at(s, j0)..(s + 1) * plane, at(o, k0)..(o + 1) * plane);
+                    let pitch = (sh * self.w, self.wq);
+                    split_even_odd(
+                        isa,
+                        first,
+                        pitch.0,
+                        i1 - i0,
+                        (even, j1 - j0),
+                        (odd, k1 - k0),
+                        pitch.1,
+                    );
+                    continue;
+                }
                 for i in i0..i1 {
-                    let row = &x[(sh * i + a - pt) * self.w..];
-                    let at = |slot: usize, j: usize| slot * plane + i * self.wq + j;
-                    match partner {
-                        Some(o) => {
-                            let (k0, k1) = span(1 - b, pl, sw, self.w, self.wq);
-                            let (even, odd) = pair_mut(out, at(s, j0)..at(s, j1), at(o, k0)..at(o, k1));
-                            split_even_odd(isa, row, even, odd);
-                        }
-                        None if j0 < j1 => {
-                            gather(isa, &mut out[at(s, j0)..at(s, j1)], &row[sw * j0 + b - pl..], sw)
-                        }
-                        None => {}
-                    }
+                    let row = &x[(sh * i + a - pt) * self.w + sw * j0 + b - pl..];
+                    gather(
+                        isa,
+                        &mut out[s * plane + i * self.wq + j0..s * plane + i * self.wq + j1],
+                        row,
+                        sw,
+                    );
                 }
             }
         }

@@ -177,23 +177,56 @@ pub fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).map(move |i| (rows * i / n, rows * (i + 1) / n - rows * i / n))
 }
 
-/// `even[t] = src[2t]`, `odd[t] = src[2t + 1]`: a row split into its two column
-/// phases in one pass. Vectors may read on up to the end of `src`.
-pub fn split_even_odd(isa: Isa, src: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    assert!(src.len() >= (2 * even.len()).max(2 * odd.len() + 1) - 1);
+/// For each row `r < rows`, with `src_r = src[r·src_pitch..]`:
+/// `even[r·pitch + t] = src_r[2t]` for `t < ne` and `odd[r·pitch + t] =
+/// src_r[2t + 1]` for `t < no`: rows split into their two column phases in one
+/// pass. Vectors may read on up to the end of `src`.
+#[allow(clippy::too_many_arguments)]
+pub fn split_even_odd(
+    isa: Isa,
+    src: &[f32],
+    src_pitch: usize,
+    rows: usize,
+    (even, ne): (&mut [f32], usize),
+    (odd, no): (&mut [f32], usize),
+    pitch: usize,
+) {
+    if rows == 0 {
+        return;
+    }
+    let last = (rows - 1) * src_pitch;
+    assert!(
+        src.len() >= last + (2 * ne).max(2 * no + 1) - 1,
+        "split: source too short"
+    );
+    assert!(even.len() >= (rows - 1) * pitch + ne && odd.len() >= (rows - 1) * pitch + no);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2Fma {
-        done = (src.len() / 16).min(even.len() / LANES).min(odd.len() / LANES) * LANES;
-        // SAFETY: blocks `..done` read `src[..2·done]` and write `..done` of both.
-        unsafe { avx2::split_even_odd(src.as_ptr(), even.as_mut_ptr(), odd.as_mut_ptr(), done / LANES) };
+        // Whole blocks of 16 inputs, within `src` on the last row too.
+        done = ((src.len() - last) / 16).min(ne / LANES).min(no / LANES) * LANES;
+        // SAFETY: the asserts above and the choice of `done` bound every row.
+        unsafe {
+            avx2::split_even_odd(
+                src.as_ptr(),
+                src_pitch,
+                rows,
+                even.as_mut_ptr(),
+                odd.as_mut_ptr(),
+                pitch,
+                done / LANES,
+            )
+        };
     }
     let _ = isa;
-    for t in done..even.len() {
-        even[t] = src[2 * t];
-    }
-    for t in done..odd.len() {
-        odd[t] = src[2 * t + 1];
+    for r in 0..rows {
+        let src = &src[r * src_pitch..];
+        for t in done..ne {
+            even[r * pitch + t] = src[2 * t];
+        }
+        for t in done..no {
+            odd[r * pitch + t] = src[2 * t + 1];
+        }
     }
 }
 
@@ -446,23 +479,34 @@ mod avx2 {
         )
     }
 
-    /// `blocks` blocks of 16 inputs split into 8 even and 8 odd outputs.
+    /// `blocks` blocks of 16 inputs per row split into 8 even and 8 odd outputs.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn split_even_odd(src: *const f32, even: *mut f32, odd: *mut f32, blocks: usize) {
-        for i in 0..blocks {
-            let (a, b) = unsafe {
-                (
-                    _mm256_loadu_ps(src.add(16 * i)),
-                    _mm256_loadu_ps(src.add(16 * i + 8)),
-                )
-            };
-            // [a0 a2 b0 b2 | a4 a6 b4 b6] (and the odd ones), then the middle
-            // 64-bit lanes swapped.
-            let fix =
-                |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
-            unsafe {
-                _mm256_storeu_ps(even.add(8 * i), fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)));
-                _mm256_storeu_ps(odd.add(8 * i), fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)));
+    pub unsafe fn split_even_odd(
+        src: *const f32,
+        src_pitch: usize,
+        rows: usize,
+        even: *mut f32,
+        odd: *mut f32,
+        pitch: usize,
+        blocks: usize,
+    ) {
+        // [a0 a2 b0 b2 | a4 a6 b4 b6] (and the odd ones), then the middle 64-bit
+        // lanes swapped.
+        let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+        for r in 0..rows {
+            let (src, even, odd) =
+                unsafe { (src.add(r * src_pitch), even.add(r * pitch), odd.add(r * pitch)) };
+            for i in 0..blocks {
+                let (a, b) = unsafe {
+                    (
+                        _mm256_loadu_ps(src.add(16 * i)),
+                        _mm256_loadu_ps(src.add(16 * i + 8)),
+                    )
+                };
+                unsafe {
+                    _mm256_storeu_ps(even.add(8 * i), fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)));
+                    _mm256_storeu_ps(odd.add(8 * i), fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)));
+                }
             }
         }
     }
@@ -778,20 +822,24 @@ mod tests {
     #[test]
     fn even_odd_split_and_interleave_match_plain_loops() {
         for isa in [Isa::Portable, Isa::best()] {
-            for n in [0, 1, 2, 15, 16, 17, 33, 40] {
-                let src = random(n + 3, n as u32);
-                let (mut even, mut odd) = (vec![0.0; n.div_ceil(2)], vec![0.0; n / 2]);
-                split_even_odd(isa, &src[..n.max(1)], &mut even, &mut odd);
-                assert!(
-                    even.iter().enumerate().all(|(t, &v)| v == src[2 * t]),
-                    "{isa:?} even {n}"
-                );
-                assert!(
-                    odd.iter().enumerate().all(|(t, &v)| v == src[2 * t + 1]),
-                    "{isa:?} odd {n}"
-                );
+            for n in [0usize, 1, 2, 15, 16, 17, 33, 40] {
+                let (ne, no, rows, pitch) = (n.div_ceil(2), n / 2, 3, n / 2 + 5);
+                let src = random(2 * n + n.max(1), n as u32);
+                let (mut even, mut odd) = (vec![0.0; 2 * pitch + ne], vec![0.0; 2 * pitch + no]);
+                split_even_odd(isa, &src, n, rows, (&mut even, ne), (&mut odd, no), pitch);
+                for r in 0..rows {
+                    let row = &src[r * n..];
+                    assert!(
+                        (0..ne).all(|t| even[r * pitch + t] == row[2 * t]),
+                        "{isa:?} even {n}"
+                    );
+                    assert!(
+                        (0..no).all(|t| odd[r * pitch + t] == row[2 * t + 1]),
+                        "{isa:?} odd {n}"
+                    );
+                }
                 let mut back = vec![0.0; n];
-                interleave(isa, &even, &odd, &mut back);
+                interleave(isa, &even[..ne], &odd[..no], &mut back);
                 assert_eq!(back, src[..n], "{isa:?} interleave {n}");
             }
         }
