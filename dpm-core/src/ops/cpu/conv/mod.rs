@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 use layout::{DxPhase, GradPlanes, InputPlanes};
-use tiles::{correlate, pack_panels, weight_grad, Isa, Segments, Taps, LANES};
+use tiles::{correlate, pack_panels, transpose_into, weight_grad, Isa, Segments, Taps, LANES};
 pub use window::Window;
 
 use super::gemm::threads;
@@ -135,10 +135,11 @@ struct Worker {
     /// The phases of dX for a block, before they are interleaved (strided convs).
     dense: Vec<f32>,
     segs: Segments,
-    /// This worker's share of dW.
-    dw: Vec<f32>,
-    /// Partial sums of dW tiles.
-    dw_acc: Vec<f32>,
+    /// dY of a block transposed to pixel-major, per group (columns padded to
+    /// whole vectors with zeros).
+    dyt: Padded<(usize, usize)>,
+    /// This worker's share of dWᵀ: per group, `k × mgp`.
+    dwt: Vec<f32>,
 }
 
 /// A kernel's buffers: per-call weight panels and taps, and the workers'.
@@ -335,9 +336,10 @@ impl ConvGradient {
             Some(dx) => (dx, x_image),
             None => (&mut [][..], 0),
         };
+        let mgp = mg.next_multiple_of(LANES);
         for_ranges(d.n, workers, dx, dx_image, |images, s, dx| {
-            s.dw.clear();
-            s.dw.resize(dw.len(), 0.0);
+            s.dwt.clear();
+            s.dwt.resize(d.groups * k * mgp, 0.0);
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
@@ -347,19 +349,19 @@ impl ConvGradient {
                     let xi = &x[(b0 + i) * x_image..(b0 + i + 1) * x_image];
                     lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
                 }
-                lay.segments(count, y_image, &mut s.segs);
+                // Pixel `p` of image `i` is row `i·ohw + p` of dYᵀ.
+                lay.segments(count, ohw, &mut s.segs);
+                let dyt = s.dyt.get(&(mg, mgp), nb * ohw * mgp);
                 for gi in 0..d.groups {
+                    transpose_into(isa, &dyb[gi * mg * ohw..], (count, mg, ohw), y_image, dyt, mgp);
                     weight_grad(
                         isa,
-                        &dyb[gi * mg * ohw..],
-                        ohw,
-                        mg,
+                        dyt,
+                        mgp,
                         taps,
                         &planes[gi * cg * lay.channel_len()..],
                         &s.segs,
-                        &mut s.dw[gi * mg * k..],
-                        k,
-                        &mut s.dw_acc,
+                        &mut s.dwt[gi * k * mgp..(gi + 1) * k * mgp],
                     );
                 }
                 if !with_dx {
@@ -410,9 +412,11 @@ impl ConvGradient {
                 }
             }
         });
-        dw.copy_from_slice(&workers[0].dw);
-        for wk in &workers[1..] {
-            dw.iter_mut().zip(&wk.dw).for_each(|(a, b)| *a += b);
+        // dW[g][m][kk] = Σ over workers of dWᵀ[g][kk][m], in worker order.
+        for (i, v) in dw.iter_mut().enumerate() {
+            let (gi, m, kk) = (i / (mg * k), i / k % mg, i % k);
+            let at = (gi * k + kk) * mgp + m;
+            *v = workers.iter().map(|wk| wk.dwt[at]).sum();
         }
     }
 }

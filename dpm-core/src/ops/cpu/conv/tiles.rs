@@ -4,7 +4,8 @@
 //! - [`correlate`]: [`MR`] rows × [`SR`] segments of up to [`LANES`] pixels, reducing
 //!   over taps. The forward pass (rows are output channels) and dX (rows are input
 //!   channels, reading the padded output gradient).
-//! - [`weight_grad`]: [`WR`] output channels × [`WK`] taps, reducing over pixels: dW.
+//! - [`weight_grad`]: [`WK`] taps × [`WV`] vectors of output channels, reducing
+//!   over pixels: dW, from dY transposed to pixel-major.
 //!
 //! A *tap* is one (channel, kernel row, kernel column) of the window, stored as
 //! the offset of its first element in the source buffer; a [`Segment`] is a run of
@@ -22,10 +23,10 @@ pub const MR: usize = 6;
 /// latency; with `SR` source vectors and one broadcast weight that is 15 of the
 /// 16 vector registers (one more and the compiler spills an accumulator).
 pub const SR: usize = 2;
-/// Output channels per [`weight_grad`] tile.
-pub const WR: usize = 2;
-/// Taps per [`weight_grad`] tile: again 12 accumulators, plus `WR` dY vectors and
-/// one input vector at a time.
+/// Vectors of output channels per [`weight_grad`] tile.
+pub const WV: usize = 2;
+/// Taps per [`weight_grad`] tile: `WK × WV` = 12 accumulators, like [`correlate`],
+/// plus `WV` dY vectors and one broadcast input.
 pub const WK: usize = 6;
 
 /// Output pixels `dst..dst + len` whose inputs, for each tap `t`, are
@@ -324,82 +325,63 @@ pub fn correlate(
     }
 }
 
-/// Segments per pass of the [`weight_grad`] tiles: the input vectors of one
-/// tap block over a pass stay in L1 while every row block reads them.
+/// Segments per pass of the [`weight_grad`] tiles: the inputs of one block of
+/// taps over a pass stay in L1 while every block of channels reads them.
 pub const DW_CHUNK: usize = 32;
 
-/// `out[r·out_pitch + j] += Σ_s Σ_{l < s.len} dy[r·dy_pitch + s.dst + l] ·
-/// src[taps[j] + s.src + l]` for `r < rows`, `j < taps.len()`, over `segs`.
+/// `out[j·cols + m] += Σ_s Σ_{l < s.len} src[taps[j] + s.src + l] · dyt[(s.dst + l)·cols + m]`
+/// for every tap `j` and column `m < cols` (a multiple of [`LANES`]).
 ///
-/// Like a GEMM whose reduction runs over pixels: for each block of [`WK`] taps,
-/// passes of [`DW_CHUNK`] segments sweep all row blocks, and the per-lane partial
-/// sums wait in `acc` (`rows × WK` vectors) between passes; the last pass adds
-/// their horizontal sums to `out`.
+/// `dyt` is dY transposed, one row of `cols` output channels per pixel, so a
+/// tile is an outer product: each pixel's input, broadcast, times its row of dY,
+/// with no horizontal sums. Like a GEMM whose reduction runs over pixels, passes
+/// of [`DW_CHUNK`] segments sweep every (tap block, channel block) tile.
 ///
 /// # Panics
-/// If a read or write would leave `dy`, `src` or `out`.
-#[allow(clippy::too_many_arguments)]
+/// If a read or write would leave `dyt`, `src` or `out`.
 pub fn weight_grad(
     isa: Isa,
-    dy: &[f32],
-    dy_pitch: usize,
-    rows: usize,
+    dyt: &[f32],
+    cols: usize,
     taps: &Taps,
     src: &[f32],
     segs: &Segments,
     out: &mut [f32],
-    out_pitch: usize,
-    acc: &mut Vec<f32>,
 ) {
     let k = taps.len();
-    if rows == 0 || k == 0 || segs.is_empty() {
+    if cols == 0 || k == 0 || segs.is_empty() {
         return;
     }
+    assert!(cols % LANES == 0, "weight_grad: columns must be whole vectors");
+    assert!(segs.dst_end * cols <= dyt.len(), "weight_grad: dYᵀ too short");
     assert!(
-        (rows - 1) * dy_pitch + segs.dst_end <= dy.len(),
-        "weight_grad: dY too short"
-    );
-    assert!(
-        taps.max + segs.src_end + LANES <= src.len(),
+        taps.max + segs.src_end <= src.len(),
         "weight_grad: source too short"
     );
-    assert!(
-        (rows - 1) * out_pitch + k <= out.len(),
-        "weight_grad: output too short"
-    );
-    let blocks = rows.div_ceil(WR);
-    let tile = WR * WK * LANES;
-    let (dyp, srcp, outp) = (dy.as_ptr(), src.as_ptr(), out.as_mut_ptr());
-    let passes = segs.list.len().div_ceil(DW_CHUNK);
-    acc.resize(blocks * tile, 0.0);
-    for j0 in (0..k).step_by(WK) {
-        let taps = &taps.offsets[j0..k.min(j0 + WK)];
-        for (pass, chunk) in segs.list.chunks(DW_CHUNK).enumerate() {
-            let stage = Stage {
-                first: pass == 0,
-                last: pass + 1 == passes,
-            };
-            for (b, acc) in acc.chunks_exact_mut(tile).enumerate() {
-                let (r0, mr) = (b * WR, WR.min(rows - b * WR));
-                let acc = acc.as_mut_ptr();
-                // SAFETY: the asserts above bound every tap, segment, row and
-                // column, and `acc` holds a whole tile.
+    assert!(k * cols <= out.len(), "weight_grad: output too short");
+    let (dyt, src, outp) = (dyt.as_ptr(), src.as_ptr(), out.as_mut_ptr());
+    for pass in segs.list.chunks(DW_CHUNK) {
+        for j0 in (0..k).step_by(WK) {
+            let taps = &taps.offsets[j0..k.min(j0 + WK)];
+            for m0 in (0..cols).step_by(WV * LANES) {
+                let vecs = WV.min((cols - m0) / LANES);
+                // SAFETY: the asserts above bound every tap, segment, pixel row and
+                // output element.
                 unsafe {
-                    let dy = dyp.add(r0 * dy_pitch);
-                    let out = outp.add(r0 * out_pitch + j0);
+                    let (dyt, out) = (dyt.add(m0), outp.add(j0 * cols + m0));
                     match isa {
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2Fma => by_rows_taps!(
-                            mr,
-                            taps.len(),
-                            avx2::weight_grad(dy, dy_pitch, taps, srcp, chunk, acc, stage, out, out_pitch)
-                        ),
-                        _ => by_rows_taps!(
-                            mr,
-                            taps.len(),
-                            portable::weight_grad(
-                                dy, dy_pitch, taps, srcp, chunk, acc, stage, out, out_pitch
+                        Isa::Avx2Fma => {
+                            by_rows_taps!(
+                                vecs,
+                                taps.len(),
+                                avx2::weight_grad(dyt, cols, taps, src, pass, out)
                             )
+                        }
+                        _ => by_rows_taps!(
+                            vecs,
+                            taps.len(),
+                            portable::weight_grad(dyt, cols, taps, src, pass, out)
                         ),
                     }
                 }
@@ -408,13 +390,46 @@ pub fn weight_grad(
     }
 }
 
-/// Where a [`weight_grad`] pass sits among the passes of a tap block: the first
-/// starts from zero, the last adds its horizontal sums to the output, and the
-/// others keep their partial sums in memory.
-#[derive(Clone, Copy)]
-struct Stage {
-    first: bool,
-    last: bool,
+/// Writes `dyt[(img·pixels + p)·cols + m] = dy[img·dy_image + m·pixels + p]` for
+/// `m < rows`: dY transposed to pixel-major rows of `cols ≥ rows` (the rest of
+/// each row is left as it is: zero it once). 8×8 blocks go through registers.
+pub fn transpose_into(
+    isa: Isa,
+    dy: &[f32],
+    (images, rows, pixels): (usize, usize, usize),
+    dy_image: usize,
+    dyt: &mut [f32],
+    cols: usize,
+) {
+    assert!(rows <= cols);
+    for img in 0..images {
+        let dy = &dy[img * dy_image..][..rows * pixels];
+        let dyt = &mut dyt[img * pixels * cols..(img + 1) * pixels * cols];
+        let (mut rows_done, mut pixels_done) = (0, 0);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2Fma {
+            (rows_done, pixels_done) = (rows / LANES * LANES, pixels / LANES * LANES);
+            // SAFETY: the blocks stay inside `dy` (`rows × pixels`) and `dyt`
+            // (`pixels × cols`).
+            unsafe {
+                avx2::transpose(
+                    dy.as_ptr(),
+                    pixels,
+                    rows_done / LANES,
+                    pixels_done / LANES,
+                    dyt.as_mut_ptr(),
+                    cols,
+                )
+            };
+        }
+        let _ = isa;
+        for m in 0..rows {
+            let from = if m < rows_done { pixels_done } else { 0 };
+            for p in from..pixels {
+                dyt[p * cols + m] = dy[m * pixels + p];
+            }
+        }
+    }
 }
 
 /// Calls `f::<rows, segs>(args)` for a runtime [`correlate`] tile shape.
@@ -438,7 +453,7 @@ macro_rules! by_rows_segs {
 }
 use by_rows_segs;
 
-/// Calls `f::<rows, taps>(args)` for a runtime [`weight_grad`] tile shape.
+/// Calls `f::<vectors, taps>(args)` for a runtime [`weight_grad`] tile shape.
 macro_rules! by_rows_taps {
     ($rows:expr, $taps:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match ($rows, $taps) {
@@ -466,7 +481,7 @@ use by_rows_taps;
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
-    use super::{Segment, Stage, LANES, WK};
+    use super::{Segment, LANES};
     use std::arch::x86_64::*;
 
     /// Lanes `..len` set.
@@ -506,6 +521,61 @@ mod avx2 {
                 unsafe {
                     _mm256_storeu_ps(even.add(8 * i), fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)));
                     _mm256_storeu_ps(odd.add(8 * i), fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)));
+                }
+            }
+        }
+    }
+
+    /// `row_blocks × col_blocks` 8×8 blocks of the row-major `src` (rows
+    /// `src_pitch` apart) written transposed into `dst` (rows `dst_pitch` apart).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn transpose(
+        src: *const f32,
+        src_pitch: usize,
+        row_blocks: usize,
+        col_blocks: usize,
+        dst: *mut f32,
+        dst_pitch: usize,
+    ) {
+        for rb in 0..row_blocks {
+            for cb in 0..col_blocks {
+                let s = unsafe { src.add(8 * rb * src_pitch + 8 * cb) };
+                let mut r = [_mm256_setzero_ps(); 8];
+                for i in 0..8 {
+                    r[i] = unsafe { _mm256_loadu_ps(s.add(i * src_pitch)) };
+                }
+                let t = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                let d = unsafe { dst.add(8 * cb * dst_pitch + 8 * rb) };
+                for i in 0..4 {
+                    unsafe {
+                        _mm256_storeu_ps(
+                            d.add(i * dst_pitch),
+                            _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]),
+                        );
+                        _mm256_storeu_ps(
+                            d.add((i + 4) * dst_pitch),
+                            _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]),
+                        );
+                    }
                 }
             }
         }
@@ -612,98 +682,48 @@ mod avx2 {
         }
     }
 
-    /// Sums of 8 vectors, lane `i` holding the sum of `v[i]`'s lanes, added in
-    /// the order `((0+1)+(2+3)) + ((4+5)+(6+7))`.
-    #[inline]
+    /// One pass over `segs` of a `K`-tap × `V`-vector tile of dWᵀ, added to `out`.
     #[target_feature(enable = "avx2,fma")]
-    fn hsum8(v: [__m256; 8]) -> __m256 {
-        let t0 = _mm256_hadd_ps(v[0], v[1]);
-        let t1 = _mm256_hadd_ps(v[2], v[3]);
-        let t2 = _mm256_hadd_ps(v[4], v[5]);
-        let t3 = _mm256_hadd_ps(v[6], v[7]);
-        let (u0, u1) = (_mm256_hadd_ps(t0, t1), _mm256_hadd_ps(t2, t3));
-        _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(u0, u1),
-            _mm256_permute2f128_ps::<0x31>(u0, u1),
-        )
-    }
-
-    /// One pass over `segs` of an `M × K` tile of dW; see [`Stage`] for `acc_mem`
-    /// (`[row][tap][lane]`, [`WK`] taps per row) and `out` (`[row][tap]`).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weight_grad<const M: usize, const K: usize>(
-        dy: *const f32,
-        dy_pitch: usize,
+    pub unsafe fn weight_grad<const V: usize, const K: usize>(
+        dyt: *const f32,
+        cols: usize,
         taps: &[usize],
         src: *const f32,
         segs: &[Segment],
-        acc_mem: *mut f32,
-        stage: Stage,
         out: *mut f32,
-        out_pitch: usize,
     ) {
-        let at = |r: usize, j: usize| unsafe { acc_mem.add((r * WK + j) * LANES) };
-        let mut acc = [[_mm256_setzero_ps(); K]; M];
-        if !stage.first {
-            for r in 0..M {
-                for j in 0..K {
-                    acc[r][j] = unsafe { _mm256_loadu_ps(at(r, j)) };
-                }
-            }
-        }
+        let mut acc = [[_mm256_setzero_ps(); V]; K];
         let mut base = [src; K];
         for j in 0..K {
             base[j] = unsafe { src.add(taps[j]) };
         }
         for seg in segs {
-            let mut d = [_mm256_setzero_ps(); M];
-            let dp = unsafe { dy.add(seg.dst) };
-            if seg.len == LANES {
-                for r in 0..M {
-                    d[r] = unsafe { _mm256_loadu_ps(dp.add(r * dy_pitch)) };
+            let d = unsafe { dyt.add(seg.dst * cols) };
+            for l in 0..seg.len {
+                let mut dv = [_mm256_setzero_ps(); V];
+                for v in 0..V {
+                    dv[v] = unsafe { _mm256_loadu_ps(d.add(l * cols + v * LANES)) };
                 }
                 for j in 0..K {
-                    let x = unsafe { _mm256_loadu_ps(base[j].add(seg.src)) };
-                    for r in 0..M {
-                        acc[r][j] = _mm256_fmadd_ps(d[r], x, acc[r][j]);
-                    }
-                }
-            } else {
-                let m = mask(seg.len);
-                for r in 0..M {
-                    d[r] = unsafe { _mm256_maskload_ps(dp.add(r * dy_pitch), m) };
-                }
-                for j in 0..K {
-                    let x = unsafe { _mm256_maskload_ps(base[j].add(seg.src), m) };
-                    for r in 0..M {
-                        acc[r][j] = _mm256_fmadd_ps(d[r], x, acc[r][j]);
+                    let x = _mm256_set1_ps(unsafe { *base[j].add(seg.src + l) });
+                    for v in 0..V {
+                        acc[j][v] = _mm256_fmadd_ps(x, dv[v], acc[j][v]);
                     }
                 }
             }
         }
-        if !stage.last {
-            for r in 0..M {
-                for j in 0..K {
-                    unsafe { _mm256_storeu_ps(at(r, j), acc[r][j]) };
-                }
+        for j in 0..K {
+            for v in 0..V {
+                let o = unsafe { out.add(j * cols + v * LANES) };
+                unsafe { _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[j][v])) };
             }
-            return;
-        }
-        let m = mask(K);
-        for r in 0..M {
-            let mut v = [_mm256_setzero_ps(); 8];
-            v[..K].copy_from_slice(&acc[r]);
-            let o = unsafe { out.add(r * out_pitch) };
-            let sums = _mm256_add_ps(hsum8(v), unsafe { _mm256_maskload_ps(o, m) });
-            unsafe { _mm256_maskstore_ps(o, m, sums) };
         }
     }
 }
 
 #[allow(clippy::needless_range_loop)]
 mod portable {
-    use super::{Segment, Stage, LANES, WK};
+    use super::{Segment, LANES};
 
     pub unsafe fn correlate<const M: usize, const S: usize>(
         a: *const f32,
@@ -741,40 +761,32 @@ mod portable {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn weight_grad<const M: usize, const K: usize>(
-        dy: *const f32,
-        dy_pitch: usize,
+    pub unsafe fn weight_grad<const V: usize, const K: usize>(
+        dyt: *const f32,
+        cols: usize,
         taps: &[usize],
         src: *const f32,
         segs: &[Segment],
-        acc_mem: *mut f32,
-        stage: Stage,
         out: *mut f32,
-        out_pitch: usize,
     ) {
-        for r in 0..M {
-            for j in 0..K {
-                let acc = unsafe { std::slice::from_raw_parts_mut(acc_mem.add((r * WK + j) * LANES), LANES) };
-                if stage.first {
-                    acc.fill(0.0);
-                }
-                for seg in segs {
-                    for l in 0..seg.len {
-                        let (d, x) = unsafe {
-                            (
-                                *dy.add(r * dy_pitch + seg.dst + l),
-                                *src.add(taps[j] + seg.src + l),
-                            )
-                        };
-                        acc[l] += d * x;
+        let mut acc = [[[0.0f32; LANES]; V]; K];
+        for seg in segs {
+            for l in 0..seg.len {
+                let d = unsafe { std::slice::from_raw_parts(dyt.add((seg.dst + l) * cols), V * LANES) };
+                for j in 0..K {
+                    let x = unsafe { *src.add(taps[j] + seg.src + l) };
+                    for v in 0..V {
+                        for i in 0..LANES {
+                            acc[j][v][i] += x * d[v * LANES + i];
+                        }
                     }
                 }
-                if stage.last {
-                    // The vector version's order.
-                    let v = &acc;
-                    let sum = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-                    unsafe { *out.add(r * out_pitch + j) += sum };
+            }
+        }
+        for j in 0..K {
+            for v in 0..V {
+                for i in 0..LANES {
+                    unsafe { *out.add(j * cols + v * LANES + i) += acc[j][v][i] };
                 }
             }
         }
@@ -878,19 +890,13 @@ mod tests {
                         &mut out,
                         pitch,
                     );
-                    let mut dw = vec![0.0f32; rows * k];
-                    weight_grad(
-                        isa,
-                        &dy,
-                        pitch,
-                        rows,
-                        &taps,
-                        &src,
-                        &segs,
-                        &mut dw,
-                        k,
-                        &mut Vec::new(),
-                    );
+                    // dW from dY transposed into rows of `cols` channels.
+                    let cols = rows.next_multiple_of(LANES);
+                    let mut dyt = vec![0.0f32; pitch * cols];
+                    transpose_into(isa, &dy, (1, rows, pitch), 0, &mut dyt, cols);
+                    let mut dwt = vec![0.0f32; k * cols];
+                    weight_grad(isa, &dyt, cols, &taps, &src, &segs, &mut dwt);
+                    let dw: Vec<f32> = (0..rows * k).map(|i| dwt[(i % k) * cols + i / k]).collect();
                     let mut want_dw = vec![0.0f32; rows * k];
                     for r in 0..rows {
                         for s in &segs.list {
