@@ -1,7 +1,8 @@
 //! Forward and backward of every distinct convolution of ResNet-20 on CIFAR
-//! (batch 32), beside the raw GEMMs of the same M×N×K from the same crate.
-//! Throughput is in FLOP/s (criterion prints it as elem/s). One thread.
-//! `cargo bench --bench conv`.
+//! (batch 32), beside raw GEMMs of the same M×N×K from the `gemm` crate (which
+//! dpm's FC layers use; convolutions run dpm's own direct kernels). Throughput
+//! is in FLOP/s (criterion prints it as elem/s). One thread.
+//! `cargo bench --bench conv && python3 benches/conv_ratios.py`.
 
 use std::hint::black_box;
 

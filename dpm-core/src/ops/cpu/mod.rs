@@ -1,4 +1,5 @@
-//! CPU kernels, one file per family, and their registration.
+//! CPU kernels, one file (or, for convolution, one folder) per family, and their
+//! registration.
 
 pub mod conv;
 mod elementwise;
