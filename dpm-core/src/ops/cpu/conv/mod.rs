@@ -4,9 +4,11 @@
 //! planes ([`layout`]), in which every tap of the window reads a contiguous run of
 //! input for a run of output pixels; register tiles ([`tiles`]) then multiply the
 //! weights straight out of that layout. The forward pass and dX are correlations
-//! (dX one per phase of the stride, over the padded dY with the flipped taps), dW
-//! is a reduction over pixels. This is what the best CPU kernels do for the small
-//! channel counts of ResNets, where im2col's copy costs as much as the product.
+//! (dX one per phase of the stride, over the padded dY with the flipped taps); dW
+//! is an outer product, summed over pixels, of the laid-out input and dY
+//! transposed to pixel-major rows. This is what the best CPU kernels do for the
+//! small channel counts of ResNets, where im2col's copy costs as much as the
+//! product.
 //!
 //! Images are processed in blocks that keep the layout in L2, and split across
 //! [`threads`] workers when a kernel may use several cores. Every buffer lives in
@@ -135,8 +137,8 @@ struct Worker {
     /// The phases of dX for a block, before they are interleaved (strided convs).
     dense: Vec<f32>,
     segs: Segments,
-    /// dY of a block transposed to pixel-major, per group (columns padded to
-    /// whole vectors with zeros).
+    /// dY of a block, one group at a time, transposed to pixel-major rows
+    /// (padded with zeros to whole vectors).
     dyt: Padded<(usize, usize)>,
     /// This worker's share of dWᵀ: per group, `k × mgp`.
     dwt: Vec<f32>,
