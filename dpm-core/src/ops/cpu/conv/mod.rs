@@ -1,7 +1,7 @@
 //! `Conv` and `ConvGradient` (NCHW) as direct convolutions.
 //!
 //! No column matrix is built. Each image is laid out once as zero-padded phase
-//! planes ([`layout`]), in which every tap of the window reads a contiguous run of
+//! planes (`layout.rs`), in which every tap of the window reads a contiguous run of
 //! input for a run of output pixels; register tiles ([`tiles`]) then multiply the
 //! weights straight out of that layout. The forward pass and dX are correlations
 //! (dX one per phase of the stride, over the padded dY with the flipped taps); dW
