@@ -227,8 +227,15 @@ fn close(a: &[f32], b: &[f32], what: &str) {
     }
 }
 
-/// Runs Conv and ConvGradient on random data and compares with the naive loops.
+/// Runs Conv and ConvGradient on random data, with each engine (dpm's choice,
+/// `DIRECT` and `IM2COL`), and compares with the naive loops.
 fn check_against_reference(c: &ConvCase, seed: u64) {
+    for engine in ["", "DIRECT", "IM2COL"] {
+        check_engine(c, seed, engine);
+    }
+}
+
+fn check_engine(c: &ConvCase, seed: u64, engine: &str) {
     let (oh, ow) = c.out();
     let (k, g) = (c.k, c.g);
     let x = random(&[c.n, c.c, c.h, c.w], seed, -1.0, 1.0, 0.0);
@@ -240,26 +247,28 @@ fn check_against_reference(c: &ConvCase, seed: u64) {
     ws.feed("w", wt);
     ws.feed("dy", dy);
     let mut net = Net::new("c");
-    fn args<'n>(b: dpm::graph::OpBuilder<'n>, c: &ConvCase) -> dpm::graph::OpBuilder<'n> {
-        b.arg("kernel_h", c.k.0)
+    fn args<'n>(b: dpm::graph::OpBuilder<'n>, c: &ConvCase, engine: &str) -> dpm::graph::OpBuilder<'n> {
+        b.engine(engine)
+            .arg("kernel_h", c.k.0)
             .arg("kernel_w", c.k.1)
             .arg("stride_h", c.s.0)
             .arg("stride_w", c.s.1)
             .arg("pad", c.p)
             .arg("group", c.g)
     }
-    args(net.op("Conv").inputs(["x", "w"]).output("y"), c).build();
+    args(net.op("Conv").inputs(["x", "w"]).output("y"), c, engine).build();
     args(
         net.op("ConvGradient")
             .inputs(["x", "w", "dy"])
             .outputs(["dw", "dx"])
             .arg("no_bias", 1i64),
         c,
+        engine,
     )
     .build();
     ws.run_net_once(net.proto()).unwrap();
     let what = format!(
-        "seed {seed}: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
+        "seed {seed}, engine {engine:?}: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
         c.n, c.c, c.h, c.w, c.m, k, c.s, c.p, g
     );
     close(ws.fetch("y").unwrap().data().unwrap(), &ry, &format!("{what} y"));

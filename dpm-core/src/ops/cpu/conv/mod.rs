@@ -14,6 +14,7 @@
 //! [`threads`] workers when a kernel may use several cores. Every buffer lives in
 //! the kernel and is reused by the next call.
 
+mod im2col;
 mod layout;
 pub mod tiles;
 mod window;
@@ -31,6 +32,39 @@ use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::{Shape, Tensor};
+
+/// Output widths below this leave too many lanes of a pixel tile idle: such
+/// convolutions go to im2col + GEMM, which vectorises over channels instead.
+const MIN_DIRECT_WIDTH: usize = 6;
+
+/// Which implementation runs a convolution. Caffe2's `engine` field picks one
+/// (`DIRECT` or `IM2COL`); any other engine, or none, lets dpm choose: direct,
+/// except for 1×1 stride-1 unpadded convolutions (a GEMM on the image itself)
+/// and outputs narrower than [`MIN_DIRECT_WIDTH`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Auto,
+    Direct,
+    Im2col,
+}
+
+impl Engine {
+    fn parse(op: &OperatorDef) -> Engine {
+        match op.engine.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            Some("DIRECT") => Engine::Direct,
+            Some("IM2COL") => Engine::Im2col,
+            _ => Engine::Auto,
+        }
+    }
+
+    fn direct(self, win: &Window, d: &Dims) -> bool {
+        match self {
+            Engine::Direct => true,
+            Engine::Im2col => false,
+            Engine::Auto => !win.is_pointwise() && d.ow >= MIN_DIRECT_WIDTH,
+        }
+    }
+}
 
 /// Bytes of laid-out input per block of images: half of L2.
 const BLOCK_BYTES: usize = 256 << 10;
@@ -151,6 +185,8 @@ struct State {
     packed: Vec<f32>,
     taps: Taps,
     dx_taps: Vec<Taps>,
+    /// The column matrix of im2col.
+    col: Vec<f32>,
 }
 
 fn lock(state: &Mutex<State>, workers: usize) -> MutexGuard<'_, State> {
@@ -207,6 +243,7 @@ fn pack_groups(w: &[f32], groups: usize, mg: usize, k: usize, packed: &mut Vec<f
 pub struct Conv {
     win: Window,
     groups: usize,
+    engine: Engine,
     isa: Isa,
     state: Mutex<State>,
 }
@@ -216,6 +253,7 @@ pub struct ConvGradient {
     win: Window,
     groups: usize,
     bias: bool,
+    engine: Engine,
     isa: Isa,
     state: Mutex<State>,
 }
@@ -226,12 +264,17 @@ impl Conv {
         Ok(Box::new(Conv {
             win: Window::parse(op, true)?,
             groups: groups(op)?,
+            engine: Engine::parse(op),
             isa: Isa::best(),
             state: Mutex::default(),
         }))
     }
 
     fn forward(&self, d: &Dims, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+        if !self.engine.direct(&self.win, d) {
+            let mut state = lock(&self.state, 1);
+            return im2col::forward(&self.win, d, (x, w, bias), y, &mut state.col);
+        }
         let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
         let (cg, mg, k) = d.per_group(&self.win);
         let (x_image, y_image, ohw) = (d.c * d.h * d.w, d.m * d.oh * d.ow, d.oh * d.ow);
@@ -284,6 +327,7 @@ impl ConvGradient {
             win: Window::parse(op, true)?,
             groups: groups(op)?,
             bias: Args(&op.arg).int("no_bias", 0)? == 0,
+            engine: Engine::parse(op),
             isa: Isa::best(),
             state: Mutex::default(),
         }))
@@ -291,6 +335,10 @@ impl ConvGradient {
 
     /// dW (overwritten) and, if asked, dX (overwritten).
     fn backward(&self, d: &Dims, x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], dx: Option<&mut [f32]>) {
+        if !self.engine.direct(&self.win, d) {
+            let mut state = lock(&self.state, 1);
+            return im2col::backward(&self.win, d, (x, w, dy), dw, dx, &mut state.col);
+        }
         let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
         let grad = GradPlanes::new(&self.win, d.m, d.h, d.w);
         let (cg, mg, k) = d.per_group(&self.win);
@@ -307,6 +355,7 @@ impl ConvGradient {
             packed,
             taps,
             dx_taps,
+            ..
         } = &mut *state;
         lay.taps(cg, taps);
         // dX weights: for phase p and group g, rows are input channels and columns
@@ -528,6 +577,7 @@ mod tests {
                 let conv = Conv {
                     win,
                     groups: g,
+                    engine: Engine::Direct,
                     isa,
                     state: Mutex::default(),
                 };
@@ -535,6 +585,7 @@ mod tests {
                     win,
                     groups: g,
                     bias: false,
+                    engine: Engine::Direct,
                     isa,
                     state: Mutex::default(),
                 };

@@ -58,4 +58,10 @@ impl Window {
         let (ph, pw) = (h + self.pad.0 + self.pad.2, w + self.pad.1 + self.pad.3);
         (ph >= kh && pw >= kw).then(|| ((ph - kh) / self.stride.0 + 1, (pw - kw) / self.stride.1 + 1))
     }
+
+    /// Whether the window is 1×1 with stride 1 and no padding: the input itself
+    /// is the column matrix.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == (1, 1) && self.stride == (1, 1) && self.pad == (0, 0, 0, 0)
+    }
 }
