@@ -10,6 +10,10 @@
 //! small channel counts of ResNets, where im2col's copy costs as much as the
 //! product.
 //!
+//! 1×1 stride-1 convolutions and very narrow outputs go to im2col + GEMM instead
+//! (`im2col.rs`; see [`MIN_DIRECT_WIDTH`]), as does any `Conv` whose `engine` is
+//! `IM2COL`.
+//!
 //! Images are processed in blocks that keep the layout in L2, and split across
 //! [`threads`] workers when a kernel may use several cores. Every buffer lives in
 //! the kernel and is reused by the next call.
