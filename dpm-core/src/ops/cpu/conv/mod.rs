@@ -11,7 +11,7 @@
 //! product.
 //!
 //! 1×1 stride-1 convolutions and very narrow outputs go to im2col + GEMM instead
-//! (`im2col.rs`; see [`MIN_DIRECT_WIDTH`]), as does any `Conv` whose `engine` is
+//! (`im2col.rs`; outputs under 6 pixels wide), as does any `Conv` whose `engine` is
 //! `IM2COL`.
 //!
 //! Images are processed in blocks that keep the layout in L2, and split across
