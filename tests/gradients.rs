@@ -113,3 +113,22 @@ fn ops_off_the_path_need_no_gradient() {
     let g = dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]).unwrap();
     assert_eq!(g.get(&BlobRef::new("w")).map(BlobRef::name), Some("w_grad"));
 }
+
+#[test]
+fn gradient_ops_keep_the_engine_of_their_forward_op() {
+    // As in Caffe2: a Conv asked to run as IM2COL gets an IM2COL gradient.
+    let mut n = Net::new("engine");
+    n.op("Conv")
+        .inputs(["x", "w"])
+        .output("y")
+        .arg("kernel", 3)
+        .engine("IM2COL")
+        .build();
+    n.op("SoftmaxWithLoss")
+        .inputs(["y", "label"])
+        .outputs(["p", "loss"])
+        .build();
+    dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]).unwrap();
+    let grad = n.ops().iter().find(|op| op.op_type() == "ConvGradient").unwrap();
+    assert_eq!(grad.engine.as_deref(), Some("IM2COL"));
+}

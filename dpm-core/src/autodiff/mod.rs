@@ -124,7 +124,9 @@ pub fn add_gradient_ops_seeded(
             source: Box::new(e),
         })?;
         for mut g in made.ops {
+            // As in Caffe2, a gradient op runs on its forward op's device and engine.
             g.device_option = op.device_option.clone();
+            g.engine = op.engine.clone();
             g.is_gradient_op = Some(true);
             net.push(g);
         }
