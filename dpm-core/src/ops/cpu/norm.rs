@@ -11,15 +11,17 @@ use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::Shape;
 
-/// `(Σ a, Σ a·(b − shift))` over one plane, in eight f32 lanes so the loop
-/// vectorises; planes are combined in f64 by the callers. With `b − shift` of the
-/// data's own scale (shift = a sample, or the mean) no cancellation occurs.
+/// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
+/// vectorises into several independent chains of adds (one chain would wait on
+/// the add latency); planes are combined in f64 by the callers. With `b − shift`
+/// of the data's own scale (shift = a sample, or the mean) no cancellation occurs.
 fn plane_sums(a: &[f32], b: &[f32], a_shift: f32, b_shift: f32) -> (f64, f64) {
-    let (mut s, mut p) = ([0.0f32; 8], [0.0f32; 8]);
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    const L: usize = 32;
+    let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
     let (ar, br) = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
+        for l in 0..L {
             let xa = x[l] - a_shift;
             s[l] += xa;
             p[l] += xa * (y[l] - b_shift);
