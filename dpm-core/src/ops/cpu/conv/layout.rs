@@ -116,13 +116,14 @@ impl InputPlanes {
         self.c * self.channel_len()
     }
 
-    /// Writes the valid part of image `x` (`c × h × w`) into `out`, whose padding
-    /// must already be zero.
+    /// Writes the valid part of consecutive images `x` (`c × h × w` each) into
+    /// `out`, [`Self::image_len`] apart; the padding must already be zero.
     pub fn fill(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
         let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
         let plane = self.hq * self.wq;
         let slot = |a: usize, b: usize| self.phases.iter().position(|&p| p == (a, b));
-        for (ci, x) in x.chunks_exact(self.h * self.w).take(self.c).enumerate() {
+        // Channels of consecutive images follow one another in both layouts.
+        for (ci, x) in x.chunks_exact(self.h * self.w).enumerate() {
             let out = &mut out[ci * self.phases.len() * plane..][..self.phases.len() * plane];
             for (s, &(a, b)) in self.phases.iter().enumerate() {
                 // With stride 2, a row's even and odd columns go to two phases
@@ -272,10 +273,11 @@ impl GradPlanes {
         self.m * self.channel_len()
     }
 
-    /// Writes image `dy` (`m × oh × ow`) into `out`, whose padding must be zero.
+    /// Writes consecutive images `dy` (`m × oh × ow` each) into `out`,
+    /// [`Self::image_len`] apart; the padding must already be zero.
     pub fn fill(&self, dy: &[f32], out: &mut [f32]) {
         let plane = self.hd * self.wd;
-        for (mi, dy) in dy.chunks_exact(self.oh * self.ow).take(self.m).enumerate() {
+        for (mi, dy) in dy.chunks_exact(self.oh * self.ow).enumerate() {
             for (oy, row) in dy.chunks_exact(self.ow).enumerate() {
                 let at = mi * plane + (self.ty + oy) * self.wd + self.tx;
                 out[at..at + self.ow].copy_from_slice(row);

@@ -20,7 +20,7 @@
 
 mod im2col;
 mod layout;
-pub mod tiles;
+mod tiles;
 mod window;
 
 use std::ops::Range;
@@ -234,12 +234,9 @@ where
 
 /// Packs each group's `mg × k` weights into panels, groups one after another.
 fn pack_groups(w: &[f32], groups: usize, mg: usize, k: usize, packed: &mut Vec<f32>) {
-    let mut panel = Vec::new();
     packed.clear();
-    for gi in 0..groups {
-        let wg = &w[gi * mg * k..(gi + 1) * mg * k];
-        pack_panels(mg, k, |r, kk| wg[r * k + kk], &mut panel);
-        packed.extend_from_slice(&panel);
+    for wg in w.chunks_exact(mg * k).take(groups) {
+        pack_panels(mg, k, |r, kk| wg[r * k + kk], packed);
     }
 }
 
@@ -300,10 +297,7 @@ impl Conv {
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
                 let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
-                for i in 0..count {
-                    let xi = &x[(b0 + i) * x_image..(b0 + i + 1) * x_image];
-                    lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
-                }
+                lay.fill(isa, &x[b0 * x_image..(b0 + count) * x_image], planes);
                 lay.segments(count, y_image, &mut s.segs);
                 let yb = &mut y[(b0 - images.start) * y_image..][..count * y_image];
                 for gi in 0..d.groups {
@@ -366,7 +360,6 @@ impl ConvGradient {
         // (output channel, tap of p), starting at `offsets[p]`.
         packed.clear();
         let mut offsets = Vec::with_capacity(phases.len());
-        let mut panel = Vec::new();
         dx_taps.resize_with(phases.len(), Taps::default);
         for (p, dx_taps) in phases.iter().zip(dx_taps.iter_mut()) {
             offsets.push(packed.len());
@@ -379,9 +372,8 @@ impl ConvGradient {
                         let (ki, kj, _) = p.kernel_taps[col % nt];
                         w[(((gi * mg + col / nt) * cg + c) * kh + ki) * kw + kj]
                     },
-                    &mut panel,
+                    packed,
                 );
-                packed.extend_from_slice(&panel);
             }
             grad.taps(p, mg, dx_taps);
         }
@@ -400,10 +392,7 @@ impl ConvGradient {
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
                 // dW += dY · (the window's inputs)ᵀ
                 let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
-                for i in 0..count {
-                    let xi = &x[(b0 + i) * x_image..(b0 + i + 1) * x_image];
-                    lay.fill(isa, xi, &mut planes[i * lay.image_len()..]);
-                }
+                lay.fill(isa, &x[b0 * x_image..(b0 + count) * x_image], planes);
                 // Pixel `p` of image `i` is row `i·ohw + p` of dYᵀ.
                 lay.segments(count, ohw, &mut s.segs);
                 let dyt = s.dyt.get(&(mg, mgp), nb * ohw * mgp);
@@ -425,10 +414,7 @@ impl ConvGradient {
                 // dX: per phase, the padded dY correlated with that phase's taps.
                 let dxb = &mut dx[(b0 - images.start) * x_image..][..count * x_image];
                 let gp = s.grad.get(&grad, nb * grad.image_len() + LANES);
-                for i in 0..count {
-                    let dyi = &dyb[i * y_image..(i + 1) * y_image];
-                    grad.fill(dyi, &mut gp[i * grad.image_len()..]);
-                }
+                grad.fill(dyb, gp);
                 // Stride 1 has one phase, dX itself; otherwise the phases go
                 // one after another into `s.dense` and are interleaved after.
                 if strided {

@@ -73,11 +73,6 @@ impl Segments {
         }
     }
 
-    /// Number of segments.
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
     /// Whether there are no segments.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
@@ -249,10 +244,9 @@ pub fn interleave(isa: Isa, even: &[f32], odd: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Packs `rows × k` values `at(r, k)` into [`panels`], `k`-major within a panel,
-/// as [`correlate`] reads them.
+/// Appends `rows × k` values `at(r, k)` to `out`, packed into [`panels`],
+/// `k`-major within a panel, as [`correlate`] reads them.
 pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
-    out.clear();
     out.reserve(rows * k);
     for (r0, mr) in panels(rows) {
         for kk in 0..k {
