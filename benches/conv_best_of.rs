@@ -5,12 +5,11 @@
 
 use std::time::Instant;
 
-use dpm::ops::cpu::gemm::{set_threads, sgemm, Mat};
-use dpm::prelude::*;
+use dpm::ops::cpu::gemm::set_threads;
 
 mod common;
 
-use common::{BATCH, SHAPES};
+use common::{Case, SHAPES};
 
 /// Best wall time of `reps` runs of `f`, in seconds.
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -34,77 +33,27 @@ fn main() {
         "{:24} {:>7} {:>6} {:>6} {:>7} {:>6} {:>6}",
         "shape", "fwd", "gemm", "ratio", "bwd", "gemm", "ratio"
     );
-    let mut rng = dpm::ops::cpu::rng::Rng::new(1);
-    let mut fill = |shape: &[usize]| {
-        let v = (0..shape.iter().product())
-            .map(|_| rng.uniform() as f32 - 0.5)
-            .collect();
-        Tensor::from_vec(shape.to_vec(), v).unwrap()
-    };
-    for (name, cin, cout, k, s, side) in SHAPES.into_iter().filter(|s| s.0.contains(&filter)) {
-        let pad = k / 2;
-        let out = (side + 2 * pad - k) / s + 1;
-        let (m, n, kk) = (cout, out * out, cin * k * k);
-        let flops = (2 * BATCH * m * n * kk) as f64;
-        let ws = Workspace::new();
-        ws.feed("x", fill(&[BATCH, cin, side, side]));
-        ws.feed("w", fill(&[cout, cin, k, k]));
-        ws.feed("dy", fill(&[BATCH, cout, out, out]));
-        let mut fwd = Net::new("fwd");
-        let op = fwd.op("Conv").inputs(["x", "w"]).output("y");
-        op.arg("kernel", k).arg("stride", s).arg("pad", pad).build();
-        let mut bwd = Net::new("bwd");
-        let op = bwd
-            .op("ConvGradient")
-            .inputs(["x", "w", "dy"])
-            .outputs(["dw", "dx"]);
-        op.arg("kernel", k)
-            .arg("stride", s)
-            .arg("pad", pad)
-            .arg("no_bias", 1i64)
-            .build();
-        ws.create_net(fwd.proto()).unwrap();
-        ws.create_net(bwd.proto()).unwrap();
-        let (a, b, dy) = (fill(&[m, kk]), fill(&[kk, n]), fill(&[m, n]));
-        let (a, b, dy) = (
-            a.data::<f32>().unwrap(),
-            b.data::<f32>().unwrap(),
-            dy.data::<f32>().unwrap(),
-        );
-        let (mut c, mut dw, mut dcol) = (vec![0.0; m * n], vec![0.0; m * kk], vec![0.0; kk * n]);
-        let mut times = [0.0; 4];
+    for shape in SHAPES.into_iter().filter(|s| s.0.contains(&filter)) {
+        let mut case = Case::new(shape);
+        let mut t = [0.0; 4];
         for _ in 0..3 {
-            times = [
-                best(30, || ws.run_net("fwd").unwrap()),
-                best(30, || {
-                    (0..BATCH).for_each(|_| sgemm(m, n, kk, Mat::n(a), Mat::n(b), 0.0, &mut c))
-                }),
-                best(30, || ws.run_net("bwd").unwrap()),
-                best(30, || {
-                    for i in 0..BATCH {
-                        sgemm(
-                            m,
-                            kk,
-                            n,
-                            Mat::n(dy),
-                            Mat::t(b),
-                            if i == 0 { 0.0 } else { 1.0 },
-                            &mut dw,
-                        );
-                        sgemm(kk, n, m, Mat::t(a), Mat::n(dy), 0.0, &mut dcol);
-                    }
-                }),
+            t = [
+                best(30, || case.forward()),
+                best(30, || case.gemm_forward()),
+                best(30, || case.backward()),
+                best(30, || case.gemm_backward()),
             ];
         }
-        let g = |t: f64, f: f64| f / t / 1e9;
+        let (fwd, bwd) = (case.flops as f64 / 1e9, 2.0 * case.flops as f64 / 1e9);
         println!(
-            "{name:24} {:7.1} {:6.1} {:5.0}% {:7.1} {:6.1} {:5.0}%",
-            g(times[0], flops),
-            g(times[1], flops),
-            100.0 * times[1] / times[0],
-            g(times[2], 2.0 * flops),
-            g(times[3], 2.0 * flops),
-            100.0 * times[3] / times[2]
+            "{:24} {:7.1} {:6.1} {:5.0}% {:7.1} {:6.1} {:5.0}%",
+            shape.0,
+            fwd / t[0],
+            fwd / t[1],
+            100.0 * t[1] / t[0],
+            bwd / t[2],
+            bwd / t[3],
+            100.0 * t[3] / t[2]
         );
     }
 }
