@@ -1,10 +1,17 @@
-//! The simple and DAG executors: same results, and clean failure.
+//! The simple and DAG executors: same results, the order and parallelism each
+//! promises, Caffe2's first-iteration rule, control dependencies, and clean
+//! failure. No assertion reads a clock: concurrency is observed by ops that wait
+//! for each other, and watchdogs only turn a hang into a failure.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 use common::{blobs_dataset, mlp};
+use dpm::graph::Args;
 use dpm::ops::{Kernel, OpContext, Registry};
 use dpm::prelude::*;
 
@@ -37,6 +44,310 @@ fn simple_and_dag_are_bitwise_identical() {
         }
     }
 }
+
+/// Runs `f` on another thread and fails the test if it has not returned within
+/// a minute: a hang becomes a failure, and no bound on speed is asserted.
+fn within_a_minute<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the executor hung (no result within 60 s)")
+}
+
+// --- The probe: an op that records when it runs and can wait for company. ---
+
+/// What the probes of one test (`tag`) did.
+#[derive(Default)]
+struct Journal {
+    /// `(probe id, started?)` in the order events happened.
+    events: Vec<(i64, bool)>,
+    /// Probes running now.
+    running: Vec<i64>,
+    /// The most probes ever running at once.
+    peak: usize,
+    /// Probes that were running while `meet` or more probes were.
+    met: Vec<i64>,
+}
+
+fn journals() -> &'static (Mutex<HashMap<String, Journal>>, Condvar) {
+    static J: OnceLock<(Mutex<HashMap<String, Journal>>, Condvar)> = OnceLock::new();
+    J.get_or_init(Default::default)
+}
+
+fn journal<R>(tag: &str, f: impl FnOnce(&Journal) -> R) -> R {
+    let map = journals().0.lock().unwrap();
+    f(map.get(tag).expect("no probe of this tag ran"))
+}
+
+/// `Probe([wait_ms]) → (met)`. Args: `tag`, `id`, `meet` (wait until this many
+/// probes of the tag run at once, at most `wait_ms` from the optional input,
+/// default 20 s), `sleep_ms`, `fail`. Writes 1.0 if it met that many, else 0.0.
+struct Probe {
+    tag: String,
+    id: i64,
+    meet: usize,
+    sleep_ms: u64,
+    fail: bool,
+}
+
+impl Probe {
+    fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let a = Args(&op.arg);
+        Ok(Box::new(Probe {
+            tag: a.string("tag", "")?,
+            id: a.int("id", 0)?,
+            meet: a.usize("meet", 0)?,
+            sleep_ms: a.usize("sleep_ms", 0)? as u64,
+            fail: a.int("fail", 0)? != 0,
+        }))
+    }
+}
+
+impl Kernel for Probe {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        let wait_ms = match ctx.num_inputs() {
+            0 => 20_000.0,
+            _ => ctx.input_scalar(0)?,
+        };
+        let (lock, cv) = journals();
+        let mut map = lock.lock().unwrap();
+        let j = map.entry(self.tag.clone()).or_default();
+        j.events.push((self.id, true));
+        j.running.push(self.id);
+        j.peak = j.peak.max(j.running.len());
+        if self.meet > 0 && j.running.len() >= self.meet {
+            let running = j.running.clone();
+            j.met.extend(running);
+            cv.notify_all();
+        }
+        let met = if self.meet > 0 {
+            let deadline = Duration::from_millis(wait_ms as u64);
+            let (m, _) = cv
+                .wait_timeout_while(map, deadline, |m| !m[&self.tag].met.contains(&self.id))
+                .unwrap();
+            map = m;
+            map[&self.tag].met.contains(&self.id)
+        } else {
+            false
+        };
+        drop(map);
+        std::thread::sleep(Duration::from_millis(self.sleep_ms));
+        let mut map = lock.lock().unwrap();
+        let j = map.get_mut(&self.tag).unwrap();
+        j.running.retain(|&r| r != self.id);
+        j.events.push((self.id, false));
+        drop(map);
+        if self.fail {
+            return Err(Error::value(ctx.output_name(0), "injected failure"));
+        }
+        *ctx.output(0) = Tensor::scalar(if met { 1.0f32 } else { 0.0 });
+        Ok(())
+    }
+}
+
+fn register_probe() {
+    Registry::register_global("TestProbe", DeviceType::Cpu, Probe::create);
+}
+
+/// Adds probe `id` of `tag` writing `p<id>`.
+fn probe<'n>(net: &'n mut Net, tag: &str, id: i64) -> dpm::graph::OpBuilder<'n> {
+    net.op("TestProbe")
+        .output(format!("p{id}").as_str())
+        .arg("tag", tag)
+        .arg("id", id)
+}
+
+fn met(ws: &Workspace, id: i64) -> bool {
+    ws.fetch(format!("p{id}")).unwrap().data::<f32>().unwrap()[0] == 1.0
+}
+
+fn starts(tag: &str) -> Vec<i64> {
+    journal(tag, |j| j.events.iter().filter(|e| e.1).map(|e| e.0).collect())
+}
+
+#[test]
+fn simple_runs_ops_in_program_order_on_the_calling_thread() {
+    register_probe();
+    let mut net = Net::new("order");
+    // Independent ops, listed in a scrambled order: the simple executor keeps it.
+    let ids = [3i64, 0, 7, 1, 5, 2, 6, 4];
+    for &id in &ids {
+        probe(&mut net, "order", id).arg("sleep_ms", 1i64).build();
+    }
+    let ws = Workspace::new();
+    ws.run_net_once(net.proto()).unwrap();
+    assert_eq!(starts("order"), ids);
+    assert_eq!(journal("order", |j| j.peak), 1, "simple ran ops at once");
+}
+
+#[test]
+fn dag_runs_each_op_after_the_ops_it_reads_from() {
+    register_probe();
+    // A diamond repeated: p1, p2 read p0; p3 reads p1 and p2; with 4 workers.
+    let mut net = Net::new("deps");
+    net.set_type("dag").set_num_workers(4);
+    probe(&mut net, "deps", 0).arg("sleep_ms", 5i64).build();
+    probe(&mut net, "deps", 1).input("p0").build();
+    probe(&mut net, "deps", 2).input("p0").build();
+    probe(&mut net, "deps", 3).inputs(["p1", "p2"]).build();
+    let ws = Workspace::new();
+    within_a_minute(move || ws.run_net_once(net.proto()).unwrap());
+    let events = journal("deps", |j| j.events.clone());
+    let at = |id: i64, start: bool| events.iter().position(|&e| e == (id, start)).unwrap();
+    for (before, after) in [(0, 1), (0, 2), (1, 3), (2, 3)] {
+        assert!(
+            at(before, false) < at(after, true),
+            "p{after} started before p{before} ended: {events:?}"
+        );
+    }
+}
+
+#[test]
+fn dag_runs_independent_ops_at_the_same_time() {
+    register_probe();
+    let mut net = Net::new("parallel");
+    net.set_type("dag").set_num_workers(4);
+    // Each waits (up to 20 s) until all three run at once: only a parallel
+    // executor lets them meet.
+    for id in 0..3 {
+        probe(&mut net, "parallel", id).arg("meet", 3i64).build();
+    }
+    let ws = within_a_minute(move || {
+        let ws = Workspace::new();
+        ws.run_net_once(net.proto()).unwrap();
+        ws
+    });
+    for id in 0..3 {
+        assert!(met(&ws, id), "p{id} ran alone: the dag executor is sequential");
+    }
+}
+
+#[test]
+fn first_iter_only_one_worker_runs_the_first_run_alone_then_in_parallel() {
+    register_probe();
+    let mut net = Net::new("first_iter");
+    net.set_type("dag")
+        .set_num_workers(4)
+        .set_arg("first_iter_only_one_worker", 1i64);
+    for id in 0..2 {
+        probe(&mut net, "first_iter", id)
+            .input("wait_ms")
+            .arg("meet", 2i64)
+            .build();
+    }
+    let ws = std::sync::Arc::new(Workspace::new());
+    ws.create_net(net.proto()).unwrap();
+    // First run: one worker, so the probes cannot meet however long they wait.
+    ws.feed("wait_ms", Tensor::scalar(300.0f32));
+    let w = ws.clone();
+    within_a_minute(move || w.run_net("first_iter").unwrap());
+    assert_eq!(
+        journal("first_iter", |j| j.peak),
+        1,
+        "first run used several workers"
+    );
+    assert!(!met(&ws, 0) && !met(&ws, 1));
+    // Later runs: all workers.
+    ws.feed("wait_ms", Tensor::scalar(20_000.0f32));
+    let w = ws.clone();
+    within_a_minute(move || w.run_net("first_iter").unwrap());
+    assert!(
+        met(&ws, 0) && met(&ws, 1),
+        "second run did not run ops in parallel"
+    );
+    // Without the argument, the first run is parallel already.
+    let mut net = Net::new("first_iter_off");
+    net.set_type("dag").set_num_workers(4);
+    for id in 10..12 {
+        probe(&mut net, "first_iter_off", id).arg("meet", 2i64).build();
+    }
+    let ws = within_a_minute(move || {
+        let ws = Workspace::new();
+        ws.run_net_once(net.proto()).unwrap();
+        ws
+    });
+    assert!(met(&ws, 10) && met(&ws, 11));
+}
+
+#[test]
+fn control_inputs_order_otherwise_independent_ops() {
+    register_probe();
+    let mut net = Net::new("ctl");
+    net.set_type("dag").set_num_workers(4);
+    // p0 and p1 share no blob; p1 waits for p0 only through its control input.
+    // Both try to meet: if p1 could start early, they would.
+    probe(&mut net, "ctl", 0)
+        .input("wait_ms")
+        .arg("meet", 2i64)
+        .build();
+    probe(&mut net, "ctl", 1)
+        .input("wait_ms")
+        .arg("meet", 2i64)
+        .control_input("p0")
+        .build();
+    let ws = Workspace::new();
+    ws.feed("wait_ms", Tensor::scalar(300.0f32));
+    let ws = within_a_minute(move || {
+        ws.run_net_once(net.proto()).unwrap();
+        ws
+    });
+    assert!(!met(&ws, 0) && !met(&ws, 1), "p1 ran while p0 was running");
+    assert_eq!(
+        journal("ctl", |j| j.events.clone()),
+        [(0, true), (0, false), (1, true), (1, false)]
+    );
+    // A control input nothing writes is an error before anything runs.
+    let mut bad = Net::new("bad");
+    bad.op("ConstantFill")
+        .output("b")
+        .arg("shape", vec![1i64])
+        .control_input("nowhere")
+        .build();
+    let err = Workspace::new().create_net(bad.proto()).unwrap_err();
+    assert!(err.to_string().contains("nowhere"), "{err}");
+}
+
+/// `failing` first, then a chain of `chain` probes that do not depend on it.
+fn failing_then_chain(tag: &str, kind: &str, workers: usize, chain: i64) -> Net {
+    let mut net = Net::new(tag);
+    net.set_type(kind).set_num_workers(workers);
+    probe(&mut net, tag, -1).arg("fail", 1i64).build();
+    let mut b = probe(&mut net, tag, 0).arg("sleep_ms", 20i64);
+    for id in 1..chain {
+        b.build();
+        b = probe(&mut net, tag, id)
+            .arg("sleep_ms", 20i64)
+            .control_input(format!("p{}", id - 1).as_str());
+    }
+    b.build();
+    net
+}
+
+#[test]
+fn the_first_error_stops_new_work() {
+    register_probe();
+    // Simple: nothing after the failing op runs.
+    let ws = Workspace::new();
+    let err = ws
+        .run_net_once(failing_then_chain("stop_simple", "simple", 1, 10).proto())
+        .unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(starts("stop_simple"), [-1]);
+    // DAG, one worker: the failing op is first in line; nothing else starts.
+    let net = failing_then_chain("stop_dag1", "dag", 1, 10);
+    within_a_minute(move || Workspace::new().run_net_once(net.proto()).unwrap_err());
+    assert_eq!(starts("stop_dag1"), [-1]);
+    // DAG, four workers: the chain is under way when the failure lands; it
+    // stops there instead of running its 40 links.
+    let net = failing_then_chain("stop_dag4", "dag", 4, 40);
+    within_a_minute(move || Workspace::new().run_net_once(net.proto()).unwrap_err());
+    let ran = starts("stop_dag4").len();
+    assert!(ran < 40, "{ran} ops started after the failure");
+}
+
+// --- Failures: errors, not hangs or panics. ---
 
 /// A wide net: many independent slow branches, one of which fails.
 fn wide_net(failing: &str) -> Net {
@@ -75,15 +386,14 @@ impl Kernel for Explode {
 }
 
 #[test]
-fn failing_op_under_dag_returns_err_promptly_and_names_it() {
-    // An FC with x as weights of the wrong shape: fails at run time.
+fn failing_op_under_dag_returns_err_and_names_it() {
+    // An FC whose weights are missing: fails at run time.
     let mut net = wide_net("FC");
     net.proto_mut().op.last_mut().unwrap().input = vec!["x".into(), "b0_0_missing".into()];
-    let ws = Workspace::new();
+    let ws = std::sync::Arc::new(Workspace::new());
     ws.create_net(net.proto()).unwrap();
-    let t = Instant::now();
-    let err = ws.run_net("wide").unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    let w = ws.clone();
+    let err = within_a_minute(move || w.run_net("wide").unwrap_err());
     let msg = err.to_string();
     assert!(
         msg.contains("op #322 `FC`") && msg.contains("b0_0_missing"),
@@ -91,53 +401,25 @@ fn failing_op_under_dag_returns_err_promptly_and_names_it() {
     );
     // No worker is left holding anything: the workspace is usable at once.
     ws.feed("b0_0_missing", Tensor::zeros::<f32>([64, 64]));
-    ws.run_net("wide").unwrap();
+    let w = ws.clone();
+    within_a_minute(move || w.run_net("wide").unwrap());
 }
 
 #[test]
 fn panicking_kernel_under_dag_becomes_an_error() {
     Registry::register_global("TestExplode", DeviceType::Cpu, |_| Ok(Box::new(Explode)));
-    let ws = Workspace::new();
+    let ws = std::sync::Arc::new(Workspace::new());
     ws.create_net(wide_net("TestExplode").proto()).unwrap();
-    let t = Instant::now();
-    let err = ws.run_net("wide").unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1));
+    let w = ws.clone();
+    let err = within_a_minute(move || w.run_net("wide").unwrap_err());
     assert!(
         matches!(err.root(), Error::KernelPanic(m) if m.contains("injected")),
         "{err}"
     );
     // Runs again (and fails again) rather than deadlocking on a poisoned blob.
-    assert!(ws.run_net("wide").is_err());
+    let w = ws.clone();
+    assert!(within_a_minute(move || w.run_net("wide").is_err()));
 }
-
-#[test]
-fn control_inputs_order_independent_ops() {
-    let mut net = Net::new("ctl");
-    net.set_type("dag").set_num_workers(4);
-    net.op("ConstantFill")
-        .output("a")
-        .arg("shape", vec![1i64])
-        .arg("value", 1.0f32)
-        .build();
-    net.op("ConstantFill")
-        .output("b")
-        .arg("shape", vec![1i64])
-        .arg("value", 2.0f32)
-        .control_input("a")
-        .build();
-    let ws = Workspace::new();
-    ws.run_net_once(net.proto()).unwrap();
-    assert!(ws.has_blob("b"));
-    let mut bad = Net::new("bad");
-    bad.op("ConstantFill")
-        .output("b")
-        .arg("shape", vec![1i64])
-        .control_input("nowhere")
-        .build();
-    let err = ws.create_net(bad.proto()).unwrap_err();
-    assert!(err.to_string().contains("nowhere"), "{err}");
-}
-
 #[test]
 fn malformed_nets_are_rejected_before_running() {
     let ws = Workspace::new();

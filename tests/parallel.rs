@@ -402,3 +402,145 @@ fn run_time_failures_are_errors_not_hangs() {
     let mut fresh = trainer(1, 4, 0).build().unwrap();
     assert!(fresh.step().unwrap_err().to_string().contains("run_init"));
 }
+
+#[test]
+fn the_init_net_broadcasts_the_masters_parameters_to_every_replica() {
+    // Replicas 1 and 2 overwrite their own fc1_w and running statistic after
+    // the regular fills, so they start different unless the init net syncs them.
+    let t = Parallelize::new(ModelHelper::new("mlp"))
+        .devices(cpus(3))
+        .input(cycling_source(12, 0))
+        .forward(|m: &mut ModelHelper| {
+            let losses = mlp_forward(m)?;
+            let stat = m.create_computed_param("stat", [2], 0.5);
+            m.net_mut().op("Copy").input(&stat).output(&stat).build();
+            let prefix = m.net().scope().prefix().to_owned();
+            if prefix != "cpu_0/" {
+                let value = if prefix == "cpu_1/" { 7.0f32 } else { -3.0 };
+                for (blob, shape) in [("fc1_w", vec![16i64, 8]), ("stat", vec![2])] {
+                    m.init_net_mut()
+                        .op("ConstantFill")
+                        .output(blob)
+                        .arg("shape", shape)
+                        .arg("value", value)
+                        .build();
+                }
+            }
+            Ok(losses)
+        })
+        .update(Sgd::new(0.1))
+        .build()
+        .unwrap();
+    let mut t = t;
+    t.run_init().unwrap();
+    let master_w = t.fetch("fc1_w", Device::cpu(0)).unwrap();
+    assert!(master_w
+        .data::<f32>()
+        .unwrap()
+        .iter()
+        .any(|&x| x != 7.0 && x != -3.0));
+    for d in 1..3 {
+        for g in t.param_groups().iter().chain(t.computed_param_groups()) {
+            let (a, b) = (
+                t.fetch(&g.name, Device::cpu(0)).unwrap(),
+                t.fetch(&g.name, Device::cpu(d)).unwrap(),
+            );
+            assert!(a.bitwise_eq(&b), "{} on cpu:{d} is not the master's", g.name);
+        }
+    }
+    // The sync is the init net's last ops: one Broadcast from the master per
+    // parameter and computed parameter.
+    let init = t.model().init_net().ops();
+    let groups = t.param_groups().len() + t.computed_param_groups().len();
+    let tail = &init[init.len() - groups..];
+    assert!(tail.iter().all(|o| o.op_type() == "Broadcast"
+        && o.input.len() == 3
+        && o.input[0].starts_with("cpu_0/")
+        && o.device_option == Some(Device::cpu(0).to_proto())));
+}
+
+#[test]
+fn every_replica_is_built_in_its_own_name_and_device_scope() {
+    let t = trainer(3, 2, 0).build().unwrap();
+    let mut per_device = [0usize; 3];
+    for (i, op) in t.model().net().ops().iter().enumerate() {
+        if matches!(op.op_type(), "Allreduce" | "Broadcast") {
+            assert_eq!(op.input.len(), 3, "op #{i} is a collective over every device");
+            continue;
+        }
+        // Caffe2's DeviceOption has no CPU index: a CPU replica's ops say CPU, and
+        // its namescope says which one.
+        let device = op.device_option.as_ref().map(|d| Device::from_proto(d).unwrap());
+        assert!(
+            matches!(device, Some(Device::Cpu(_))),
+            "op #{i} `{}`: {device:?}",
+            op.op_type()
+        );
+        let first = op.input.iter().chain(&op.output).next().unwrap();
+        let d: usize = first[4..first.find('/').unwrap()].parse().unwrap();
+        let prefix = format!("cpu_{d}/");
+        for b in op.input.iter().chain(&op.output) {
+            assert!(b.starts_with(&prefix), "op #{i} of cpu:{d} touches `{b}`");
+        }
+        per_device[d] += 1;
+    }
+    // Every replica got the same ops.
+    assert!(
+        per_device[0] > 0 && per_device.iter().all(|&n| n == per_device[0]),
+        "{per_device:?}"
+    );
+}
+
+#[test]
+fn losses_are_scaled_by_one_over_devices_and_reported_as_the_mean() {
+    for n in [1u32, 3, 4] {
+        let mut t = trainer(n, 2, 0).build().unwrap();
+        let scales: Vec<f32> = t
+            .model()
+            .net()
+            .ops()
+            .iter()
+            .filter(|o| o.op_type() == "Scale" && o.is_gradient_op != Some(true))
+            .map(|o| o.find_arg("scale").unwrap().f.unwrap())
+            .collect();
+        assert_eq!(scales, vec![1.0 / n as f32; n as usize]);
+        t.run_init().unwrap();
+        t.step().unwrap();
+        let per_device: Vec<f32> = cpus(n)
+            .into_iter()
+            .map(|d| t.fetch("loss", d).unwrap().data::<f32>().unwrap()[0])
+            .collect();
+        let mean = per_device.iter().map(|&x| f64::from(x)).sum::<f64>() / f64::from(n);
+        assert!(
+            (f64::from(t.loss().unwrap()) - mean).abs() < 1e-6,
+            "{per_device:?}"
+        );
+        let acc = t.mean_scalar("accuracy").unwrap();
+        let accs: Vec<f32> = cpus(n)
+            .into_iter()
+            .map(|d| t.fetch("accuracy", d).unwrap().data::<f32>().unwrap()[0])
+            .collect();
+        assert!((acc - accs.iter().sum::<f32>() / n as f32).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn the_train_net_carries_caffe2s_executor_settings() {
+    let t = trainer(3, 2, 0).build().unwrap();
+    let net = t.model().net().proto();
+    assert_eq!((net.r#type.as_deref(), net.num_workers), (Some("dag"), Some(12)));
+    assert_eq!(
+        net.find_arg("first_iter_only_one_worker").and_then(|a| a.i),
+        Some(1)
+    );
+    let t = trainer(2, 2, 0)
+        .net_type("simple")
+        .num_workers(5)
+        .build()
+        .unwrap();
+    let net = t.model().net().proto();
+    assert_eq!(
+        (net.r#type.as_deref(), net.num_workers),
+        (Some("simple"), Some(5))
+    );
+}

@@ -1,0 +1,198 @@
+//! Checkpoints of a data-parallel trainer with batch norm: what the file holds
+//! (params, momenta, `ITER`, running statistics), resuming exactly, and saving
+//! atomically.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::random;
+use dpm::checkpoint;
+use dpm::prelude::*;
+
+/// conv → batch norm → relu → global pool → fc → softmax loss, on 2×6×6 images.
+#[data_parallel]
+fn convnet(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [2, 6, 6]);
+    let label = m.input("label");
+    let x = m.conv("conv", data, 4, 3).pad(1).build()?;
+    let x = m.spatial_bn("bn", x)?;
+    let x = m.relu(x)?;
+    let x = m.global_average_pool(x)?;
+    let logits = m.fc("fc", x, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+/// Batches of 8 images that depend on the step only, from step `start`.
+fn images(start: u64) -> impl FnMut() -> Result<Vec<(String, Tensor)>> {
+    let mut step = start;
+    move || {
+        step += 1;
+        // Channel means far from 0 and 1, so running statistics move visibly.
+        let mut x = random(&[8, 2, 6, 6], step, -1.0, 3.0, 0.0);
+        x.data_mut::<f32>()
+            .unwrap()
+            .iter_mut()
+            .for_each(|v| *v = 2.0 * *v + 1.5);
+        let y: Vec<i32> = (0..8).map(|i| ((i as u64 + step) % 3) as i32).collect();
+        Ok(vec![
+            ("data".to_owned(), x),
+            ("label".to_owned(), Tensor::from_vec([8], y).unwrap()),
+        ])
+    }
+}
+
+fn trainer(start: u64, seed: u64) -> Trainer {
+    let mut model = ModelHelper::new("convnet");
+    model.set_seed(seed);
+    let mut t = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(images(start))
+        .forward(convnet)
+        .update(Sgd::new(0.05).momentum(0.9).weight_decay(1e-4))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t
+}
+
+const PARAMS: [&str; 6] = ["bn_b", "bn_s", "conv_b", "conv_w", "fc_b", "fc_w"];
+const RUNNING: [&str; 2] = ["bn_riv", "bn_rm"];
+
+/// Every key a checkpoint of `convnet` with momentum SGD must hold, sorted.
+fn expected_keys() -> Vec<String> {
+    let mut keys: Vec<String> = PARAMS
+        .iter()
+        .flat_map(|p| [p.to_string(), format!("{p}_momentum")])
+        .chain(RUNNING.iter().map(|s| s.to_string()))
+        .chain(["ITER".to_owned()])
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dpm-ckpt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_checkpoint_holds_params_momenta_iter_and_running_statistics() {
+    let dir = scratch("contents");
+    let path = dir.join("c.safetensors");
+    let mut t = trainer(0, 1);
+    t.run(3).unwrap();
+    t.save(&path).unwrap();
+    let contents = checkpoint::load(&path).unwrap();
+    let keys: Vec<String> = contents.tensors.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys, expected_keys());
+    assert_eq!(
+        contents.metadata.get("model").map(String::as_str),
+        Some("convnet")
+    );
+    for (key, saved) in &contents.tensors {
+        let live = t.fetch(key, Device::cpu(0)).unwrap();
+        assert!(
+            saved.bitwise_eq(&live),
+            "`{key}` in the file differs from cpu_0/{key}"
+        );
+    }
+    let iter = &contents.tensors.iter().find(|(k, _)| k == "ITER").unwrap().1;
+    assert_eq!(iter.data::<i64>().unwrap(), [3]);
+    // The running statistics moved away from their initial 0 and 1.
+    for (name, init) in [("bn_rm", 0.0f32), ("bn_riv", 1.0)] {
+        let v = t.fetch(name, Device::cpu(0)).unwrap();
+        assert!(
+            v.data::<f32>().unwrap().iter().all(|&x| (x - init).abs() > 1e-3),
+            "{name} was not updated: {:?}",
+            v.data::<f32>()
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Every checkpointed blob on every device.
+fn state(t: &Trainer) -> Vec<(String, Device, Tensor)> {
+    let mut v = Vec::new();
+    for key in expected_keys() {
+        for &d in t.devices() {
+            v.push((key.clone(), d, t.fetch(&key, d).unwrap()));
+        }
+    }
+    v
+}
+
+#[test]
+fn resuming_reproduces_an_uninterrupted_run_running_statistics_included() {
+    let dir = scratch("resume");
+    let path = dir.join("c.safetensors");
+    let mut straight = trainer(0, 1);
+    straight.run(8).unwrap();
+
+    let mut first = trainer(0, 1);
+    first.run(4).unwrap();
+    first.save(&path).unwrap();
+    drop(first);
+    // Another seed: every blob differs until the checkpoint is loaded.
+    let mut resumed = trainer(4, 2);
+    resumed.load(&path).unwrap();
+    resumed.run(4).unwrap();
+    for ((key, d, a), (_, _, b)) in state(&straight).iter().zip(state(&resumed)) {
+        assert!(a.bitwise_eq(&b), "{key} on {d} differs after resume");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn loading_puts_the_checkpoint_on_every_device() {
+    let dir = scratch("load");
+    let path = dir.join("c.safetensors");
+    let mut a = trainer(0, 1);
+    a.run(2).unwrap();
+    a.save(&path).unwrap();
+    let mut b = trainer(0, 2);
+    b.run(1).unwrap();
+    b.load(&path).unwrap();
+    let saved = checkpoint::load(&path).unwrap();
+    for (key, t) in &saved.tensors {
+        for &d in b.devices() {
+            assert!(
+                b.fetch(key, d).unwrap().bitwise_eq(t),
+                "{key} on {d} is not the checkpoint's"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn saving_is_atomic_and_leaves_no_temporary_files() {
+    let dir = scratch("atomic");
+    let path = dir.join("c.safetensors");
+    let mut t = trainer(0, 1);
+    t.save(&path).unwrap();
+    let old = std::fs::read(&path).unwrap();
+    t.run(1).unwrap();
+    t.save(&path).unwrap();
+    let new = std::fs::read(&path).unwrap();
+    assert_ne!(old, new, "the second save did not replace the file");
+    // A save that cannot complete (the target is a directory) is an error and
+    // leaves what was there.
+    let target = dir.join("taken");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep"), b"user data").unwrap();
+    assert!(t.save(&target).is_err());
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"user data");
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "temporary files left behind: {names:?}");
+    // A file that is not a checkpoint is refused with the reason.
+    std::fs::write(dir.join("bad"), b"definitely not safetensors").unwrap();
+    let err = t.load(dir.join("bad")).unwrap_err();
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
