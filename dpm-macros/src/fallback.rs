@@ -9,6 +9,11 @@ use crate::parse::Kind;
 
 pub fn expand(f: &syn::ItemFn, kind: Kind, error: syn::Error) -> TokenStream {
     let errors = error.to_compile_error();
+    // A method sits in an `impl`, where no struct can be declared: keep it as
+    // written, so the one error is the macro's.
+    if f.sig.receiver().is_some() {
+        return quote!(#errors #f);
+    }
     // Keep the configuration fields so that call sites still type-check.
     let fields: Vec<&syn::Type> = f
         .sig

@@ -16,7 +16,7 @@ use proc_macro::TokenStream;
 
 /// Marks a function as a per-device builder of a data-parallel model.
 ///
-/// ```ignore
+/// ```
 /// use dpm::prelude::*;
 ///
 /// #[data_parallel]
@@ -30,8 +30,17 @@ use proc_macro::TokenStream;
 ///     Ok(loss.into())
 /// }
 ///
-/// let trainer = Parallelize::new(ModelHelper::new("mlp")).devices([Device::cpu(0), Device::cpu(1)])
-///     .forward(forward) /* … */;
+/// let trainer = Parallelize::new(ModelHelper::new("mlp"))
+///     .devices([Device::cpu(0), Device::cpu(1)])
+///     .forward(forward)
+///     .update(Sgd::new(0.1))
+///     .build()?;
+/// // One replica per device, each in its own namescope.
+/// let fc1 = |d: u32| format!("cpu_{d}/fc1");
+/// let ops = trainer.model().net().ops();
+/// assert!(ops.iter().any(|o| o.op_type() == "FC" && o.output == [fc1(0)]));
+/// assert!(ops.iter().any(|o| o.op_type() == "FC" && o.output == [fc1(1)]));
+/// # Ok::<(), dpm::Error>(())
 /// ```
 ///
 /// Arguments: none or `forward` (returns losses: `Losses`, a `Blob`, a
