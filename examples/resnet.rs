@@ -19,7 +19,11 @@ use dpm::prelude::*;
 
 /// Train a ResNet data-parallel with dpm.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "resnet", about = "Data-parallel ResNet training with dpm")]
+#[command(
+    name = "resnet",
+    about = "Data-parallel ResNet training with dpm",
+    args_override_self = true
+)]
 pub struct Args {
     /// Depth: 20, 32, 44, 56, 110 (CIFAR-style, any 6n+2 ≥ 8) or 18, 34, 50 (ImageNet-style).
     #[arg(long, default_value_t = 20)]

@@ -24,9 +24,10 @@ fn args(extra: &[&str]) -> resnet::Args {
         "--heldout-images",
         "40",
     ];
-    let mut a = resnet::Args::try_parse_from(base).unwrap();
-    a.try_update_from(std::iter::once(&"resnet").chain(extra))
-        .unwrap();
+    // One parse: clap's `update_from` would put every flag not repeated back to
+    // its default (10,000 training images instead of 256).
+    let a = resnet::Args::try_parse_from(base.iter().chain(extra)).unwrap();
+    assert_eq!((a.train_images, a.heldout_images), (256, 40));
     a
 }
 
@@ -46,7 +47,7 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
     let json = dir.join("summary.json");
     let s = resnet::run(&args(&[
         "--iters",
-        "40",
+        "80",
         "--lr",
         "0.05",
         "--summary-json",
@@ -54,21 +55,26 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
     ]))
     .unwrap();
     assert_eq!(s.devices, ["cpu:0", "cpu:1"]);
-    assert_eq!(s.losses.len(), 40);
-    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[35..]));
+    assert_eq!(s.losses.len(), 80);
+    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[75..]));
     assert!(last < 0.8 * first, "loss {first} → {last}");
-    assert!(s.images_per_sec > 0.0 && (0.0..=1.0).contains(&s.heldout_accuracy));
+    assert_eq!(s.final_loss, s.losses[79]);
+    // The held-out accuracy is a count of the 40 held-out images.
+    let correct = s.heldout_accuracy * 40.0;
+    assert!((correct - correct.round()).abs() < 1e-3, "{correct} of 40 images");
+    // The JSON says what the summary says.
     let text = std::fs::read_to_string(&json).unwrap();
-    for key in [
-        "depth",
-        "devices",
-        "batch_per_device",
-        "iters",
-        "final_loss",
-        "heldout_accuracy",
-        "images_per_sec",
+    for (key, value) in [
+        ("depth", "8".to_owned()),
+        ("devices", "[\"cpu:0\", \"cpu:1\"]".to_owned()),
+        ("batch_per_device", "8".to_owned()),
+        ("iters", "80".to_owned()),
+        ("final_loss", s.final_loss.to_string()),
+        ("heldout_accuracy", s.heldout_accuracy.to_string()),
+        ("images_per_sec", format!("{:.2}", s.images_per_sec)),
     ] {
-        assert!(text.contains(&format!("\"{key}\"")), "{key} missing from {text}");
+        let field = format!("\"{key}\": {value}");
+        assert!(text.contains(&field), "{field} missing from {text}");
     }
     std::fs::remove_dir_all(dir).ok();
 }
@@ -157,4 +163,33 @@ fn cifar10_reader_on_generated_files() {
         .to_string()
         .contains("test_batch.bin"));
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// The README's list of the example's flags is the list clap knows.
+#[test]
+fn the_readme_lists_every_flag_of_the_example() {
+    use clap::CommandFactory;
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("--help` lists the flags")
+        .expect("the README lists the flags");
+    let para = &readme[start..start + readme[start..].find("\n\n").unwrap()];
+    let mut listed: Vec<String> = para
+        .split("`--")
+        .skip(1)
+        .map(|s| {
+            s.chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                .collect()
+        })
+        .collect();
+    listed.sort();
+    listed.dedup();
+    let mut flags: Vec<String> = resnet::Args::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .filter(|l| l != "help")
+        .collect();
+    flags.sort();
+    assert_eq!(listed, flags, "the README's flag list and `--help` differ");
 }
