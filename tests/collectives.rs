@@ -160,3 +160,15 @@ fn collectives_reject_bad_input() {
         .unwrap()
         .bitwise_eq(&Tensor::zeros::<f32>([5])));
 }
+
+#[test]
+fn collectives_update_every_blob_in_place() {
+    // Declared in place, the executor hands each buffer over without a copy.
+    for op in ["Allreduce", "Broadcast"] {
+        let net = collective(op, "g", 3, &[]);
+        let kernel = dpm::ops::Registry::global()
+            .create(&net.proto().op[0], DeviceType::Cpu)
+            .unwrap();
+        assert_eq!(kernel.in_place(), [(0, 0), (1, 1), (2, 2)], "{op}");
+    }
+}

@@ -451,3 +451,61 @@ fn malformed_nets_are_rejected_before_running() {
     let err = ws.run_net_once(n.proto()).unwrap_err();
     assert!(matches!(err.root(), Error::MissingBlob { name } if name == "ghost"));
 }
+
+#[test]
+fn ops_read_the_blobs_they_overwrite_before_writing_them() {
+    // `Scale(x) → x`, not declared in place: x is read, then replaced.
+    let ws = Workspace::new();
+    ws.feed("x", Tensor::from_vec([3], vec![1.0f32, 2.0, 3.0]).unwrap());
+    let mut net = Net::new("scale");
+    net.op("Scale")
+        .input("x")
+        .output("x")
+        .arg("scale", 2.0f32)
+        .build();
+    ws.run_net_once(net.proto()).unwrap();
+    assert_eq!(ws.fetch("x").unwrap().data::<f32>().unwrap(), [2.0, 4.0, 6.0]);
+    // An in-place pair whose input is also written under another output name:
+    // MomentumSGDUpdate(g, m, lr, p) → (m, g, p) must give what (g, m, p) gives,
+    // with the first two outputs swapped.
+    let run = |outputs: [&str; 3]| {
+        let ws = Workspace::new();
+        ws.feed("g", Tensor::from_vec([2], vec![1.0f32, 2.0]).unwrap());
+        ws.feed("m", Tensor::from_vec([2], vec![0.5f32, -0.5]).unwrap());
+        ws.feed("lr", Tensor::from_vec([1], vec![0.1f32]).unwrap());
+        ws.feed("p", Tensor::from_vec([2], vec![3.0f32, 4.0]).unwrap());
+        let mut net = Net::new("sgd");
+        net.op("MomentumSGDUpdate")
+            .inputs(["g", "m", "lr", "p"])
+            .outputs(outputs)
+            .arg("momentum", 0.9f32)
+            .build();
+        ws.run_net_once(net.proto()).unwrap();
+        ["g", "m", "p"].map(|b| ws.fetch(b).unwrap())
+    };
+    let [g, m, p] = run(["g", "m", "p"]);
+    let [g2, m2, p2] = run(["m", "g", "p"]);
+    assert!(g.bitwise_eq(&m2) && m.bitwise_eq(&g2) && p.bitwise_eq(&p2));
+    assert!(!p.bitwise_eq(&Tensor::from_vec([2], vec![3.0f32, 4.0]).unwrap()));
+    // A missing blob is named whichever way the op reads it: read-only, read
+    // and overwritten, or updated in place.
+    let ws = Workspace::new();
+    let mut net = Net::new("missing");
+    net.op("Scale").input("y").output("y").build();
+    let err = ws.run_net_once(net.proto()).unwrap_err();
+    assert!(
+        matches!(err.root(), Error::MissingBlob { name } if name == "y"),
+        "{err}"
+    );
+    let mut net = Net::new("missing_in_place");
+    net.op("Allreduce")
+        .inputs(["cpu_0/z", "cpu_1/z"])
+        .outputs(["cpu_0/z", "cpu_1/z"])
+        .build();
+    let err = ws.run_net_once(net.proto()).unwrap_err();
+    assert!(
+        matches!(err.root(), Error::MissingBlob { name } if name == "cpu_0/z"),
+        "{err}"
+    );
+    assert!(!ws.has_blob("cpu_1/z"));
+}

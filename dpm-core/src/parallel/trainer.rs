@@ -198,13 +198,15 @@ impl Trainer {
         self.blob_devices.get(name).copied()
     }
 
-    /// Bytes held now by gradient blobs (distinct buffers): what
-    /// `optimize_gradient_memory` lowers.
+    /// Bytes allocated now by gradient blobs (distinct buffers): what
+    /// `optimize_gradient_memory` lowers. Blobs are never freed and a resize keeps
+    /// its allocation, so after a step this is the step's peak, not the sum of
+    /// what each shared buffer holds last.
     pub fn gradient_bytes(&self) -> usize {
         self.p
             .gradient_blobs
             .iter()
-            .filter_map(|b| self.ws.with_blob(b, Tensor::nbytes).ok())
+            .filter_map(|b| self.ws.with_blob(b, Tensor::allocated_bytes).ok())
             .sum()
     }
 

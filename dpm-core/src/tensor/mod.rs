@@ -132,6 +132,12 @@ impl Tensor {
         self.numel() * self.dtype().size()
     }
 
+    /// Bytes of the allocation behind the elements: at least [`Tensor::nbytes`],
+    /// more when the tensor was larger before (a resize keeps its allocation).
+    pub fn allocated_bytes(&self) -> usize {
+        self.storage.capacity() * self.dtype().size()
+    }
+
     /// The storage.
     pub fn storage(&self) -> &Storage {
         &self.storage
@@ -163,6 +169,9 @@ impl Tensor {
             *s = T::wrap(Vec::new());
         }
         let v = T::slice_mut(s).expect("storage type was just set");
+        // Exactly what is needed: a buffer shared by blobs of growing sizes
+        // (optimize_gradient_memory) must not double its allocation each time.
+        v.reserve_exact(n.saturating_sub(v.len()));
         v.resize(n, T::default());
         v.as_mut_slice()
     }

@@ -36,6 +36,15 @@ impl Storage {
         }
     }
 
+    /// Elements the allocation has room for.
+    pub(crate) fn capacity(&self) -> usize {
+        match self {
+            Storage::Cpu(CpuStorage::F32(v)) => v.capacity(),
+            Storage::Cpu(CpuStorage::I32(v)) => v.capacity(),
+            Storage::Cpu(CpuStorage::I64(v)) => v.capacity(),
+        }
+    }
+
     pub(crate) fn bitwise_eq(&self, other: &Storage) -> bool {
         match (self, other) {
             (Storage::Cpu(a), Storage::Cpu(b)) => a.bitwise_eq(b),
