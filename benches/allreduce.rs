@@ -1,8 +1,10 @@
-//! The in-process all-reduce against a plain copy of the same bytes.
+//! The in-process all-reduce against two passes over the same bytes, with the
+//! same number of threads: a copy of N buffers into N others, and a rewrite of
+//! the N buffers in place (each element read and written back, scaled by 1).
 //!
-//! Both touch every byte of N buffers once for reading and once for writing, with
-//! the same number of threads, so their ratio says how close the all-reduce comes
-//! to memory bandwidth. `cargo bench --bench allreduce`.
+//! All three read each byte once and write it once; the copy writes to memory it
+//! did not read, the other two write back what they just read. Comparing them
+//! says where the all-reduce's time goes. `cargo bench --bench allreduce`.
 
 use std::hint::black_box;
 
@@ -34,6 +36,30 @@ fn parallel_copy(src: &[Vec<f32>], dst: &mut [Vec<f32>]) {
     });
 }
 
+/// Reads every element of every buffer and writes it back (times `scale`),
+/// split across threads like the copy.
+fn parallel_rewrite(bufs: &mut [Vec<f32>], scale: f32) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(bufs.len().max(2));
+    let per = bufs[0].len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let mut jobs: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::new()).collect();
+        for b in bufs.iter_mut() {
+            for (t, x) in b.chunks_mut(per).enumerate() {
+                jobs[t].push(x);
+            }
+        }
+        for job in jobs {
+            s.spawn(move || {
+                for x in job {
+                    x.iter_mut().for_each(|v| *v *= scale);
+                }
+            });
+        }
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu_allreduce");
     group.sample_size(20);
@@ -53,6 +79,9 @@ fn bench(c: &mut Criterion) {
             let mut dst: Vec<Vec<f32>> = (0..devices).map(|_| vec![0.0; len]).collect();
             group.bench_function(BenchmarkId::new("copy", &label), |b| {
                 b.iter(|| parallel_copy(black_box(&src), black_box(&mut dst)))
+            });
+            group.bench_function(BenchmarkId::new("rewrite", &label), |b| {
+                b.iter(|| parallel_rewrite(black_box(&mut dst), black_box(1.0)))
             });
         }
     }

@@ -5,15 +5,17 @@ Alternates runs of both in one sitting and prints medians:
   - throughput at 2 devices x batch 32 (PyTorch: 2 processes x 1 thread);
   - weak scaling: 2 x 32 against 1 x 32 (dpm with 1 kernel thread per device).
 
-Usage: python3 benches/resnet_vs_torch.py PATH/TO/torch_resnet_ddp.py [ROUNDS] [ITERS]
-Needs `pip install torch` and `cargo build --release --example resnet`.
+Usage: python3 benches/resnet_vs_torch.py [ROUNDS] [ITERS] [PEER]
+PEER defaults to benches/torch_resnet_ddp.py, the PyTorch DDP baseline beside
+this script. Needs `pip install torch` and `cargo build --release --example resnet`.
 """
 import json, os, re, statistics, subprocess, sys, tempfile
 
-peer = sys.argv[1]
-rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-iters = int(sys.argv[3]) if len(sys.argv) > 3 else 40
-example = os.path.join(os.path.dirname(__file__), "..", "target", "release", "examples", "resnet")
+here = os.path.dirname(os.path.abspath(__file__))
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+iters = int(sys.argv[2]) if len(sys.argv) > 2 else 40
+peer = sys.argv[3] if len(sys.argv) > 3 else os.path.join(here, "torch_resnet_ddp.py")
+example = os.path.join(here, "..", "target", "release", "examples", "resnet")
 
 def dpm(devices, threads):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:

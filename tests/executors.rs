@@ -35,6 +35,9 @@ fn train(net_type: &str, workers: usize, steps: usize) -> Workspace {
 #[test]
 fn simple_and_dag_are_bitwise_identical() {
     let a = train("simple", 1, 20);
+    for name in ["fc1_w", "fc2_b_momentum", "ITER", "loss", "fc1_w_grad"] {
+        assert!(a.blob_names().iter().any(|b| b == name), "no {name}");
+    }
     for workers in [1, 4] {
         let b = train("dag", workers, 20);
         assert_eq!(a.blob_names(), b.blob_names());
@@ -508,4 +511,21 @@ fn ops_read_the_blobs_they_overwrite_before_writing_them() {
         "{err}"
     );
     assert!(!ws.has_blob("cpu_1/z"));
+}
+
+#[test]
+fn the_workspace_lists_and_finds_its_blobs() {
+    let ws = Workspace::new();
+    assert!(ws.blob_names().is_empty() && !ws.has_blob("a"));
+    ws.feed("b", Tensor::scalar(2.0f32));
+    ws.feed("a", Tensor::scalar(1.0f32));
+    assert_eq!(ws.blob_names(), ["a", "b"]);
+    assert!(ws.has_blob("a") && ws.has_blob("b") && !ws.has_blob("c"));
+    assert_eq!(ws.with_blob("b", |t| t.data::<f32>().unwrap()[0]).unwrap(), 2.0);
+    assert!(matches!(ws.fetch("c"), Err(Error::MissingBlob { name }) if name == "c"));
+    // A net that failed before writing its output leaves no blob behind.
+    let mut n = Net::new("n");
+    n.op("Relu").input("ghost").output("y").build();
+    assert!(ws.run_net_once(n.proto()).is_err());
+    assert!(!ws.has_blob("y") && ws.blob_names() == ["a", "b"]);
 }

@@ -148,6 +148,15 @@ impl Step {
                 None => None,
             });
         }
+        // Every input is there before any output is created: an op that cannot
+        // run leaves no empty blob behind.
+        for (i, src) in self.inputs.iter().enumerate() {
+            if let InputSrc::Read(l) | InputSrc::InPlace { from: Some(l), .. } = src {
+                if clones[i].is_none() && guards[*l].get().is_none() {
+                    return Err(self.missing(i));
+                }
+            }
+        }
         let mut shared: Vec<Option<&Tensor>> = Vec::with_capacity(guards.len());
         let mut excl: Vec<Option<&mut Tensor>> = Vec::with_capacity(guards.len());
         for g in guards.iter_mut() {
