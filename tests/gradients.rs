@@ -132,3 +132,50 @@ fn gradient_ops_keep_the_engine_of_their_forward_op() {
     let grad = n.ops().iter().find(|op| op.op_type() == "ConvGradient").unwrap();
     assert_eq!(grad.engine.as_deref(), Some("IM2COL"));
 }
+
+#[test]
+fn the_gradient_map_lists_parameters_in_completion_order() {
+    // x → fc1 (w1, b1) → relu → fc2 (w2, b2) → loss; `u` is a parameter off the path.
+    let mut net = Net::new("n");
+    net.device_scope(Device::cuda(0), |n| {
+        n.op("FC").inputs(["x", "w1", "b1"]).output("h").build();
+        n.op("Relu").input("h").output("r").build();
+    });
+    net.device_scope(Device::cuda(1), |n| {
+        n.op("FC").inputs(["r", "w2", "b2"]).output("loss").build();
+    });
+    let wrt: Vec<BlobRef> = ["w1", "b1", "w2", "b2", "u"].map(BlobRef::new).into();
+    let grads = dpm::autodiff::add_gradient_ops(&mut net, &[BlobRef::new("loss")], &wrt).unwrap();
+    assert_eq!((grads.len(), grads.is_empty()), (4, false));
+    let order: Vec<&str> = grads.iter().map(|(p, _)| p.name()).collect();
+    assert_eq!(
+        order,
+        ["w2", "b2", "w1", "b1"],
+        "the last layer's gradients complete first"
+    );
+    assert_eq!(grads.get(&BlobRef::new("w1")).map(BlobRef::name), Some("w1_grad"));
+    assert!(grads.get(&BlobRef::new("u")).is_none());
+    // The seed of 1.0 runs on the loss's device, like every gradient op on its
+    // forward op's device.
+    let seed = net.ops().iter().find(|o| o.output == ["loss_grad"]).unwrap();
+    assert_eq!(seed.op_type(), "ConstantFill");
+    assert_eq!(seed.device_option, Some(Device::cuda(1).to_proto()));
+    assert_eq!(seed.find_arg("value").and_then(|a| a.f), Some(1.0));
+    for op in net.ops().iter().filter(|o| o.is_gradient_op == Some(true)) {
+        let forward_device = if op.output.iter().any(|o| o == "w2_grad" || o == "r_grad") {
+            Device::cuda(1)
+        } else {
+            Device::cuda(0)
+        };
+        assert_eq!(op.device_option, Some(forward_device.to_proto()), "{op:?}");
+    }
+    // Nothing to differentiate: an empty map.
+    let mut plain = Net::new("p");
+    plain.op("Relu").input("a").output("b").build();
+    let none =
+        dpm::autodiff::add_gradient_ops(&mut plain, &[BlobRef::new("b")], &[BlobRef::new("w")]).unwrap();
+    assert_eq!((none.len(), none.is_empty()), (0, true));
+    // A loss nothing produces is an error that names it.
+    let err = dpm::autodiff::add_gradient_ops(&mut plain, &[BlobRef::new("nowhere")], &[]).unwrap_err();
+    assert!(err.to_string().contains("nowhere"), "{err}");
+}
