@@ -115,6 +115,38 @@ fn ops_off_the_path_need_no_gradient() {
 }
 
 #[test]
+fn no_gradient_is_computed_for_what_does_not_depend_on_a_parameter() {
+    // Preprocessing of the data (a differentiable Scale) leads to the loss but
+    // depends on no parameter: no gradient of the data or of its scaled copy.
+    let mut n = Net::new("data");
+    n.op("Scale").input("x").output("xs").arg("scale", 0.5f32).build();
+    n.op("FC").inputs(["xs", "w"]).output("y").build();
+    n.op("SoftmaxWithLoss")
+        .inputs(["y", "label"])
+        .outputs(["p", "loss"])
+        .build();
+    dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]).unwrap();
+    let written: Vec<&String> = n.ops().iter().flat_map(|o| &o.output).collect();
+    assert!(written.iter().any(|b| *b == "w_grad"));
+    for b in ["x_grad", "xs_grad"] {
+        assert!(!written.iter().any(|w| *w == b), "{b} computed: {written:?}");
+    }
+}
+
+#[test]
+fn a_blob_used_three_times_by_one_op_gets_every_contribution() {
+    // y = x + x + x in one Sum: three gradient contributions, summed.
+    let mut n = Net::new("thrice");
+    n.op("Sum").inputs(["x", "x", "x"]).output("y").build();
+    n.op("FC").inputs(["y", "w"]).output("z").build();
+    let feeds = [
+        ("x", random(&[2, 4], 15, -1.0, 1.0, 0.0)),
+        ("w", random(&[3, 4], 16, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["z"], &["x", "w"]);
+}
+
+#[test]
 fn gradient_ops_keep_the_engine_of_their_forward_op() {
     // As in Caffe2: a Conv asked to run as IM2COL gets an IM2COL gradient.
     let mut n = Net::new("engine");
