@@ -211,3 +211,36 @@ fn the_gradient_map_lists_parameters_in_completion_order() {
     let err = dpm::autodiff::add_gradient_ops(&mut plain, &[BlobRef::new("nowhere")], &[]).unwrap_err();
     assert!(err.to_string().contains("nowhere"), "{err}");
 }
+
+#[test]
+fn a_blob_on_the_path_must_have_one_writer() {
+    let loss_of = |n: &mut Net, y: &str| {
+        n.op("SoftmaxWithLoss")
+            .inputs([y, "label"])
+            .outputs(["p", "loss"])
+            .build();
+    };
+    let autodiff =
+        |mut n: Net| dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("w")]);
+    // Written in place (relu of y into y) between w and the loss.
+    let mut n = Net::new("in_place");
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    n.op("Relu").input("y").output("y").build();
+    loss_of(&mut n, "y");
+    let err = autodiff(n).unwrap_err().to_string();
+    assert!(err.contains("`y`") && err.contains("more than one op"), "{err}");
+    // Written by two different ops.
+    let mut n = Net::new("twice");
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    loss_of(&mut n, "y");
+    let err = autodiff(n).unwrap_err().to_string();
+    assert!(err.contains("`y`") && err.contains("more than one op"), "{err}");
+    // Off the path (data preprocessed in place before the first layer) is fine.
+    let mut n = Net::new("preprocess");
+    n.op("Scale").input("x").output("x").arg("scale", 0.5f32).build();
+    n.op("FC").inputs(["x", "w"]).output("y").build();
+    loss_of(&mut n, "y");
+    let grads = autodiff(n).unwrap();
+    assert_eq!(grads.get(&BlobRef::new("w")).map(BlobRef::name), Some("w_grad"));
+}
