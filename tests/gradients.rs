@@ -244,3 +244,22 @@ fn a_blob_on_the_path_must_have_one_writer() {
     let grads = autodiff(n).unwrap();
     assert_eq!(grads.get(&BlobRef::new("w")).map(BlobRef::name), Some("w_grad"));
 }
+
+#[test]
+fn every_op_autodiff_adds_is_marked_as_a_gradient_op() {
+    // x feeds two ops, so its gradient contributions are summed by an added Sum.
+    let mut n = Net::new("marks");
+    n.op("Relu").input("x").output("r").build();
+    n.op("Sum").inputs(["r", "x"]).output("y").build();
+    n.op("FC").inputs(["y", "w"]).output("loss").build();
+    let forward = n.ops().len();
+    dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &[BlobRef::new("x")]).unwrap();
+    let added = &n.ops()[forward..];
+    assert_eq!(added[0].op_type(), "ConstantFill", "the seed comes first");
+    assert_eq!(added[0].is_gradient_op, None, "the seed is a fill, as in Caffe2");
+    assert!(added[1..].iter().any(|o| o.op_type() == "Sum"));
+    for op in &added[1..] {
+        assert_eq!(op.is_gradient_op, Some(true), "{op:?}");
+    }
+    assert!(n.ops()[..forward].iter().all(|o| o.is_gradient_op.is_none()));
+}
