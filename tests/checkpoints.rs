@@ -196,3 +196,55 @@ fn saving_is_atomic_and_leaves_no_temporary_files() {
     assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn checkpoint_files_round_trip_every_element_type() {
+    let dir = scratch("types");
+    let path = dir.join("t.safetensors");
+    let tensors = vec![
+        (
+            "a".to_owned(),
+            Tensor::from_vec([2, 3], vec![1.5f32, -2.0, 0.0, 3.25, f32::MAX, -0.0]).unwrap(),
+        ),
+        (
+            "b".to_owned(),
+            Tensor::from_vec([4], vec![1i32, -2, i32::MAX, i32::MIN]).unwrap(),
+        ),
+        (
+            "c".to_owned(),
+            Tensor::from_vec([1, 2], vec![i64::MIN, 7i64]).unwrap(),
+        ),
+    ];
+    let meta = std::collections::HashMap::from([("model".to_owned(), "m".to_owned())]);
+    checkpoint::save(&path, &tensors, meta).unwrap();
+    let back = checkpoint::load(&path).unwrap();
+    assert_eq!(back.tensors.len(), 3);
+    for ((k, t), (k2, t2)) in tensors.iter().zip(&back.tensors) {
+        assert_eq!(k, k2);
+        assert!(t.bitwise_eq(t2), "{k}: {t:?} came back as {t2:?}");
+    }
+    assert_eq!(back.metadata.get("model").map(String::as_str), Some("m"));
+    assert_eq!(
+        back.metadata.get("format").map(String::as_str),
+        Some("dpm-checkpoint-1")
+    );
+    // The bytes are plain safetensors: header length, JSON header, little-endian data.
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    for want in ["\"a\"", "\"F32\"", "\"I32\"", "\"I64\"", "[2,3]"] {
+        assert!(header.contains(want), "{want} not in {header}");
+    }
+    assert_eq!(bytes[8 + n..].len(), 6 * 4 + 4 * 4 + 2 * 8);
+    // A safetensors file of an element type dpm does not hold is refused by name.
+    let f16 = r#"{"h":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}}"#;
+    let mut file = (f16.len() as u64).to_le_bytes().to_vec();
+    file.extend(f16.as_bytes());
+    file.extend([0u8; 4]);
+    std::fs::write(dir.join("f16"), file).unwrap();
+    let err = checkpoint::load(&dir.join("f16")).unwrap_err().to_string();
+    assert!(err.contains("`h`") && err.contains("F16"), "{err}");
+    // A path with no file name is refused before anything is written.
+    assert!(checkpoint::save(&dir.join(".."), &tensors, Default::default()).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
