@@ -1,0 +1,181 @@
+//! `DeviceModel`, the per-device builder API: names, per-sample shapes, the ops
+//! and arguments each helper adds, and the errors for what cannot be built.
+
+use dpm::parallel::{DeviceModel, IntoLosses};
+use dpm::prelude::*;
+
+/// The op of `m`'s train net that writes `output`.
+fn writer<'a>(m: &'a ModelHelper, output: &str) -> &'a OperatorDef {
+    m.net()
+        .ops()
+        .iter()
+        .find(|o| o.output.iter().any(|b| b == output))
+        .unwrap_or_else(|| panic!("no op writes {output}"))
+}
+
+fn int_arg(op: &OperatorDef, name: &str) -> Option<i64> {
+    op.find_arg(name).and_then(|a| a.i)
+}
+
+#[test]
+fn layers_name_their_blobs_and_track_per_sample_shapes() {
+    let mut model = ModelHelper::new("m");
+    let shapes = DeviceModel::scope(&mut model, Device::cpu(1), |m| {
+        assert_eq!(m.device(), Device::cpu(1));
+        assert!(!m.is_test());
+        let x = m.input_with_shape("data", [3, 9, 11]);
+        assert_eq!(m.name(x).name(), "cpu_1/data");
+        let c = m.conv("c1", x, 8, 3).stride(2).pad(1).build().unwrap();
+        let b = m.spatial_bn("bn", c).unwrap();
+        let r = m.relu(b).unwrap();
+        let p = m.max_pool(r, 3, 2, 1).unwrap();
+        let g = m.conv("c2", p, 4, 1).groups(2).no_bias().build().unwrap();
+        let s = m.add("sum", g, g).unwrap();
+        let gap = m.global_average_pool(s).unwrap();
+        let f = m.fc("fc", gap, 5).unwrap();
+        let label = m.input("label");
+        let (prob, loss) = m.softmax_with_loss("loss", f, label).unwrap();
+        let acc = m.accuracy("acc", prob, label);
+        let all = [x, c, b, r, p, g, s, gap, f, prob, loss, acc];
+        all.map(|b| {
+            (
+                m.name(b).name().to_owned(),
+                m.sample_shape(b).map(|s| s.dims().to_vec()),
+            )
+        })
+    });
+    let want: [(&str, Option<Vec<usize>>); 12] = [
+        ("cpu_1/data", Some(vec![3, 9, 11])),
+        ("cpu_1/c1", Some(vec![8, 5, 6])),
+        ("cpu_1/bn", Some(vec![8, 5, 6])),
+        ("cpu_1/bn_relu", Some(vec![8, 5, 6])),
+        ("cpu_1/bn_relu_maxpool", Some(vec![8, 3, 3])),
+        ("cpu_1/c2", Some(vec![4, 3, 3])),
+        ("cpu_1/sum", Some(vec![4, 3, 3])),
+        ("cpu_1/sum_gap", Some(vec![4, 1, 1])),
+        ("cpu_1/fc", Some(vec![5])),
+        ("cpu_1/loss_softmax", Some(vec![5])),
+        ("cpu_1/loss", Some(vec![])),
+        ("cpu_1/acc", Some(vec![])),
+    ];
+    for ((name, shape), (want_name, want_shape)) in shapes.iter().zip(&want) {
+        assert_eq!((name.as_str(), shape), (*want_name, want_shape));
+    }
+    // The ops carry the options: stride, pad, groups, bias or not, pooling window.
+    let c1 = writer(&model, "cpu_1/c1");
+    assert_eq!(c1.input, ["cpu_1/data", "cpu_1/c1_w", "cpu_1/c1_b"]);
+    assert_eq!(
+        (int_arg(c1, "stride"), int_arg(c1, "pad"), int_arg(c1, "kernel")),
+        (Some(2), Some(1), Some(3))
+    );
+    let c2 = writer(&model, "cpu_1/c2");
+    assert_eq!(c2.input, ["cpu_1/bn_relu_maxpool", "cpu_1/c2_w"], "no bias");
+    assert_eq!(int_arg(c2, "group"), Some(2));
+    let pool = writer(&model, "cpu_1/bn_relu_maxpool");
+    assert_eq!(pool.op_type(), "MaxPool");
+    assert_eq!(
+        (
+            int_arg(pool, "kernel"),
+            int_arg(pool, "stride"),
+            int_arg(pool, "pad")
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+    let bn = writer(&model, "cpu_1/bn");
+    assert_eq!(bn.find_arg("momentum").and_then(|a| a.f), Some(0.9));
+    assert_eq!(bn.find_arg("epsilon").and_then(|a| a.f), Some(1e-5));
+    assert_eq!(writer(&model, "cpu_1/sum").input, ["cpu_1/c2", "cpu_1/c2"]);
+    assert_eq!(writer(&model, "cpu_1/sum_gap").op_type(), "AveragePool");
+    // Parameters are sized from the shapes: fc reads 4·1·1 inputs.
+    let fc_w = model
+        .init_net()
+        .ops()
+        .iter()
+        .find(|o| o.output == ["cpu_1/fc_w"])
+        .unwrap();
+    assert_eq!(fc_w.find_arg("shape").unwrap().ints, [5, 4]);
+    let c2_w = model
+        .init_net()
+        .ops()
+        .iter()
+        .find(|o| o.output == ["cpu_1/c2_w"])
+        .unwrap();
+    assert_eq!(
+        c2_w.find_arg("shape").unwrap().ints,
+        [4, 4, 1, 1],
+        "8 channels in 2 groups"
+    );
+}
+
+#[test]
+fn layers_that_cannot_be_built_say_why() {
+    let mut model = ModelHelper::new("m");
+    DeviceModel::scope(&mut model, Device::cpu(0), |m| {
+        let unknown = m.input("data");
+        let e = m.fc("fc", unknown, 3).unwrap_err().to_string();
+        assert!(e.contains("cpu_0/data") && e.contains("input_with_shape"), "{e}");
+        assert!(m.conv("c", unknown, 3, 3).build().is_err());
+        assert!(m.spatial_bn("bn", unknown).is_err());
+        assert!(m.global_average_pool(unknown).is_err());
+        let flat = m.input_with_shape("flat", [12]);
+        let e = m.conv("c", flat, 3, 3).build().unwrap_err().to_string();
+        assert!(e.contains("[C, H, W]"), "{e}");
+        assert!(m
+            .max_pool(flat, 2, 2, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("[C, H, W]"));
+        let small = m.input_with_shape("small", [1, 2, 2]);
+        let e = m.conv("c", small, 3, 5).pad(1).build().unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        assert!(m.conv("c", small, 3, 1).stride(0).build().is_err());
+        // A window that just fits with its padding is fine.
+        let fits = m.conv("fits", small, 3, 4).pad(1).build().unwrap();
+        assert_eq!(m.sample_shape(fits).unwrap().dims(), [3, 1, 1]);
+        let other = m.input_with_shape("other", [1, 3, 3]);
+        let e = m.add("sum", small, other).unwrap_err().to_string();
+        assert!(e.contains("sum") && e.contains("differ"), "{e}");
+        // Adding a blob of unknown shape takes the known one.
+        let s = m.add("sum2", unknown, small).unwrap();
+        assert_eq!(m.sample_shape(s).unwrap().dims(), [1, 2, 2]);
+        let r = m.relu(unknown).unwrap();
+        assert!(m.sample_shape(r).is_none());
+    });
+}
+
+#[test]
+fn losses_come_in_every_form_a_forward_function_may_return() {
+    let mut model = ModelHelper::new("m");
+    DeviceModel::scope(&mut model, Device::cpu(2), |m| {
+        let a = m.input("a");
+        let b = m.input("b");
+        let names = |v: Vec<BlobRef>| v.iter().map(|b| b.name().to_owned()).collect::<Vec<_>>();
+        assert_eq!(names(a.into_losses(m).unwrap()), ["cpu_2/a"]);
+        assert_eq!(names(vec![a, b].into_losses(m).unwrap()), ["cpu_2/a", "cpu_2/b"]);
+        assert_eq!(
+            names(Losses::from([b, a]).into_losses(m).unwrap()),
+            ["cpu_2/b", "cpu_2/a"]
+        );
+        let ok: Result<Blob<'_>> = Ok(b);
+        assert_eq!(names(ok.into_losses(m).unwrap()), ["cpu_2/b"]);
+        let err: Result<Blob<'_>> = Err(Error::Config("boom".into()));
+        assert!(err.into_losses(m).is_err());
+        // Ops added through the model helper become blobs with `adopt`.
+        let x = m.name(a).clone();
+        let y = m.model().relu(&x, "custom");
+        let y = m.adopt(y, Some(Shape::from([7])));
+        assert_eq!(
+            (m.name(y).name(), m.sample_shape(y).map(|s| s.dims().to_vec())),
+            ("cpu_2/custom", Some(vec![7]))
+        );
+    });
+    // A test model builds inference ops.
+    let mut test = ModelHelper::new_test("t");
+    DeviceModel::scope(&mut test, Device::cpu(0), |m| {
+        assert!(m.is_test());
+        let x = m.input_with_shape("x", [2, 4, 4]);
+        m.spatial_bn("bn", x).unwrap();
+    });
+    let bn = writer(&test, "cpu_0/bn");
+    assert_eq!((int_arg(bn, "is_test"), bn.output.len()), (Some(1), 1));
+}
