@@ -248,3 +248,103 @@ fn checkpoint_files_round_trip_every_element_type() {
     assert!(checkpoint::save(&dir.join(".."), &tensors, Default::default()).is_err());
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn a_checkpoint_that_does_not_fit_the_model_changes_nothing() {
+    let dir = scratch("mismatch");
+    let mut t = trainer(0, 1);
+    t.run(1).unwrap();
+    let good = dir.join("good.safetensors");
+    t.save(&good).unwrap();
+    let contents = checkpoint::load(&good).unwrap();
+    let before = state(&t);
+    let write = |name: &str, edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+        let mut tensors = contents.tensors.clone();
+        edit(&mut tensors);
+        let p = dir.join(name);
+        checkpoint::save(&p, &tensors, Default::default()).unwrap();
+        p
+    };
+    let missing = write("missing", &|v| v.retain(|(k, _)| k != "bn_rm"));
+    let extra = write("extra", &|v| v.push(("stranger".into(), Tensor::scalar(1.0f32))));
+    let reshaped = write("reshaped", &|v| {
+        let fc = v.iter_mut().find(|(k, _)| k == "fc_b").unwrap();
+        fc.1 = Tensor::zeros::<f32>([4]);
+    });
+    let retyped = write("retyped", &|v| {
+        let it = v.iter_mut().find(|(k, _)| k == "ITER").unwrap();
+        it.1 = Tensor::from_vec([1], vec![3.0f32]).unwrap();
+    });
+    for (path, words) in [
+        (missing, ["bn_rm", "needs"]),
+        (extra, ["stranger", "does not have"]),
+        (reshaped, ["fc_b", "[4]"]),
+        (retyped, ["ITER", "I64"]),
+    ] {
+        let err = t.load(&path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Checkpoint { .. }), "{msg}");
+        assert!(words.iter().all(|w| msg.contains(w)), "{msg}");
+    }
+    for ((key, d, a), (_, _, b)) in before.iter().zip(state(&t)) {
+        assert!(a.bitwise_eq(&b), "{key} on {d} changed by a refused load");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn the_test_net_runs_inference_on_the_trained_parameters_and_changes_nothing() {
+    let mut t = trainer(0, 1);
+    assert!(t
+        .run_test(Vec::new())
+        .unwrap_err()
+        .to_string()
+        .contains("add_test_net"));
+    t.run(3).unwrap();
+    t.add_test_net(convnet).unwrap();
+    assert_eq!(
+        t.test_outputs().iter().map(BlobRef::name).collect::<Vec<_>>(),
+        ["cpu_0/loss"]
+    );
+    let before = state(&t);
+    let batch = images(100)().unwrap();
+    t.run_test(batch.clone()).unwrap();
+    let loss = t.fetch("loss", Device::cpu(0)).unwrap().data::<f32>().unwrap()[0];
+    assert!(loss.is_finite() && loss > 0.0);
+    // Inference reads the running statistics and updates nothing.
+    for ((key, d, a), (_, _, b)) in before.iter().zip(state(&t)) {
+        assert!(a.bitwise_eq(&b), "{key} on {d} changed by the test net");
+    }
+    // Batch norm normalised with the running statistics, not the batch's.
+    let f = |name: &str| {
+        t.fetch(name, Device::cpu(0))
+            .unwrap()
+            .data::<f32>()
+            .unwrap()
+            .to_vec()
+    };
+    let (conv, bn) = (f("conv"), f("bn"));
+    let (rm, riv, sc, bias) = (f("bn_rm"), f("bn_riv"), f("bn_s"), f("bn_b"));
+    for (i, (&x, &y)) in conv.iter().zip(&bn).enumerate() {
+        let c = (i / 36) % 4;
+        let want = (x - rm[c]) / (riv[c] + 1e-5).sqrt() * sc[c] + bias[c];
+        assert!(
+            (y - want).abs() < 1e-4 * (1.0 + want.abs()),
+            "bn[{i}] {y} vs {want}"
+        );
+    }
+    // Same batch, same answer.
+    t.run_test(batch.clone()).unwrap();
+    let again = t.fetch("loss", Device::cpu(0)).unwrap().data::<f32>().unwrap()[0];
+    assert_eq!(loss.to_bits(), again.to_bits());
+    // A test forward that uses a parameter the trained model lacks is refused.
+    let mut t2 = trainer(0, 1);
+    let err = t2
+        .add_test_net(|m: &mut ModelHelper| {
+            let x = m.blob("data");
+            Ok(vec![m.fc("brand_new", &x, 72, 3)?])
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("brand_new"), "{err}");
+}

@@ -263,3 +263,24 @@ fn every_op_autodiff_adds_is_marked_as_a_gradient_op() {
     }
     assert!(n.ops()[..forward].iter().all(|o| o.is_gradient_op.is_none()));
 }
+
+#[test]
+fn stop_gradient_cuts_the_backward_pass() {
+    // w1 → h → StopGradient → FC(w2) → loss: only w2 gets a gradient.
+    let mut n = Net::new("stop");
+    n.op("FC").inputs(["x", "w1"]).output("h").build();
+    n.op("StopGradient").input("h").output("hs").build();
+    n.op("FC").inputs(["hs", "w2"]).output("y").build();
+    n.op("SoftmaxWithLoss")
+        .inputs(["y", "label"])
+        .outputs(["p", "loss"])
+        .build();
+    let wrt = [BlobRef::new("w1"), BlobRef::new("w2")];
+    let g = dpm::autodiff::add_gradient_ops(&mut n, &[BlobRef::new("loss")], &wrt).unwrap();
+    assert!(g.get(&wrt[0]).is_none());
+    assert_eq!(g.get(&wrt[1]).map(BlobRef::name), Some("w2_grad"));
+    assert!(!n
+        .ops()
+        .iter()
+        .any(|o| o.output.iter().any(|b| b == "hs_grad" || b == "h_grad")));
+}

@@ -544,3 +544,48 @@ fn the_train_net_carries_caffe2s_executor_settings() {
         (Some("simple"), Some(5))
     );
 }
+
+#[test]
+fn the_trainer_splits_every_input_type_and_takes_a_new_source() {
+    let mut t = trainer(2, 2, 0).build().unwrap();
+    assert_eq!(t.devices(), cpus(2));
+    t.run_init().unwrap();
+    // A source with an extra i64 and f32 blob: each device gets its rows.
+    t.set_input(|| -> Result<Vec<(String, Tensor)>> {
+        let mut batch = cycling_source(4, 0)()?;
+        batch.push((
+            "ids".into(),
+            Tensor::from_vec([4, 2], (0..8i64).collect()).unwrap(),
+        ));
+        batch.push((
+            "w".into(),
+            Tensor::from_vec([4], vec![0.5f32, 1.5, 2.5, 3.5]).unwrap(),
+        ));
+        Ok(batch)
+    });
+    t.step().unwrap();
+    assert_eq!(
+        t.fetch("ids", Device::cpu(0)).unwrap().data::<i64>().unwrap(),
+        [0, 1, 2, 3]
+    );
+    assert_eq!(
+        t.fetch("ids", Device::cpu(1)).unwrap().data::<i64>().unwrap(),
+        [4, 5, 6, 7]
+    );
+    assert_eq!(
+        t.fetch("w", Device::cpu(1)).unwrap().data::<f32>().unwrap(),
+        [2.5, 3.5]
+    );
+    assert_eq!(t.fetch("label", Device::cpu(1)).unwrap().dims(), [2]);
+    // A blob without a batch dimension cannot be split.
+    let rank0 = || Tensor::from_vec(Vec::<usize>::new(), vec![1.0f32]).unwrap();
+    t.set_input(move || Ok(vec![("s".to_owned(), rank0())]));
+    let e = t.step().unwrap_err().to_string();
+    assert!(e.contains("batch dimension"), "{e}");
+    // The gradients, in all-reduce order, one blob per device.
+    let grads: Vec<&str> = t.grad_groups().iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(grads, ["fc2_w_grad", "fc2_b_grad", "fc1_w_grad", "fc1_b_grad"]);
+    assert_eq!(t.grad_groups()[0].blobs[1].name(), "cpu_1/fc2_w_grad");
+    assert_eq!(t.blob_device("cpu_0/fc2_w_grad"), Some(Device::cpu(0)));
+    assert_eq!(t.blob_device("nowhere"), None);
+}
