@@ -589,3 +589,103 @@ fn the_trainer_splits_every_input_type_and_takes_a_new_source() {
     assert_eq!(t.blob_device("cpu_0/fc2_w_grad"), Some(Device::cpu(0)));
     assert_eq!(t.blob_device("nowhere"), None);
 }
+
+#[test]
+fn kernel_threads_default_to_the_cores_each_device_gets() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for n in [1u32, 2, 3] {
+        let t = trainer(n, 2, 0).build().unwrap();
+        assert_eq!(t.kernel_threads(), (cores / n as usize).max(1));
+    }
+    assert_eq!(
+        trainer(2, 2, 0)
+            .kernel_threads(3)
+            .build()
+            .unwrap()
+            .kernel_threads(),
+        3
+    );
+}
+
+#[test]
+fn blob_devices_come_from_namescopes_then_from_the_ops_that_touch_them() {
+    use dpm::parallel::{check_namescopes, infer_blob_devices};
+    let mut net = Net::new("n");
+    net.device_scope(Device::cuda(1), |n| {
+        n.op("Relu").input("gpu_1/x").output("gpu_1/y").build();
+        // Unscoped blobs take the device of the op touching them.
+        n.op("Relu").input("shared_in").output("shared_out").build();
+    });
+    let devices = [Device::cuda(0), Device::cuda(1)];
+    let map = infer_blob_devices([net.proto()], &devices);
+    for (blob, d) in [
+        ("gpu_1/x", 1),
+        ("gpu_1/y", 1),
+        ("shared_in", 1),
+        ("shared_out", 1),
+    ] {
+        assert_eq!(map.get(blob), Some(&Device::cuda(d)), "{blob}");
+    }
+    assert_eq!(map.len(), 4);
+    check_namescopes(net.proto(), &devices).unwrap();
+    // A GPU op reaching into another GPU's namescope is refused, even alone.
+    let mut bad = Net::new("bad");
+    bad.device_scope(Device::cuda(1), |n| {
+        n.op("Relu").input("gpu_0/x").output("z").build();
+    });
+    let e = check_namescopes(bad.proto(), &devices).unwrap_err().to_string();
+    assert!(e.contains("runs on cuda:1") && e.contains("gpu_0/x"), "{e}");
+    // Collectives and copies may cross.
+    let mut ok = Net::new("ok");
+    ok.op("Copy").input("gpu_0/x").output("gpu_1/x").build();
+    ok.op("Allreduce")
+        .inputs(["gpu_0/g", "gpu_1/g"])
+        .outputs(["gpu_0/g", "gpu_1/g"])
+        .build();
+    check_namescopes(ok.proto(), &devices).unwrap();
+}
+
+#[test]
+fn gradient_sharing_renames_disjoint_lifetimes_onto_few_buffers() {
+    use dpm::parallel::share_gradient_blobs;
+    use std::collections::HashSet;
+    // a_grad is last read by op 1; b_grad is first written by op 2: they can share.
+    // c_grad is written while b_grad is still to be read: it needs its own buffer.
+    let mut net = Net::new("g");
+    let grad = |n: &mut Net, ins: &[&str], out: &str| {
+        n.op("Relu")
+            .inputs(ins.iter().copied())
+            .output(out)
+            .gradient_op()
+            .build();
+    };
+    net.name_scope("cpu_0", |n| {
+        grad(n, &["x"], "a_grad");
+        grad(n, &["a_grad"], "w_grad");
+        grad(n, &["w_grad"], "b_grad");
+        grad(n, &["b_grad"], "c_grad");
+        grad(n, &["b_grad", "c_grad"], "v_grad");
+    });
+    let keep: HashSet<String> = ["cpu_0/w_grad", "cpu_0/v_grad"].map(String::from).into();
+    let mut def = net.proto().clone();
+    assert_eq!(share_gradient_blobs(&mut def, "cpu_0", &keep), 2);
+    let outs: Vec<&str> = def.op.iter().map(|o| o.output[0].as_str()).collect();
+    assert_eq!(
+        outs,
+        [
+            "cpu_0/__shared_grad_0",
+            "cpu_0/w_grad",
+            "cpu_0/__shared_grad_0",
+            "cpu_0/__shared_grad_1",
+            "cpu_0/v_grad"
+        ]
+    );
+    assert_eq!(
+        def.op[4].input,
+        ["cpu_0/__shared_grad_0", "cpu_0/__shared_grad_1"]
+    );
+    // Another device's blobs, and forward ops, are left alone.
+    let mut other = net.proto().clone();
+    assert_eq!(share_gradient_blobs(&mut other, "cpu_1", &keep), 0);
+    assert_eq!(&other, net.proto());
+}

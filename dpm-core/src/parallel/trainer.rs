@@ -289,6 +289,11 @@ impl Trainer {
         self.ws.run_net(self.sync_net.net_name())
     }
 
+    /// Threads each CPU kernel of this trainer may use.
+    pub fn kernel_threads(&self) -> usize {
+        self.p.kernel_threads
+    }
+
     /// Whether the trainer updates parameters (false: forward-only).
     pub fn is_training(&self) -> bool {
         self.p.training
