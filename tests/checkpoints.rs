@@ -258,7 +258,8 @@ fn a_checkpoint_that_does_not_fit_the_model_changes_nothing() {
     t.save(&good).unwrap();
     let contents = checkpoint::load(&good).unwrap();
     let before = state(&t);
-    let write = |name: &str, edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+    type Named = Vec<(String, Tensor)>;
+    let write = |name: &str, edit: &dyn Fn(&mut Named)| {
         let mut tensors = contents.tensors.clone();
         edit(&mut tensors);
         let p = dir.join(name);
