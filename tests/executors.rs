@@ -59,6 +59,15 @@ fn within_a_minute<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) ->
         .expect("the executor hung (no result within 60 s)")
 }
 
+/// Runs `net` once in a new workspace, under the watchdog.
+fn run_watched(net: Net) -> Workspace {
+    within_a_minute(move || {
+        let ws = Workspace::new();
+        ws.run_net_once(net.proto()).unwrap();
+        ws
+    })
+}
+
 // --- The probe: an op that records when it runs and can wait for company. ---
 
 /// What the probes of one test (`tag`) did.
@@ -217,11 +226,7 @@ fn dag_runs_independent_ops_at_the_same_time() {
     for id in 0..3 {
         probe(&mut net, "parallel", id).arg("meet", 3i64).build();
     }
-    let ws = within_a_minute(move || {
-        let ws = Workspace::new();
-        ws.run_net_once(net.proto()).unwrap();
-        ws
-    });
+    let ws = run_watched(net);
     for id in 0..3 {
         assert!(met(&ws, id), "p{id} ran alone: the dag executor is sequential");
     }
@@ -266,11 +271,7 @@ fn first_iter_only_one_worker_runs_the_first_run_alone_then_in_parallel() {
     for id in 10..12 {
         probe(&mut net, "first_iter_off", id).arg("meet", 2i64).build();
     }
-    let ws = within_a_minute(move || {
-        let ws = Workspace::new();
-        ws.run_net_once(net.proto()).unwrap();
-        ws
-    });
+    let ws = run_watched(net);
     assert!(met(&ws, 10) && met(&ws, 11));
 }
 
