@@ -689,3 +689,53 @@ fn gradient_sharing_renames_disjoint_lifetimes_onto_few_buffers() {
     assert_eq!(share_gradient_blobs(&mut other, "cpu_1", &keep), 0);
     assert_eq!(&other, net.proto());
 }
+
+#[test]
+fn input_and_update_builders_can_be_plain_closures() {
+    // The input builder puts a reader in each replica: here fills that make a
+    // fixed batch of 4 rows per device, the labels as int32.
+    let mut t = Parallelize::new(ModelHelper::new("closures"))
+        .devices(cpus(2))
+        .input_builder(|m: &mut ModelHelper| {
+            m.net_mut()
+                .op("GaussianFill")
+                .output("data")
+                .arg("shape", vec![4i64, 8])
+                .arg("seed", 3i64)
+                .build();
+            m.net_mut()
+                .op("ConstantFill")
+                .output("label")
+                .arg("shape", vec![4i64])
+                .arg("value", 1.0f32)
+                .arg("dtype", dpm::proto::TensorDataType::Int32 as i64)
+                .build();
+            Ok(())
+        })
+        .forward(mlp_forward)
+        .update(|m: &mut ModelHelper| Sgd::new(0.5).build(m))
+        .build()
+        .unwrap();
+    for d in 0..2 {
+        let data = t
+            .model()
+            .net()
+            .ops()
+            .iter()
+            .find(|o| o.output == [format!("cpu_{d}/data")]);
+        assert_eq!(data.map(|o| o.op_type()), Some("GaussianFill"));
+    }
+    t.run_init().unwrap();
+    let before = params(&t, Device::cpu(0));
+    t.run(5).unwrap();
+    let after = params(&t, Device::cpu(0));
+    assert!(
+        before.iter().zip(&after).any(|((_, a), (_, b))| !a.bitwise_eq(b)),
+        "nothing was updated"
+    );
+    for ((name, a), (_, b)) in after.iter().zip(params(&t, Device::cpu(1))) {
+        assert!(a.bitwise_eq(&b), "{name} differs between replicas");
+    }
+    // Label 1 everywhere: the loss falls.
+    assert!(t.loss().unwrap() < 0.5, "loss {}", t.loss().unwrap());
+}
