@@ -210,52 +210,64 @@ fn allreduces_run_last_layer_first_chained_by_control_inputs() {
 }
 
 #[test]
-fn computed_params_are_broadcast_or_averaged() {
-    for (mode, expect_equal_to_master) in [
-        (ComputedParams::Broadcast, true),
-        (ComputedParams::Average, false),
-    ] {
-        let mut t = trainer(2, 4, 0)
-            .forward(|m: &mut ModelHelper| {
-                let losses = mlp_forward(m)?;
-                // Like a running statistic: initialised once, recomputed every step.
-                m.init_net_mut()
-                    .op("ConstantFill")
-                    .output("loss_stat")
-                    .arg("shape", Vec::<i64>::new())
-                    .build();
-                let stat = m
-                    .net_mut()
-                    .op("Copy")
-                    .input(&losses[0])
-                    .output("loss_stat")
-                    .build_one();
-                m.add_computed_param(stat);
-                Ok(losses)
-            })
-            .computed_params(mode)
-            .build()
-            .unwrap();
-        t.run_init().unwrap();
-        t.step().unwrap();
-        let l0 = t.fetch("loss", Device::cpu(0)).unwrap().data::<f32>().unwrap()[0];
-        let l1 = t.fetch("loss", Device::cpu(1)).unwrap().data::<f32>().unwrap()[0];
-        let s0 = t
-            .fetch("loss_stat", Device::cpu(0))
-            .unwrap()
-            .data::<f32>()
-            .unwrap()[0];
-        let s1 = t
-            .fetch("loss_stat", Device::cpu(1))
-            .unwrap()
-            .data::<f32>()
-            .unwrap()[0];
-        assert_eq!(s0, s1);
-        if expect_equal_to_master {
-            assert_eq!(s0, l0);
-        } else {
-            assert!((s0 - (l0 + l1) / 2.0).abs() < 1e-6);
+fn computed_params_are_broadcast_averaged_or_kept() {
+    for n in [2u32, 3] {
+        for mode in [
+            ComputedParams::Broadcast,
+            ComputedParams::Average,
+            ComputedParams::Keep,
+        ] {
+            let mut t = trainer(n, 4, 0)
+                .forward(|m: &mut ModelHelper| {
+                    let losses = mlp_forward(m)?;
+                    // Like a running statistic: initialised once, recomputed every step.
+                    m.init_net_mut()
+                        .op("ConstantFill")
+                        .output("loss_stat")
+                        .arg("shape", Vec::<i64>::new())
+                        .build();
+                    let stat = m
+                        .net_mut()
+                        .op("Copy")
+                        .input(&losses[0])
+                        .output("loss_stat")
+                        .build_one();
+                    m.add_computed_param(stat);
+                    Ok(losses)
+                })
+                .computed_params(mode)
+                .build()
+                .unwrap();
+            t.run_init().unwrap();
+            t.step().unwrap();
+            let scalar =
+                |name: &str, d: u32| t.fetch(name, Device::cpu(d)).unwrap().data::<f32>().unwrap()[0];
+            let losses: Vec<f32> = (0..n).map(|d| scalar("loss", d)).collect();
+            let mean = losses.iter().sum::<f32>() / n as f32;
+            for d in 0..n {
+                let (s, want) = (
+                    scalar("loss_stat", d),
+                    match mode {
+                        ComputedParams::Broadcast => losses[0],
+                        ComputedParams::Average => mean,
+                        ComputedParams::Keep => losses[d as usize],
+                    },
+                );
+                assert!(
+                    (s - want).abs() < 1e-6,
+                    "{n} devices, {mode:?}: cpu_{d} holds {s}, not {want}"
+                );
+            }
         }
+    }
+}
+
+#[test]
+fn one_device_needs_no_collectives() {
+    let t = trainer(1, 4, 0).build().unwrap();
+    let nets = [t.model().net().ops(), t.model().init_net().ops()];
+    for op in nets.iter().flat_map(|ops| ops.iter()) {
+        assert!(!matches!(op.op_type(), "Allreduce" | "Broadcast"), "{op:?}");
     }
 }
 
@@ -310,6 +322,16 @@ fn bad_configurations_are_clear_errors() {
         engine: "GLOO".into(),
     };
     assert!(build_err(base().devices(cpus(1)).rendezvous(r)).contains("multi-host"));
+    let shards = |shard_id, num_shards| Rendezvous {
+        shard_id,
+        num_shards,
+        engine: "MPI".into(),
+    };
+    for (id, n) in [(2, 2), (0, 0), (1, 1)] {
+        assert!(build_err(base().devices(cpus(1)).rendezvous(shards(id, n))).contains("below"));
+    }
+    // One shard is one host: it builds.
+    assert!(base().devices(cpus(1)).rendezvous(shards(0, 1)).build().is_ok());
     let no_loss = base().devices(cpus(2)).forward(|_: &mut ModelHelper| Ok(vec![]));
     assert!(build_err(no_loss).contains("no loss"));
     // A parameter only device 1 has.
@@ -738,4 +760,24 @@ fn input_and_update_builders_can_be_plain_closures() {
     }
     // Label 1 everywhere: the loss falls.
     assert!(t.loss().unwrap() < 0.5, "loss {}", t.loss().unwrap());
+}
+
+#[test]
+fn a_trainer_that_was_not_initialised_says_so() {
+    let t = trainer(2, 2, 0).build().unwrap();
+    assert!(t.is_training());
+    let path = std::env::temp_dir().join(format!("dpm-uninit-{}.safetensors", std::process::id()));
+    for e in [
+        t.save(&path).unwrap_err(),
+        t.finalize_after_checkpoint().unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("run_init"), "{e}");
+    }
+    assert!(!path.exists());
+    let mut t = t;
+    t.run_init().unwrap();
+    t.step().unwrap();
+    // A metric must be an f32 scalar.
+    let e = t.mean_scalar("label").unwrap_err().to_string();
+    assert!(e.contains("cpu_0/label") && e.contains("f32"), "{e}");
 }
