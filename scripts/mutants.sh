@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Mutation testing of dpm's core, one group of modules at a time:
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto [extra cargo-mutants flags]
+# Each group's mutants are judged by the integration tests that exercise it
+# (they live in the facade package, hence --baseline skip: run
+# `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
+# The README's "Testing" section has the catch rates.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto}
+shift
+case $group in
+  exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
+  comm) files=('dpm-core/src/comm/*.rs'); tests=(collectives executors parallel) ;;
+  parallel) files=('dpm-core/src/parallel/*.rs'); tests=(parallel checkpoints device_model data_parallel) ;;
+  autodiff) files=('dpm-core/src/autodiff/*.rs'); tests=(gradients conv_ops parallel) ;;
+  checkpoint) files=(dpm-core/src/checkpoint.rs); tests=(checkpoints parallel) ;;
+  proto) files=(dpm-core/src/proto.rs); tests=(proto executors parallel) ;;
+  *) echo "unknown group $group" >&2; exit 2 ;;
+esac
+args=()
+for f in "${files[@]}"; do args+=(-f "$f"); done
+testargs=()
+for t in "${tests[@]}"; do testargs+=(--test "$t"); done
+mkdir -p "target/mutants-report/$group"
+exec cargo mutants -p dpm-core --baseline skip --timeout 60 --build-timeout 900 \
+  "${args[@]}" -o "target/mutants-report/$group" "$@" -- "${testargs[@]}"
