@@ -35,6 +35,9 @@ fn layers_name_their_blobs_and_track_per_sample_shapes() {
         let f = m.fc("fc", gap, 5).unwrap();
         let label = m.input("label");
         let (prob, loss) = m.softmax_with_loss("loss", f, label).unwrap();
+        // A wider pooling window with more padding keeps the side: (5 + 4 − 5) + 1.
+        let q = m.max_pool(b, 5, 1, 2).unwrap();
+        assert_eq!(m.sample_shape(q).unwrap().dims(), [8, 5, 6]);
         let acc = m.accuracy("acc", prob, label);
         let all = [x, c, b, r, p, g, s, gap, f, prob, loss, acc];
         all.map(|b| {
@@ -129,6 +132,12 @@ fn layers_that_cannot_be_built_say_why() {
         let e = m.conv("c", small, 3, 5).pad(1).build().unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
         assert!(m.conv("c", small, 3, 1).stride(0).build().is_err());
+        // Either side too small is enough.
+        for shape in [[1, 2, 9], [1, 9, 2]] {
+            let x = m.input_with_shape("wide", shape);
+            let e = m.conv("c", x, 3, 5).pad(1).build().unwrap_err().to_string();
+            assert!(e.contains("does not fit"), "{shape:?}: {e}");
+        }
         // A window that just fits with its padding is fine.
         let fits = m.conv("fits", small, 3, 4).pad(1).build().unwrap();
         assert_eq!(m.sample_shape(fits).unwrap().dims(), [3, 1, 1]);
