@@ -74,3 +74,28 @@ fn runtime_errors_inside_the_function_surface_from_build() {
         .unwrap();
     assert!(err.to_string().contains("input_with_shape"), "{err}");
 }
+
+#[test]
+fn errors_of_input_and_update_functions_surface_from_build() {
+    #[data_parallel(input)]
+    fn no_reader(_m: &mut DeviceModel<'_>) -> Result<()> {
+        Err(Error::Config("the reader is not there".into()))
+    }
+    #[data_parallel(update)]
+    fn no_optimizer(_m: &mut DeviceModel<'_>) -> Result<()> {
+        Err(Error::Config("no optimizer today".into()))
+    }
+    let build = |p: Parallelize| p.devices([Device::cpu(0)]).build().err().unwrap().to_string();
+    let e = build(
+        Parallelize::new(ModelHelper::new("m"))
+            .input_builder(no_reader)
+            .forward(forward),
+    );
+    assert!(e.contains("the reader is not there"), "{e}");
+    let e = build(
+        Parallelize::new(ModelHelper::new("m"))
+            .forward(forward)
+            .update(no_optimizer),
+    );
+    assert!(e.contains("no optimizer today"), "{e}");
+}

@@ -344,6 +344,16 @@ fn bad_configurations_are_clear_errors() {
     });
     let e = build_err(uneven);
     assert!(e.contains("extra") && e.contains("cpu:1"), "{e}");
+    // A parameter only the master has is missing elsewhere, not out of order.
+    let master_only = base().devices(cpus(2)).forward(|m: &mut ModelHelper| {
+        let losses = mlp_forward(m)?;
+        if m.net().scope().prefix() == "cpu_0/" {
+            m.create_param("extra", [1], Init::Constant(0.0))?;
+        }
+        Ok(losses)
+    });
+    let e = build_err(master_only);
+    assert!(e.contains("`extra` exists on cpu:0 but not on cpu:1"), "{e}");
     // Parameters created in a different order.
     let shuffled = base().devices(cpus(2)).forward(|m: &mut ModelHelper| {
         let data = m.blob("data");
@@ -687,10 +697,13 @@ fn gradient_sharing_renames_disjoint_lifetimes_onto_few_buffers() {
         grad(n, &["w_grad"], "b_grad");
         grad(n, &["b_grad"], "c_grad");
         grad(n, &["b_grad", "c_grad"], "v_grad");
+        // e_grad is written by the op that reads v_grad for the last time: it
+        // must not land in v_grad's buffer (the op would copy its input first).
+        grad(n, &["v_grad"], "e_grad");
     });
-    let keep: HashSet<String> = ["cpu_0/w_grad", "cpu_0/v_grad"].map(String::from).into();
     let mut def = net.proto().clone();
-    assert_eq!(share_gradient_blobs(&mut def, "cpu_0", &keep), 2);
+    let keep: HashSet<String> = ["cpu_0/w_grad"].map(String::from).into();
+    assert_eq!(share_gradient_blobs(&mut def, "cpu_0", &keep), 3);
     let outs: Vec<&str> = def.op.iter().map(|o| o.output[0].as_str()).collect();
     assert_eq!(
         outs,
@@ -699,7 +712,8 @@ fn gradient_sharing_renames_disjoint_lifetimes_onto_few_buffers() {
             "cpu_0/w_grad",
             "cpu_0/__shared_grad_0",
             "cpu_0/__shared_grad_1",
-            "cpu_0/v_grad"
+            "cpu_0/__shared_grad_2",
+            "cpu_0/__shared_grad_0"
         ]
     );
     assert_eq!(
