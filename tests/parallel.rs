@@ -465,6 +465,12 @@ fn the_init_net_broadcasts_the_masters_parameters_to_every_replica() {
         .unwrap();
     let mut t = t;
     t.run_init().unwrap();
+    let computed: Vec<&str> = t
+        .computed_param_groups()
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(computed, ["stat"]);
     let master_w = t.fetch("fc1_w", Device::cpu(0)).unwrap();
     assert!(master_w
         .data::<f32>()
