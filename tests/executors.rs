@@ -469,6 +469,13 @@ fn ops_read_the_blobs_they_overwrite_before_writing_them() {
         .build();
     ws.run_net_once(net.proto()).unwrap();
     assert_eq!(ws.fetch("x").unwrap().data::<f32>().unwrap(), [2.0, 4.0, 6.0]);
+    // `Relu(v) → v` from a kernel that does not declare in-place pairs: the
+    // executor hands it a copy of v to read.
+    ws.feed("v", Tensor::from_vec([3], vec![-1.0f32, 2.0, -3.0]).unwrap());
+    let mut net = Net::new("relu");
+    net.op("Relu").input("v").output("v").build();
+    ws.run_net_once(net.proto()).unwrap();
+    assert_eq!(ws.fetch("v").unwrap().data::<f32>().unwrap(), [0.0, 2.0, 0.0]);
     // An in-place pair whose input is also written under another output name:
     // MomentumSGDUpdate(g, m, lr, p) → (m, g, p) must give what (g, m, p) gives,
     // with the first two outputs swapped.
@@ -494,13 +501,15 @@ fn ops_read_the_blobs_they_overwrite_before_writing_them() {
     // A missing blob is named whichever way the op reads it: read-only, read
     // and overwritten, or updated in place.
     let ws = Workspace::new();
-    let mut net = Net::new("missing");
-    net.op("Scale").input("y").output("y").build();
-    let err = ws.run_net_once(net.proto()).unwrap_err();
-    assert!(
-        matches!(err.root(), Error::MissingBlob { name } if name == "y"),
-        "{err}"
-    );
+    for op in ["Scale", "Relu"] {
+        let mut net = Net::new("missing");
+        net.op(op).input("y").output("y").build();
+        let err = ws.run_net_once(net.proto()).unwrap_err();
+        assert!(
+            matches!(err.root(), Error::MissingBlob { name } if name == "y"),
+            "{op}: {err}"
+        );
+    }
     let mut net = Net::new("missing_in_place");
     net.op("Allreduce")
         .inputs(["cpu_0/z", "cpu_1/z"])
