@@ -284,3 +284,19 @@ fn stop_gradient_cuts_the_backward_pass() {
         .iter()
         .any(|o| o.output.iter().any(|b| b == "hs_grad" || b == "h_grad")));
 }
+
+#[test]
+fn one_op_using_an_accumulated_blob_twice_keeps_both_contributions_apart() {
+    // x already has a gradient (from relu) when FC(x, x) adds two more, one as
+    // data and one as weights, at the same time: each needs its own blob.
+    let mut n = Net::new("twice_in_one_op");
+    n.op("FC").inputs(["x", "x"]).output("y").build();
+    n.op("Relu").input("x").output("r").build();
+    n.op("Sum").inputs(["y", "r"]).output("s").build();
+    n.op("FC").inputs(["s", "w"]).output("z").build();
+    let feeds = [
+        ("x", random(&[4, 4], 17, -1.0, 1.0, 0.05)),
+        ("w", random(&[3, 4], 18, -1.0, 1.0, 0.0)),
+    ];
+    gradcheck(&n, &feeds, &["z"], &["x", "w"]);
+}
