@@ -5,7 +5,7 @@
 //! covered in noise. The blend keeps the true class dominant (weight above 1/2),
 //! so the labels are right, but a model must learn what tells the classes apart
 //! rather than match ten fixed pictures: a short run stays well below 100%
-//! held-out accuracy and longer training or a deeper model gets further.
+//! held-out accuracy and longer training gets further.
 
 use super::Dataset;
 use crate::ops::cpu::rng::Rng;
