@@ -34,8 +34,8 @@ fn measure(depth: usize, share: bool) -> Result<(usize, usize, usize)> {
     for d in devices {
         let x: Vec<f32> = (0..BATCH * 3 * 32 * 32).map(|_| rng.normal() as f32).collect();
         let y: Vec<i32> = (0..BATCH).map(|i| (i % 10) as i32).collect();
-        t.feed("data", d, Tensor::from_vec([BATCH, 3, 32, 32], x).unwrap());
-        t.feed("label", d, Tensor::from_vec([BATCH], y).unwrap());
+        t.feed("data", d, Tensor::from_vec([BATCH, 3, 32, 32], x).unwrap())?;
+        t.feed("label", d, Tensor::from_vec([BATCH], y).unwrap())?;
     }
     let net = t.model().net().proto().clone();
     let mut peak = 0;

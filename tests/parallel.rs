@@ -415,7 +415,7 @@ fn run_time_failures_are_errors_not_hangs() {
             if name == "label" && d == 1 {
                 part.data_mut::<i32>().unwrap()[2] = 99;
             }
-            t.feed(name, Device::cpu(d), part);
+            t.feed(name, Device::cpu(d), part).unwrap();
         }
     }
     let ws = t.workspace();

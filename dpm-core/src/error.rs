@@ -136,8 +136,47 @@ pub enum Error {
         reason: String,
     },
     /// The CUDA backend was asked for, but dpm was built without the `cuda` feature.
-    #[error("device {0} needs CUDA, but dpm was compiled without the `cuda` feature")]
+    #[error("{0} needs CUDA, but this build has no CUDA support: rebuild with `--features cuda`")]
     NotCompiledWithCuda(String),
+    /// The CUDA driver library could not be loaded or initialised.
+    #[error("no CUDA driver found (libcuda.so): {0}")]
+    NoCudaDriver(String),
+    /// A CUDA device was named that this machine does not have.
+    #[error("device {device} does not exist: this machine has {count} CUDA device(s){}", gpu_list(*.count))]
+    NoSuchDevice {
+        /// The device asked for.
+        device: String,
+        /// How many CUDA devices the driver reports.
+        count: usize,
+    },
+    /// A CUDA library (driver, cuBLAS, cuDNN, NVRTC) reported an error.
+    #[error("{library} on {device}: {message}")]
+    Cuda {
+        /// Which library failed: `CUDA driver`, `cuBLAS`, `cuDNN`, `NVRTC`.
+        library: &'static str,
+        /// The device, e.g. `cuda:0`.
+        device: String,
+        /// The library's message, with what dpm was doing.
+        message: String,
+    },
+    /// A device allocation failed.
+    #[error("out of memory on {device}: {bytes} bytes requested, {free} free; use a smaller batch or fewer replicas per GPU")]
+    OutOfDeviceMemory {
+        /// The device.
+        device: String,
+        /// The size of the allocation that failed.
+        bytes: usize,
+        /// Free device memory at the time, as the driver reports it.
+        free: usize,
+    },
+    /// A tensor's elements were asked for in host memory, but they live on a device.
+    #[error("blob `{blob}` lives on {device}, not in host memory; copy it with `to_host()` first")]
+    NotOnHost {
+        /// The blob.
+        blob: String,
+        /// Where it lives.
+        device: String,
+    },
     /// An I/O error, with the path involved.
     #[error("{path}: {source}")]
     Io {
@@ -147,6 +186,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn gpu_list(count: usize) -> String {
+    match count {
+        0 => String::new(),
+        1 => " (cuda:0)".into(),
+        n => format!(" (cuda:0 to cuda:{})", n - 1),
+    }
 }
 
 fn name_suffix(name: &str) -> String {

@@ -21,6 +21,7 @@
 pub mod autodiff;
 pub mod checkpoint;
 pub mod comm;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod exec;

@@ -149,7 +149,7 @@ impl Kernel for Allreduce {
         let mut bufs = Vec::with_capacity(n);
         for (t, name) in ctx.outputs().iter_mut().zip(&names) {
             let got = t.dtype();
-            bufs.push(t.data_mut::<f32>().ok_or_else(|| Error::DataTypeMismatch {
+            bufs.push(t.data_mut::<f32>().ok().ok_or_else(|| Error::DataTypeMismatch {
                 blob: name.clone(),
                 expected: crate::tensor::DataType::F32,
                 got,
@@ -193,7 +193,7 @@ impl Kernel for Broadcast {
         let (before, rest) = outs.split_at_mut(self.root);
         let (root, after) = rest.split_first_mut().expect("root < len");
         for t in before.iter_mut().chain(after.iter_mut()) {
-            t.copy_from(root);
+            t.copy_from(root)?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ struct State {
 
 struct Shared<'p> {
     plan: &'p Plan,
+    threads: usize,
     pending: Vec<AtomicUsize>,
     state: Mutex<State>,
     wake: Condvar,
@@ -46,7 +47,7 @@ impl Shared<'_> {
                     }
                 }
             };
-            let result = self.plan.steps[idx].run();
+            let result = self.plan.steps[idx].run(self.threads);
             let mut st = self.lock();
             if let Err(e) = result {
                 st.error.get_or_insert(e);
@@ -75,7 +76,7 @@ impl Shared<'_> {
     }
 }
 
-pub(super) fn run(plan: &Plan, workers: usize) -> Result<()> {
+pub(super) fn run(plan: &Plan, workers: usize, threads: usize) -> Result<()> {
     let n = plan.steps.len();
     if n == 0 {
         return Ok(());
@@ -83,6 +84,7 @@ pub(super) fn run(plan: &Plan, workers: usize) -> Result<()> {
     let ready: VecDeque<usize> = (0..n).filter(|&i| plan.num_deps[i] == 0).collect();
     let shared = Shared {
         plan,
+        threads,
         pending: plan.num_deps.iter().map(|&d| AtomicUsize::new(d)).collect(),
         state: Mutex::new(State {
             ready,

@@ -30,6 +30,7 @@ enum InputSrc {
 /// One op, ready to run.
 pub(crate) struct Step {
     index: usize,
+    device: Device,
     def: OperatorDef,
     kernel: Box<dyn Kernel>,
     /// Unique blobs the op touches, sorted by name; `true` = write.
@@ -62,6 +63,11 @@ impl Step {
             .map(Device::from_proto)
             .transpose()?
             .unwrap_or(Device::Cpu(0));
+        // A missing driver or GPU is reported here, before anything runs.
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(n) = device {
+            crate::cuda::gpu(n)?;
+        }
         let kernel = Registry::global().create(def, device.device_type())?;
         for (i, o) in kernel.in_place() {
             if *i >= def.input.len() || *o >= def.output.len() {
@@ -106,6 +112,7 @@ impl Step {
         let locks = names.iter().map(|(n, w)| (ws.cell(n), *w)).collect();
         Ok(Step {
             index,
+            device,
             def: def.clone(),
             kernel,
             locks,
@@ -121,7 +128,7 @@ impl Step {
     }
 
     /// Runs the kernel with the op's blobs locked. Errors are not yet wrapped.
-    fn execute(&self) -> Result<()> {
+    fn execute(&self, threads: usize) -> Result<()> {
         // Locks are taken in name order, so two ops can never wait on each other.
         let mut guards: Vec<Guard<'_>> = self
             .locks
@@ -144,7 +151,7 @@ impl Step {
                 _ => None,
             };
             clones.push(match copy_of {
-                Some(l) => Some(guards[l].get().ok_or_else(|| self.missing(i))?.clone()),
+                Some(l) => Some(guards[l].get().ok_or_else(|| self.missing(i))?.try_clone()?),
                 None => None,
             });
         }
@@ -184,19 +191,19 @@ impl Step {
                 InputSrc::InPlace { out, from } => {
                     if let Some(l) = from {
                         let src = clones[i].as_ref().or(shared[*l]).ok_or_else(|| self.missing(i))?;
-                        outputs[*out].copy_from(src);
+                        outputs[*out].copy_from(src)?;
                     }
                     None
                 }
             });
         }
-        let mut ctx = OpContext::new(&self.def, inputs, outputs);
-        self.kernel.run(&mut ctx)
+        let mut ctx = OpContext::new(&self.def, inputs, outputs).on(self.device, threads);
+        crate::ops::cpu::gemm::with_threads(threads, || self.kernel.run(&mut ctx))
     }
 
     /// Runs the op, turning errors and panics into an [`Error::Op`] that names it.
-    pub(crate) fn run(&self) -> Result<()> {
-        let result = match catch_unwind(AssertUnwindSafe(|| self.execute())) {
+    pub(crate) fn run(&self, threads: usize) -> Result<()> {
+        let result = match catch_unwind(AssertUnwindSafe(|| self.execute(threads))) {
             Ok(r) => r,
             Err(payload) => Err(Error::KernelPanic(panic_message(payload.as_ref()))),
         };
@@ -226,6 +233,8 @@ pub(crate) struct Plan {
     pub(super) workers: usize,
     pub(super) first_iter_only_one_worker: bool,
     pub(super) steps: Vec<Step>,
+    /// CUDA devices the net's ops run on: synchronised at the end of each run.
+    gpus: Vec<u32>,
     /// Ops that wait on each op.
     pub(super) dependents: Vec<Vec<usize>>,
     /// How many ops each op waits on.
@@ -269,6 +278,15 @@ impl Plan {
             })
             .collect::<Result<Vec<_>>>()?;
         let deps = dependencies(&net.op).map_err(invalid)?;
+        let mut gpus: Vec<u32> = steps
+            .iter()
+            .filter_map(|s| match s.device {
+                Device::Cuda(n) => Some(n),
+                Device::Cpu(_) => None,
+            })
+            .collect();
+        gpus.sort_unstable();
+        gpus.dedup();
         let mut dependents = vec![Vec::new(); steps.len()];
         for (j, ds) in deps.iter().enumerate() {
             for &i in ds {
@@ -281,25 +299,46 @@ impl Plan {
             workers,
             first_iter_only_one_worker,
             steps,
+            gpus,
             dependents,
             num_deps: deps.iter().map(Vec::len).collect(),
             runs: AtomicU64::new(0),
         })
     }
 
-    pub(crate) fn run(&self) -> Result<()> {
+    /// Runs every op; CPU kernels may use `threads` threads each. Work enqueued on
+    /// CUDA devices has finished when this returns, failed or not.
+    pub(crate) fn run(&self, threads: usize) -> Result<()> {
         let first = self.runs.fetch_add(1, Ordering::Relaxed) == 0;
-        match self.kind {
-            NetKind::Simple => self.steps.iter().try_for_each(Step::run),
+        let result = match self.kind {
+            NetKind::Simple => self.steps.iter().try_for_each(|s| s.run(threads)),
             NetKind::Dag => {
                 let workers = if first && self.first_iter_only_one_worker {
                     1
                 } else {
                     self.workers
                 };
-                super::dag::run(self, workers)
+                super::dag::run(self, workers, threads)
             }
-        }
+        };
+        let synced = self.synchronize();
+        result.and(synced)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn synchronize(&self) -> Result<()> {
+        self.gpus
+            .iter()
+            .try_for_each(|&n| crate::cuda::gpu(n)?.synchronize())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn synchronize(&self) -> Result<()> {
+        debug_assert!(
+            self.gpus.is_empty(),
+            "no CUDA op can be created without the feature"
+        );
+        Ok(())
     }
 }
 

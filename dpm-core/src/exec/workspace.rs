@@ -1,6 +1,7 @@
 //! The workspace: named blobs, and nets compiled against them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::plan::{BlobCell, Plan};
@@ -11,10 +12,20 @@ use crate::tensor::Tensor;
 /// Named blobs plus the nets created in it (Caffe2's `Workspace`). Blobs are shared
 /// by every net of the workspace: the init net writes the parameters the train
 /// net reads.
-#[derive(Default)]
 pub struct Workspace {
     blobs: RwLock<HashMap<String, BlobCell>>,
     nets: Mutex<HashMap<String, Arc<Plan>>>,
+    kernel_threads: AtomicUsize,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Workspace {
+            blobs: RwLock::default(),
+            nets: Mutex::default(),
+            kernel_threads: AtomicUsize::new(1),
+        }
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -31,6 +42,17 @@ impl Workspace {
         Self::default()
     }
 
+    /// Sets how many threads each CPU kernel of this workspace's nets may use
+    /// (default 1: data parallelism over CPU devices already fills the cores).
+    pub fn set_kernel_threads(&self, n: usize) {
+        self.kernel_threads.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Threads each CPU kernel of this workspace's nets may use.
+    pub fn kernel_threads(&self) -> usize {
+        self.kernel_threads.load(Ordering::Relaxed)
+    }
+
     /// The cell of `name`, created empty if absent.
     pub(crate) fn cell(&self, name: &str) -> BlobCell {
         if let Some(c) = read(&self.blobs).get(name) {
@@ -39,7 +61,8 @@ impl Workspace {
         write(&self.blobs).entry(name.to_owned()).or_default().clone()
     }
 
-    /// Sets blob `name` to `tensor`.
+    /// Sets blob `name` to `tensor`, on whatever device `tensor` is (see
+    /// [`Tensor::to_device`]).
     pub fn feed(&self, name: impl AsRef<str>, tensor: Tensor) {
         let cell = self.cell(name.as_ref());
         *write(&cell) = Some(tensor);
@@ -57,9 +80,14 @@ impl Workspace {
         guard.as_ref().map(f).ok_or_else(missing)
     }
 
-    /// A copy of blob `name`.
+    /// A copy of blob `name` in host memory, wherever the blob lives.
     pub fn fetch(&self, name: impl AsRef<str>) -> Result<Tensor> {
-        self.with_blob(name, Tensor::clone)
+        self.with_blob(name, Tensor::to_host)?
+    }
+
+    /// The device blob `name` lives on.
+    pub fn blob_device(&self, name: impl AsRef<str>) -> Result<crate::graph::Device> {
+        self.with_blob(name, Tensor::device)
     }
 
     /// Whether blob `name` holds a tensor.
@@ -103,11 +131,11 @@ impl Workspace {
                 net: name.to_owned(),
                 reason: "no net of this name was created in the workspace".into(),
             })?;
-        plan.run()
+        plan.run(self.kernel_threads())
     }
 
     /// Compiles and runs `net` once, without keeping it.
     pub fn run_net_once(&self, net: &NetDef) -> Result<()> {
-        Plan::new(net, self)?.run()
+        Plan::new(net, self)?.run(self.kernel_threads())
     }
 }

@@ -2,7 +2,7 @@
 
 use super::ModelHelper;
 use crate::error::{Error, Result};
-use crate::graph::BlobRef;
+use crate::graph::{BlobRef, Device};
 use crate::proto::TensorDataType;
 
 pub use crate::ops::cpu::LrPolicy;
@@ -93,6 +93,54 @@ impl Sgd {
                 model.net().scope().prefix()
             )));
         }
+        // The counter, the learning rate and the scalar weights live on the host,
+        // as in Caffe2: GPU kernels read them as launch arguments, with no copy.
+        let (lr, one, wd) = model.device_scope(Device::Cpu(0), |model| self.build_scalars(model));
+        if self.momentum > 0.0 {
+            for (p, g) in params {
+                let m = model
+                    .init_net_mut()
+                    .op("ConstantFill")
+                    .input(&p)
+                    .output(p.with_suffix("_momentum"))
+                    .arg("value", 0.0f32)
+                    .build_one();
+                model.add_optimizer_state(m.clone());
+                model
+                    .net_mut()
+                    .op("MomentumSGDUpdate")
+                    .inputs([&g, &m, &lr, &p])
+                    .outputs([&g, &m, &p])
+                    .arg("momentum", self.momentum)
+                    .arg("nesterov", self.nesterov)
+                    .arg("weight_decay", self.weight_decay)
+                    .build();
+            }
+        } else {
+            let one = one.expect("plain SGD makes ONE");
+            for (p, g) in params {
+                if let Some(wd) = &wd {
+                    model
+                        .net_mut()
+                        .op("WeightedSum")
+                        .inputs([&g, &one, &p, wd])
+                        .output(&g)
+                        .build();
+                }
+                model
+                    .net_mut()
+                    .op("WeightedSum")
+                    .inputs([&p, &one, &g, &lr])
+                    .output(&p)
+                    .build();
+            }
+        }
+        Ok(())
+    }
+
+    /// `ITER`, its increment and the learning rate; for plain SGD also the
+    /// constant weights `ONE` and `WD`.
+    fn build_scalars(&self, model: &mut ModelHelper) -> (BlobRef, Option<BlobRef>, Option<BlobRef>) {
         let iter = model
             .init_net_mut()
             .op("ConstantFill")
@@ -121,46 +169,11 @@ impl Sgd {
         let lr = lr_op.build_one();
         model.net_mut().op("Iter").input(&iter).output(&iter).build();
         if self.momentum > 0.0 {
-            for (p, g) in params {
-                let m = model
-                    .init_net_mut()
-                    .op("ConstantFill")
-                    .input(&p)
-                    .output(p.with_suffix("_momentum"))
-                    .arg("value", 0.0f32)
-                    .build_one();
-                model.add_optimizer_state(m.clone());
-                model
-                    .net_mut()
-                    .op("MomentumSGDUpdate")
-                    .inputs([&g, &m, &lr, &p])
-                    .outputs([&g, &m, &p])
-                    .arg("momentum", self.momentum)
-                    .arg("nesterov", self.nesterov)
-                    .arg("weight_decay", self.weight_decay)
-                    .build();
-            }
-        } else {
-            let one = scalar_const(model, "ONE", 1.0);
-            let wd = (self.weight_decay > 0.0).then(|| scalar_const(model, "WD", self.weight_decay));
-            for (p, g) in params {
-                if let Some(wd) = &wd {
-                    model
-                        .net_mut()
-                        .op("WeightedSum")
-                        .inputs([&g, &one, &p, wd])
-                        .output(&g)
-                        .build();
-                }
-                model
-                    .net_mut()
-                    .op("WeightedSum")
-                    .inputs([&p, &one, &g, &lr])
-                    .output(&p)
-                    .build();
-            }
+            return (lr, None, None);
         }
-        Ok(())
+        let one = scalar_const(model, "ONE", 1.0);
+        let wd = (self.weight_decay > 0.0).then(|| scalar_const(model, "WD", self.weight_decay));
+        (lr, Some(one), wd)
     }
 }
 

@@ -2,16 +2,18 @@
 //! mapping `(op type, device type)` to a kernel.
 //!
 //! To add an op: write its kernel in `cpu/` (and `cuda/`), add one line to
-//! `cpu::register`, and, if it is differentiable, one gradient rule in
-//! `autodiff::rules`.
+//! `cpu::register` (and `cuda::register`), and, if it is differentiable, one
+//! gradient rule in `autodiff::rules`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod registry;
 
 pub use registry::{KernelFactory, Registry};
 
 use crate::error::{Error, Result};
-use crate::graph::Args;
+use crate::graph::{Args, Device};
 use crate::proto::OperatorDef;
 use crate::tensor::{DataType, Element, Tensor};
 
@@ -34,13 +36,41 @@ pub struct OpContext<'a> {
     def: &'a OperatorDef,
     inputs: Vec<Option<&'a Tensor>>,
     outputs: Vec<&'a mut Tensor>,
+    device: Device,
+    threads: usize,
 }
 
 impl<'a> OpContext<'a> {
     /// A context over the given tensors. Inputs that are `None` were moved to an
     /// output by [`Kernel::in_place`].
+    /// The op runs on `cpu:0` with one kernel thread; see [`OpContext::on`].
     pub fn new(def: &'a OperatorDef, inputs: Vec<Option<&'a Tensor>>, outputs: Vec<&'a mut Tensor>) -> Self {
-        OpContext { def, inputs, outputs }
+        OpContext {
+            def,
+            inputs,
+            outputs,
+            device: Device::Cpu(0),
+            threads: 1,
+        }
+    }
+
+    /// The same context, for an op running on `device` whose CPU kernel may use
+    /// `threads` threads.
+    pub fn on(mut self, device: Device, threads: usize) -> Self {
+        self.device = device;
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// The device the op runs on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Threads a CPU kernel may use for this op (set per workspace; see
+    /// [`crate::exec::Workspace::set_kernel_threads`]).
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// The op's definition.
@@ -51,6 +81,12 @@ impl<'a> OpContext<'a> {
     /// The op's arguments.
     pub fn args(&self) -> Args<'a> {
         Args(&self.def.arg)
+    }
+
+    /// The input tensors (for a kernel that delegates to another).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn input_refs(&self) -> Vec<Option<&'a Tensor>> {
+        self.inputs.clone()
     }
 
     /// Number of inputs.
@@ -87,11 +123,7 @@ impl<'a> OpContext<'a> {
     /// The elements of input `i`, which must be of type `T`.
     pub fn input_data<T: Element>(&self, i: usize) -> Result<&'a [T]> {
         let t = self.input(i)?;
-        t.data::<T>().ok_or_else(|| Error::DataTypeMismatch {
-            blob: self.input_name(i).to_owned(),
-            expected: T::DTYPE,
-            got: t.dtype(),
-        })
+        t.data::<T>().map_err(|e| e.for_blob(self.input_name(i)))
     }
 
     /// Input `i` as `(tensor, f32 elements)`.
@@ -100,8 +132,17 @@ impl<'a> OpContext<'a> {
     }
 
     /// A one-element f32 input (a learning rate, a weight).
+    /// A device-resident scalar is copied to the host (which waits for the device).
     pub fn input_scalar(&self, i: usize) -> Result<f32> {
-        let d = self.input_data::<f32>(i)?;
+        let t = self.input(i)?;
+        let host;
+        let t = if t.is_on_host() {
+            t
+        } else {
+            host = t.to_host()?;
+            &host
+        };
+        let d = t.data::<f32>().map_err(|e| e.for_blob(self.input_name(i)))?;
         match d {
             [x] => Ok(*x),
             _ => Err(Error::shape(
@@ -112,9 +153,17 @@ impl<'a> OpContext<'a> {
         }
     }
 
-    /// Integer labels of input `i` (i32 or i64), as indices.
+    /// Integer labels of input `i` (i32 or i64), as indices. Labels on a device
+    /// are copied to the host first (which waits for the device).
     pub fn input_labels(&self, i: usize) -> Result<Vec<usize>> {
         let t = self.input(i)?;
+        let host;
+        let t = if t.is_on_host() {
+            t
+        } else {
+            host = t.to_host()?;
+            &host
+        };
         let name = self.input_name(i);
         let bad = |v: i64| Error::value(name, format!("label {v} is negative"));
         match t.dtype() {
@@ -152,12 +201,7 @@ impl<'a> OpContext<'a> {
     pub fn output_data<T: Element>(&mut self, o: usize) -> Result<&mut [T]> {
         let name = self.def.output[o].clone();
         let t = &mut *self.outputs[o];
-        let got = t.dtype();
-        t.data_mut::<T>().ok_or(Error::DataTypeMismatch {
-            blob: name,
-            expected: T::DTYPE,
-            got,
-        })
+        t.data_mut::<T>().map_err(|e| e.for_blob(name))
     }
 
     /// Checks the number of inputs is in `range`.

@@ -23,6 +23,8 @@ impl Registry {
         GLOBAL.get_or_init(|| {
             let mut r = Registry::default();
             super::cpu::register(&mut r);
+            #[cfg(feature = "cuda")]
+            super::cuda::register(&mut r);
             crate::comm::register(&mut r);
             RwLock::new(r)
         })
@@ -57,7 +59,10 @@ impl Registry {
         let op_type = op.op_type();
         match self.factory(op_type, device) {
             Some(f) => f(op),
-            None if device == DeviceType::Cuda => Err(Error::NotCompiledWithCuda(format!("op `{op_type}`"))),
+            #[cfg(not(feature = "cuda"))]
+            None if device == DeviceType::Cuda => Err(Error::NotCompiledWithCuda(format!(
+                "op `{op_type}` on a CUDA device"
+            ))),
             None => Err(Error::UnknownOp {
                 op_type: op_type.to_owned(),
                 device: device.to_string(),

@@ -219,9 +219,28 @@ impl Parallelize {
             if self.devices[..i].contains(d) {
                 return Err(Error::Config(format!("device {d} is listed twice")));
             }
-            if let Device::Cuda(_) = d {
-                return Err(Error::NotCompiledWithCuda(d.to_string()));
+            if let Device::Cuda(_n) = d {
+                #[cfg(not(feature = "cuda"))]
+                return Err(Error::NotCompiledWithCuda(format!("device {d}")));
+                #[cfg(feature = "cuda")]
+                crate::cuda::gpu(*_n)?;
             }
+        }
+        let gpus = self
+            .devices
+            .iter()
+            .filter(|d| matches!(d, Device::Cuda(_)))
+            .count();
+        if gpus > 0 && gpus < self.devices.len() {
+            return Err(Error::Config(
+                "devices mix CPU and CUDA replicas; use one kind (their gradients are reduced by one backend)".into(),
+            ));
+        }
+        if gpus > 1 {
+            return Err(Error::Config(format!(
+                "{gpus} CUDA devices need the NCCL all-reduce, which this build of dpm does not have yet; \
+                 train on one GPU (cuda:0) or on CPU devices"
+            )));
         }
         if let Some(r) = &self.rendezvous {
             if r.num_shards == 0 || r.shard_id >= r.num_shards {

@@ -84,7 +84,7 @@ impl Trainer {
     /// Runs the init net (parameters, optimiser state, initial sync from the
     /// master device) and compiles the train net.
     pub fn run_init(&mut self) -> Result<()> {
-        crate::ops::cpu::set_threads(self.p.kernel_threads);
+        self.ws.set_kernel_threads(self.p.kernel_threads);
         self.ws.run_net_once(self.p.model.init_net().proto())?;
         self.ws.create_net(self.p.model.net().proto())?;
         self.ws.create_net(&self.sync_net)?;
@@ -107,12 +107,11 @@ impl Trainer {
             let batch = src.next_batch()?;
             let n = self.p.devices.len();
             for (name, t) in batch {
-                for (d, part) in self.p.devices.iter().zip(split_batch(&name, &t, n)?) {
-                    self.ws.feed(format!("{}/{name}", d.namescope()), part);
+                for (&d, part) in self.p.devices.iter().zip(split_batch(&name, &t, n)?) {
+                    self.feed(&name, d, part)?;
                 }
             }
         }
-        crate::ops::cpu::set_threads(self.p.kernel_threads);
         self.ws.run_net(self.p.model.net().proto().net_name())
     }
 
@@ -127,12 +126,18 @@ impl Trainer {
         (0..iterations).try_for_each(|_| self.step())
     }
 
-    /// Feeds `tensor` to blob `name` of `device` (e.g. inputs without a source).
-    pub fn feed(&self, name: &str, device: Device, tensor: Tensor) {
+    /// Feeds `tensor` to blob `name` of `device` (e.g. inputs without a source),
+    /// copying it into the device's memory for a CUDA replica.
+    pub fn feed(&self, name: &str, device: Device, tensor: Tensor) -> Result<()> {
+        let tensor = match device {
+            Device::Cuda(_) => tensor.to_device(device)?,
+            Device::Cpu(_) => tensor,
+        };
         self.ws.feed(format!("{}/{name}", device.namescope()), tensor);
+        Ok(())
     }
 
-    /// A copy of blob `name` (short name) on `device`.
+    /// A copy in host memory of blob `name` (short name) of `device`'s replica.
     pub fn fetch(&self, name: &str, device: Device) -> Result<Tensor> {
         self.ws.fetch(format!("{}/{name}", device.namescope()))
     }
@@ -156,6 +161,7 @@ impl Trainer {
             let t = self.fetch(name, d)?;
             let v = t
                 .data::<f32>()
+                .ok()
                 .and_then(|x| x.first().copied())
                 .ok_or_else(|| Error::value(format!("{}/{name}", d.namescope()), "expected an f32 scalar"))?;
             total += f64::from(v);
@@ -276,6 +282,14 @@ impl Trainer {
         if let Some(extra) = by_name.keys().next() {
             return Err(bad(format!("holds `{extra}`, which the model does not have")));
         }
+        // Uploads first: a device that cannot take the values leaves every blob as it was.
+        let staged = staged
+            .into_iter()
+            .map(|(blob, t)| match self.ws.blob_device(&blob)? {
+                d @ Device::Cuda(_) => Ok((blob, t.to_device(d)?)),
+                Device::Cpu(_) => Ok((blob, t)),
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (blob, t) in staged {
             self.ws.feed(&blob, t);
         }
@@ -339,7 +353,7 @@ impl Trainer {
             .ok_or_else(|| Error::Config("no test net: call add_test_net first".into()))?;
         let master = self.p.devices[0];
         for (name, t) in batch {
-            self.feed(&name, master, t);
+            self.feed(&name, master, t)?;
         }
         self.ws.run_net(test.model.net().proto().net_name())
     }

@@ -10,7 +10,47 @@ mod storage;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 
-use crate::graph::DeviceType;
+/// Why a tensor's elements cannot be borrowed as a host slice of some type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostAccessError {
+    /// The elements are of another type.
+    #[error("elements are {got:?}, not {expected:?}")]
+    DataType {
+        /// The type asked for.
+        expected: DataType,
+        /// The type held.
+        got: DataType,
+    },
+    /// The elements live in a device's memory.
+    #[error("elements live on {0}, not in host memory; copy them with to_host() first")]
+    NotOnHost(Device),
+}
+
+impl HostAccessError {
+    /// The error as dpm reports it for blob `blob`.
+    pub fn for_blob(self, blob: impl Into<String>) -> Error {
+        match self {
+            HostAccessError::DataType { expected, got } => Error::DataTypeMismatch {
+                blob: blob.into(),
+                expected,
+                got,
+            },
+            HostAccessError::NotOnHost(d) => Error::NotOnHost {
+                blob: blob.into(),
+                device: d.to_string(),
+            },
+        }
+    }
+}
+
+impl From<HostAccessError> for Error {
+    fn from(e: HostAccessError) -> Error {
+        e.for_blob("(tensor)")
+    }
+}
+
+use crate::error::{Error, Result};
+use crate::graph::{Device, DeviceType};
 
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,8 +104,8 @@ element!(i64, I64);
 /// An n-dimensional array on one device.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
-    shape: Shape,
-    storage: Storage,
+    pub(crate) shape: Shape,
+    pub(crate) storage: Storage,
 }
 
 impl Default for Tensor {
@@ -75,7 +115,7 @@ impl Default for Tensor {
 }
 
 impl Tensor {
-    /// A tensor of `shape` filled with zeros.
+    /// A tensor of `shape` filled with zeros, in host memory.
     pub fn zeros<T: Element>(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
         let v = vec![T::default(); shape.numel()];
@@ -85,7 +125,7 @@ impl Tensor {
         }
     }
 
-    /// A tensor from its elements in row-major order; `None` if the count is wrong.
+    /// A host tensor from its elements in row-major order; `None` if the count is wrong.
     pub fn from_vec<T: Element>(shape: impl Into<Shape>, data: Vec<T>) -> Option<Self> {
         let shape = shape.into();
         (shape.numel() == data.len()).then(|| Tensor {
@@ -94,7 +134,7 @@ impl Tensor {
         })
     }
 
-    /// A one-element tensor of shape `[1]`, as Caffe2 stores scalars.
+    /// A one-element host tensor of shape `[1]`, as Caffe2 stores scalars.
     pub fn scalar<T: Element>(value: T) -> Self {
         Tensor {
             shape: Shape::from([1]),
@@ -127,6 +167,16 @@ impl Tensor {
         self.storage.device_type()
     }
 
+    /// The device holding the elements; host memory is `cpu:0`.
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    /// Whether the elements are in host memory.
+    pub fn is_on_host(&self) -> bool {
+        matches!(self.storage, Storage::Cpu(_))
+    }
+
     /// Bytes held by the elements.
     pub fn nbytes(&self) -> usize {
         self.numel() * self.dtype().size()
@@ -143,31 +193,59 @@ impl Tensor {
         &self.storage
     }
 
-    /// The elements, if they are of type `T` and in host memory.
-    pub fn data<T: Element>(&self) -> Option<&[T]> {
+    /// The elements, if they are of type `T` and in host memory; otherwise why not.
+    pub fn data<T: Element>(&self) -> Result<&[T], HostAccessError> {
         match &self.storage {
-            Storage::Cpu(s) => T::slice(s),
+            Storage::Cpu(s) => {
+                T::slice(s)
+                    .map(|v| &v[..self.numel().min(v.len())])
+                    .ok_or(HostAccessError::DataType {
+                        expected: T::DTYPE,
+                        got: s.dtype(),
+                    })
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Err(HostAccessError::NotOnHost(s.device())),
         }
     }
 
     /// The elements, mutably, if they are of type `T` and in host memory.
-    pub fn data_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+    pub fn data_mut<T: Element>(&mut self) -> Result<&mut [T], HostAccessError> {
+        let n = self.numel();
         match &mut self.storage {
-            Storage::Cpu(s) => T::slice_mut(s).map(|v| v.as_mut_slice()),
+            Storage::Cpu(s) => {
+                let got = s.dtype();
+                T::slice_mut(s)
+                    .map(|v| {
+                        let n = n.min(v.len());
+                        &mut v[..n]
+                    })
+                    .ok_or(HostAccessError::DataType {
+                        expected: T::DTYPE,
+                        got,
+                    })
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Err(HostAccessError::NotOnHost(s.device())),
         }
     }
 
-    /// Makes this tensor `shape` of element type `T` and returns its elements for
-    /// writing. The allocation is reused when it is large enough; the contents are
-    /// unspecified, so a kernel must overwrite every element.
+    /// Makes this tensor `shape` of element type `T` in host memory and returns its
+    /// elements for writing. The allocation is reused when it is large enough; the
+    /// contents are unspecified, so a kernel must overwrite every element.
     pub fn resize<T: Element>(&mut self, shape: impl Into<Shape>) -> &mut [T] {
         let shape = shape.into();
         let n = shape.numel();
         self.shape = shape;
-        let Storage::Cpu(s) = &mut self.storage;
-        if T::slice_mut(s).is_none() {
-            *s = T::wrap(Vec::new());
+        let reuse = matches!(&self.storage, Storage::Cpu(s) if T::slice(s).is_some());
+        if !reuse {
+            self.storage = Storage::Cpu(T::wrap(Vec::new()));
         }
+        #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
+        let Storage::Cpu(s) = &mut self.storage
+        else {
+            unreachable!("storage was just set to host memory")
+        };
         let v = T::slice_mut(s).expect("storage type was just set");
         // Exactly what is needed: a buffer shared by blobs of growing sizes
         // (optimize_gradient_memory) must not double its allocation each time.
@@ -186,16 +264,87 @@ impl Tensor {
         true
     }
 
-    /// Copies `other` into `self`, reusing `self`'s allocation.
-    pub fn copy_from(&mut self, other: &Tensor) {
-        self.shape = other.shape.clone();
+    /// Copies `other` into `self`, on `other`'s device, reusing `self`'s allocation
+    /// where it can. Fails only on a device error (out of memory, a broken context).
+    pub fn copy_from(&mut self, other: &Tensor) -> Result<()> {
         match (&mut self.storage, &other.storage) {
             (Storage::Cpu(dst), Storage::Cpu(src)) => dst.copy_from(src),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Cuda(src)) if dst.device() == src.device() => {
+                dst.copy_from(src, other.numel())?
+            }
+            #[cfg(feature = "cuda")]
+            _ => *self = other.try_clone()?,
+        }
+        self.shape = other.shape.clone();
+        Ok(())
+    }
+
+    /// A copy on the same device. Unlike `clone()`, a failed device allocation is
+    /// an error rather than a panic.
+    pub fn try_clone(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cpu(_) => Ok(self.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Ok(Tensor {
+                shape: self.shape.clone(),
+                storage: Storage::Cuda(s.try_clone(self.numel())?),
+            }),
         }
     }
 
-    /// Bitwise equality of shape, type and elements (NaNs compare by bits).
+    /// A copy in host memory (a plain copy if already there).
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Cpu(_) => Ok(self.clone()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Ok(Tensor {
+                shape: self.shape.clone(),
+                storage: Storage::Cpu(s.download(self.numel())?),
+            }),
+        }
+    }
+
+    /// A copy on `device`: host memory for `cpu:N`, that GPU's memory for `cuda:N`.
+    /// Without the `cuda` feature, a CUDA device is an error saying so.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu(_) => self.to_host(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let gpu = crate::cuda::gpu(n)?;
+                match &self.storage {
+                    Storage::Cuda(s) if s.device() == device => self.try_clone(),
+                    Storage::Cuda(_) => self.to_host()?.to_device(device),
+                    Storage::Cpu(s) => Ok(Tensor {
+                        shape: self.shape.clone(),
+                        storage: Storage::Cuda(crate::cuda::CudaStorage::upload(&gpu, s)?),
+                    }),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::NotCompiledWithCuda(format!("device {device}"))),
+        }
+    }
+
+    /// Bitwise equality of shape, type and elements (NaNs compare by bits); device
+    /// tensors are compared through host copies.
     pub fn bitwise_eq(&self, other: &Tensor) -> bool {
-        self.shape == other.shape && self.storage.bitwise_eq(&other.storage)
+        if self.shape != other.shape || self.dtype() != other.dtype() {
+            return false;
+        }
+        match (self.to_host(), other.to_host()) {
+            (
+                Ok(Tensor {
+                    storage: Storage::Cpu(a),
+                    ..
+                }),
+                Ok(Tensor {
+                    storage: Storage::Cpu(b),
+                    ..
+                }),
+            ) => a.bitwise_eq(&b),
+            _ => false,
+        }
     }
 }

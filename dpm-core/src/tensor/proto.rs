@@ -5,14 +5,26 @@ use crate::error::{Error, Result};
 use crate::proto::{TensorDataType, TensorProto};
 
 impl Tensor {
-    /// Serialises to a `TensorProto` called `name`.
+    /// Serialises to a `TensorProto` called `name`. A device tensor is copied to
+    /// the host first (and this panics if the device fails that copy; call
+    /// [`Tensor::to_host`] first to get the error instead).
     pub fn to_proto(&self, name: &str) -> TensorProto {
+        if !self.is_on_host() {
+            let host = self
+                .to_host()
+                .unwrap_or_else(|e| panic!("serialising `{name}`: {e}"));
+            return host.to_proto(name);
+        }
         let mut p = TensorProto {
             dims: self.dims().iter().map(|&d| d as i64).collect(),
             name: Some(name.to_owned()),
             ..Default::default()
         };
-        let Storage::Cpu(s) = &self.storage;
+        #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
+        let Storage::Cpu(s) = &self.storage
+        else {
+            unreachable!("device tensors were copied to the host above")
+        };
         match s {
             CpuStorage::F32(v) => {
                 p.data_type = Some(TensorDataType::Float as i32);

@@ -1,15 +1,17 @@
 //! Where a tensor's elements live. The only enum in dpm that dispatches on the
-//! device type: a CUDA variant slots in here without touching graph, autodiff or
-//! the parallel layer.
+//! device type: graph building, autodiff and the parallel layer never see it.
 
 use super::DataType;
-use crate::graph::DeviceType;
+use crate::graph::{Device, DeviceType};
 
 /// A tensor's elements on some device.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Storage {
     /// Host memory.
     Cpu(CpuStorage),
+    /// Memory of one CUDA device.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaStorage),
 }
 
 /// Host-memory elements of each supported type.
@@ -21,18 +23,41 @@ pub enum CpuStorage {
     I64(Vec<i64>),
 }
 
+impl PartialEq for Storage {
+    /// Host storage compares by value; device storage only equals itself (its
+    /// elements are not read without an explicit copy).
+    fn eq(&self, other: &Storage) -> bool {
+        match (self, other) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a == b,
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.same_buffer(b),
+            #[cfg(feature = "cuda")]
+            _ => false,
+        }
+    }
+}
+
 impl Storage {
     /// Element type.
     pub fn dtype(&self) -> DataType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
     /// Device type.
     pub fn device_type(&self) -> DeviceType {
+        self.device().device_type()
+    }
+
+    /// The device holding the elements (host memory is `cpu:0`).
+    pub fn device(&self) -> Device {
         match self {
-            Storage::Cpu(_) => DeviceType::Cpu,
+            Storage::Cpu(_) => Device::Cpu(0),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.device(),
         }
     }
 
@@ -42,12 +67,8 @@ impl Storage {
             Storage::Cpu(CpuStorage::F32(v)) => v.capacity(),
             Storage::Cpu(CpuStorage::I32(v)) => v.capacity(),
             Storage::Cpu(CpuStorage::I64(v)) => v.capacity(),
-        }
-    }
-
-    pub(crate) fn bitwise_eq(&self, other: &Storage) -> bool {
-        match (self, other) {
-            (Storage::Cpu(a), Storage::Cpu(b)) => a.bitwise_eq(b),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.capacity(),
         }
     }
 }
@@ -60,6 +81,20 @@ impl CpuStorage {
             CpuStorage::I32(_) => DataType::I32,
             CpuStorage::I64(_) => DataType::I64,
         }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::I32(v) => v.len(),
+            CpuStorage::I64(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub(crate) fn copy_from(&mut self, src: &CpuStorage) {
@@ -75,7 +110,7 @@ impl CpuStorage {
         }
     }
 
-    fn bitwise_eq(&self, other: &CpuStorage) -> bool {
+    pub(crate) fn bitwise_eq(&self, other: &CpuStorage) -> bool {
         match (self, other) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())

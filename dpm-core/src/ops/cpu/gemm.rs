@@ -1,20 +1,33 @@
 //! Row-major single-precision matrix products on the `gemm` crate, which picks the
 //! widest SIMD the processor has (AVX2/FMA, AVX-512) at run time.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
-static THREADS: AtomicUsize = AtomicUsize::new(1);
-
-/// Sets how many threads one CPU kernel may use. The default, 1, suits data
-/// parallelism across as many CPU devices as cores; a single device that has the
-/// machine to itself runs faster with the core count.
-pub fn set_threads(n: usize) {
-    THREADS.store(n.max(1), Ordering::Relaxed);
+thread_local! {
+    /// Threads the kernel running on this thread may use. The executor sets it
+    /// from the op context ([`crate::ops::OpContext::threads`]) around each kernel,
+    /// so two workspaces with different settings never see each other's.
+    static THREADS: Cell<usize> = const { Cell::new(1) };
 }
 
-/// Threads one CPU kernel may use.
+/// Sets how many threads CPU kernels called directly on this thread may use (the
+/// executor sets it per op from the workspace's setting). The default, 1, suits
+/// data parallelism across as many CPU devices as cores.
+pub fn set_threads(n: usize) {
+    THREADS.with(|t| t.set(n.max(1)));
+}
+
+/// Threads the CPU kernel running on this thread may use.
 pub fn threads() -> usize {
-    THREADS.load(Ordering::Relaxed)
+    THREADS.with(Cell::get)
+}
+
+/// Runs `f` with [`threads`] set to `n`, restoring the previous value after.
+pub(crate) fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    let old = THREADS.with(|t| t.replace(n.max(1)));
+    let r = f();
+    THREADS.with(|t| t.set(old));
+    r
 }
 
 /// A row-major matrix operand: `data` holds `rows × cols` elements, or the transpose

@@ -9,7 +9,7 @@ mod linear;
 mod loss;
 mod norm;
 mod optim;
-mod pool;
+pub(crate) mod pool;
 pub mod rng;
 mod shape;
 

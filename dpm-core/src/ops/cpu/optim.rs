@@ -171,7 +171,7 @@ impl Kernel for MomentumSgdUpdate {
 
 fn f32_mut<'t>(t: &'t mut crate::tensor::Tensor, name: &str) -> Result<&'t mut [f32]> {
     let got = t.dtype();
-    t.data_mut::<f32>().ok_or_else(|| Error::DataTypeMismatch {
+    t.data_mut::<f32>().ok().ok_or_else(|| Error::DataTypeMismatch {
         blob: name.to_owned(),
         expected: crate::tensor::DataType::F32,
         got,

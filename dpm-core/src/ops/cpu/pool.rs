@@ -10,21 +10,21 @@ use crate::proto::OperatorDef;
 use crate::tensor::Shape;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     Max,
     Average,
 }
 
 /// Pooling geometry: a fixed window, or the whole plane (`global_pooling = 1`).
 #[derive(Clone, Copy)]
-struct Pool {
-    mode: Mode,
+pub(crate) struct Pool {
+    pub(crate) mode: Mode,
     win: Window,
     global: bool,
 }
 
 impl Pool {
-    fn parse(op: &OperatorDef, mode: Mode) -> Result<Pool> {
+    pub(crate) fn parse(op: &OperatorDef, mode: Mode) -> Result<Pool> {
         let global = Args(&op.arg).int("global_pooling", 0)? != 0;
         Ok(Pool {
             mode,
@@ -46,7 +46,7 @@ impl Pool {
     }
 
     /// (N·C planes, H, W, window, OH, OW) of input 0.
-    fn dims(&self, ctx: &OpContext<'_>) -> Result<(usize, usize, usize, Window, usize, usize)> {
+    pub(crate) fn dims(&self, ctx: &OpContext<'_>) -> Result<(usize, usize, usize, Window, usize, usize)> {
         let x = ctx.input(0)?;
         let &[n, c, h, w] = x.dims() else {
             return Err(Error::shape(ctx.input_name(0), "[N, C, H, W]", x.shape()));

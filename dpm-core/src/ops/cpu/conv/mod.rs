@@ -74,15 +74,15 @@ impl Engine {
 const BLOCK_BYTES: usize = 256 << 10;
 
 /// Checked dimensions of a convolution.
-struct Dims {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    m: usize,
-    oh: usize,
-    ow: usize,
-    groups: usize,
+pub(crate) struct Dims {
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) m: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) groups: usize,
 }
 
 impl Dims {
@@ -93,7 +93,8 @@ impl Dims {
     }
 }
 
-fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<Dims> {
+/// The checked dimensions of a convolution, from the shapes alone (CUDA uses it too).
+pub(crate) fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<Dims> {
     let x = ctx.input(0)?;
     let wt = ctx.input(1)?;
     let &[n, c, h, w] = x.dims() else {
@@ -132,7 +133,8 @@ fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<Dims> {
     })
 }
 
-fn groups(op: &OperatorDef) -> Result<usize> {
+/// The `group` argument, checked.
+pub(crate) fn groups(op: &OperatorDef) -> Result<usize> {
     let g = Args(&op.arg).usize("group", 1)?;
     if g == 0 {
         return Err(Error::arg("group", "must be ≥ 1"));

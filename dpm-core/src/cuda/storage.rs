@@ -1,0 +1,207 @@
+//! Device memory of one tensor: an untyped allocation plus its element type.
+
+use std::sync::Arc;
+
+use cudarc::driver::result as drv;
+use cudarc::driver::sys::CUresult;
+
+use super::gpu::Gpu;
+use crate::error::{Error, Result};
+use crate::graph::Device;
+use crate::tensor::{CpuStorage, DataType, Shape, Storage, Tensor};
+
+/// Elements in one GPU's memory. Dropping it frees the memory in stream order,
+/// so work already enqueued that reads it is unaffected.
+pub struct CudaStorage {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+    /// Room, in elements of `dtype`.
+    capacity: usize,
+    dtype: DataType,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage({:?} × {} on {})",
+            self.dtype,
+            self.capacity,
+            self.device()
+        )
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        // Errors here mean the context is already broken; the next call reports it.
+        if self.gpu.bind().is_ok() {
+            let _ = unsafe { drv::free_async(self.ptr, self.gpu.stream.cu_stream()) };
+        }
+    }
+}
+
+impl Clone for CudaStorage {
+    /// A device-to-device copy. Panics if the device cannot allocate it; use
+    /// [`Tensor::try_clone`] to get an error instead.
+    fn clone(&self) -> Self {
+        self.try_clone(self.capacity)
+            .unwrap_or_else(|e| panic!("cloning a device tensor: {e}"))
+    }
+}
+
+impl CudaStorage {
+    /// Room for `len` elements of `dtype` on `gpu`, contents unspecified.
+    pub(crate) fn alloc(gpu: &Arc<Gpu>, dtype: DataType, len: usize) -> Result<CudaStorage> {
+        gpu.bind()?;
+        // Never zero bytes: a null pointer would be indistinguishable from "none".
+        let bytes = (len * dtype.size()).max(4);
+        let ptr = unsafe { drv::malloc_async(gpu.stream.cu_stream(), bytes) }.map_err(|e| {
+            if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::OutOfDeviceMemory {
+                    device: gpu.device().to_string(),
+                    bytes,
+                    free: gpu.memory().map_or(0, |(free, _)| free),
+                }
+            } else {
+                gpu.error(&format!("allocating {bytes} bytes"), e)
+            }
+        })?;
+        Ok(CudaStorage {
+            gpu: gpu.clone(),
+            ptr,
+            capacity: len,
+            dtype,
+        })
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DataType {
+        self.dtype
+    }
+
+    /// The device, `cuda:N`.
+    pub fn device(&self) -> Device {
+        self.gpu.device()
+    }
+
+    /// The GPU holding the elements.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Elements the allocation has room for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The device address, for kernels and library calls.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub(crate) fn same_buffer(&self, other: &CudaStorage) -> bool {
+        self.ptr == other.ptr && self.device() == other.device()
+    }
+
+    /// Copies host elements into new device memory on `gpu`.
+    pub(crate) fn upload(gpu: &Arc<Gpu>, src: &CpuStorage) -> Result<CudaStorage> {
+        let s = CudaStorage::alloc(gpu, src.dtype(), src.len())?;
+        let stream = gpu.stream.cu_stream();
+        // Pageable host memory: the driver stages the elements before returning,
+        // so the source may change right after.
+        let r = unsafe {
+            match src {
+                CpuStorage::F32(v) => drv::memcpy_htod_async(s.ptr, v, stream),
+                CpuStorage::I32(v) => drv::memcpy_htod_async(s.ptr, v, stream),
+                CpuStorage::I64(v) => drv::memcpy_htod_async(s.ptr, v, stream),
+            }
+        };
+        r.map_err(|e| gpu.error("copying to the device", e))?;
+        Ok(s)
+    }
+
+    /// The first `len` elements, copied to the host (after the work enqueued
+    /// before it has finished).
+    pub(crate) fn download(&self, len: usize) -> Result<CpuStorage> {
+        self.gpu.bind()?;
+        let len = len.min(self.capacity);
+        let stream = self.gpu.stream.cu_stream();
+        fn get<T: Default + Clone>(
+            ptr: u64,
+            len: usize,
+            stream: cudarc::driver::sys::CUstream,
+        ) -> Result<Vec<T>, cudarc::driver::DriverError> {
+            let mut v = vec![T::default(); len];
+            if len > 0 {
+                unsafe { drv::memcpy_dtoh_async(&mut v, ptr, stream) }?;
+            }
+            Ok(v)
+        }
+        let r = match self.dtype {
+            DataType::F32 => get(self.ptr, len, stream).map(CpuStorage::F32),
+            DataType::I32 => get(self.ptr, len, stream).map(CpuStorage::I32),
+            DataType::I64 => get(self.ptr, len, stream).map(CpuStorage::I64),
+        };
+        let host = r.map_err(|e| self.gpu.error("copying to the host", e))?;
+        // A copy to pageable memory returns when done; the sync surfaces errors of
+        // earlier work instead of handing back values it never wrote.
+        self.gpu.synchronize()?;
+        Ok(host)
+    }
+
+    /// A copy of the first `len` elements in new memory on the same device.
+    pub(crate) fn try_clone(&self, len: usize) -> Result<CudaStorage> {
+        let mut s = CudaStorage::alloc(&self.gpu, self.dtype, len)?;
+        s.copy_from(self, len)?;
+        Ok(s)
+    }
+
+    /// Makes `self` hold the first `len` elements of `src` (same device), growing
+    /// the allocation if needed.
+    pub(crate) fn copy_from(&mut self, src: &CudaStorage, len: usize) -> Result<()> {
+        if self.dtype != src.dtype || self.capacity < len {
+            *self = CudaStorage::alloc(&src.gpu, src.dtype, len)?;
+        }
+        let bytes = len * src.dtype.size();
+        if bytes > 0 && self.ptr != src.ptr {
+            self.gpu.bind()?;
+            unsafe { drv::memcpy_dtod_async(self.ptr, src.ptr, bytes, self.gpu.stream.cu_stream()) }
+                .map_err(|e| self.gpu.error("copying on the device", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Tensor {
+    /// The device storage, if the tensor lives on `gpu`.
+    pub(crate) fn cuda_on(&self, gpu: &Gpu) -> Option<&CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(s) if s.device() == gpu.device() => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Makes this tensor `shape` of `dtype` on `gpu`, reusing its device memory
+    /// when it is there and large enough; returns the device address. The
+    /// contents are unspecified: the kernel must write every element.
+    pub(crate) fn resize_on(
+        &mut self,
+        gpu: &Arc<Gpu>,
+        dtype: DataType,
+        shape: impl Into<Shape>,
+    ) -> Result<u64> {
+        let shape = shape.into();
+        let n = shape.numel();
+        let reuse = matches!(&self.storage, Storage::Cuda(s)
+            if s.device() == gpu.device() && s.dtype() == dtype && s.capacity() >= n);
+        if !reuse {
+            self.storage = Storage::Cuda(CudaStorage::alloc(gpu, dtype, n)?);
+        }
+        self.shape = shape;
+        match &self.storage {
+            Storage::Cuda(s) => Ok(s.ptr()),
+            Storage::Cpu(_) => unreachable!("storage was just put on the device"),
+        }
+    }
+}
