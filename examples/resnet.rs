@@ -29,6 +29,9 @@ pub struct Args {
     /// Depth: 20, 32, 44, 56, 110 (CIFAR-style, any 6n+2 ≥ 8) or 18, 34, 50 (ImageNet-style).
     #[arg(long, default_value_t = 20)]
     pub depth: usize,
+    /// Classes of the synthetic data and the last layer, 2 to 256 (CIFAR-10: 10).
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
     /// Side of the (square) input images.
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
@@ -278,15 +281,15 @@ fn parse_devices(s: &str) -> Result<Vec<Device>> {
 fn datasets(args: &Args) -> Result<(Dataset, Dataset)> {
     match &args.data {
         Some(dir) => {
-            if args.image_size != 32 {
+            if args.image_size != 32 || args.classes != 10 {
                 return Err(Error::Config(
-                    "CIFAR-10 images are 32×32: drop --image-size or set it to 32".into(),
+                    "CIFAR-10 is 10 classes of 32×32 images: drop --image-size and --classes".into(),
                 ));
             }
             read_cifar10(dir)
         }
         None => {
-            let gen = Synthetic::new(10, args.image_size, args.seed);
+            let gen = Synthetic::new(args.classes, args.image_size, args.seed);
             Ok((
                 gen.generate(args.train_images, args.seed + 1),
                 gen.generate(args.heldout_images, args.seed + 2),
@@ -300,7 +303,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     let devices = parse_devices(&args.devices)?;
     let cfg = ResNetConfig {
         depth: args.depth,
-        classes: 10,
+        classes: args.classes,
         image: [3, args.image_size, args.image_size],
     };
     cfg.check()?;
@@ -308,6 +311,12 @@ pub fn run(args: &Args) -> Result<Summary> {
         return Err(Error::Config(format!(
             "--net-type {} is unknown: use dag or simple",
             args.net_type
+        )));
+    }
+    if !(2..=256).contains(&args.classes) {
+        return Err(Error::Config(format!(
+            "--classes {} must be 2 to 256 (labels are stored as bytes)",
+            args.classes
         )));
     }
     if args.batch_per_device == 0 || args.iters == 0 {

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The CUDA checks of issue 11, in one prepared run on a GPU machine.
+#
+# Here (no GPU needed):   scripts/device-check.sh
+#   builds the CUDA test binary and the example (--release --features cuda),
+#   strips them into .device/ (ignored, carried to the GPU machine) and prints
+#   the one command to run there.
+# There:                  scripts/device-check.sh run
+#   1. every CUDA kernel against its CPU twin, ResNet-20 cuda:0 vs cpu:0 for 5
+#      steps, checkpoints, bad input (tests/cuda.rs);
+#   2. the example end to end on cuda:0 (held-out accuracy must be >= 90%);
+#   3. benches/gpu_vs_torch.py: dpm vs PyTorch eager FP32 images/s.
+# Everything it prints also goes to $OUT (when set) as device-check.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-build}" == build ]]; then
+    mkdir -p .device
+    test_bin=$(cargo test --release --features cuda --test cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+    cargo build --release --features cuda --example resnet
+    strip -o .device/cuda-tests "$test_bin"
+    strip -o .device/resnet target/release/examples/resnet
+    du -sh .device
+    echo "run there (device tool, carry [\".device\"], timeout 600):"
+    echo "  bash scripts/device-check.sh run"
+    exit 0
+fi
+
+out=${OUT:-/tmp}
+exec > >(tee "$out/device-check.log") 2>&1
+
+# cuBLAS, cuDNN and NVRTC as the machine's PyTorch ships them, plus the toolkit.
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+libs=$(find "$site/nvidia" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    -maxdepth 3 -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+export RUST_BACKTRACE=1
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
+status=0
+
+echo "== 1. tests/cuda.rs"
+DPM_REQUIRE_NVRTC=1 timeout 200 .device/cuda-tests --test-threads 1 2>&1 || status=1
+
+echo "== 2. the example on cuda:0"
+timeout 150 .device/resnet --devices cuda:0 --batch-per-device 64 --iters 1000 --quiet \
+    --summary-json "$out/example.json" || status=1
+python3 - "$out/example.json" <<'PY' || status=1
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"held-out accuracy {100 * s['heldout_accuracy']:.1f}%, {s['images_per_sec']:.0f} images/s")
+assert s["heldout_accuracy"] >= 0.90, "held-out accuracy below 90%"
+PY
+
+echo "== 3. dpm vs PyTorch (FP32, cudnn.benchmark)"
+timeout 200 python3 benches/gpu_vs_torch.py .device/resnet 30 2 || status=1
+
+echo "== device-check: $([[ $status == 0 ]] && echo PASSED || echo FAILED)"
+exit $status
