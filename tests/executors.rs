@@ -539,3 +539,59 @@ fn the_workspace_lists_and_finds_its_blobs() {
     assert!(ws.run_net_once(n.proto()).is_err());
     assert!(!ws.has_blob("y") && ws.blob_names() == ["a", "b"]);
 }
+
+/// Writes, as `[ctx.threads(), threads()]`, what the kernel was told it may use.
+struct ThreadsSeen;
+
+impl Kernel for ThreadsSeen {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        let seen = [ctx.threads() as f32, dpm::ops::cpu::threads() as f32];
+        ctx.output(0).resize::<f32>([2]).copy_from_slice(&seen);
+        Ok(())
+    }
+}
+
+#[test]
+fn each_workspace_gives_its_kernels_its_own_thread_count() {
+    Registry::register_global("TestThreadsSeen", DeviceType::Cpu, |_| Ok(Box::new(ThreadsSeen)));
+    let mut net = Net::new("threads");
+    net.op("TestThreadsSeen").output("seen").build();
+    let net = net.into_proto();
+    let (three, default) = (Workspace::new(), Workspace::new());
+    three.set_kernel_threads(3);
+    assert_eq!((three.kernel_threads(), default.kernel_threads()), (3, 1));
+    // Interleaved on one thread: no setting leaks from one workspace to the other.
+    for _ in 0..2 {
+        three.run_net_once(&net).unwrap();
+        default.run_net_once(&net).unwrap();
+        assert_eq!(three.fetch("seen").unwrap().data::<f32>().unwrap(), &[3.0, 3.0]);
+        assert_eq!(default.fetch("seen").unwrap().data::<f32>().unwrap(), &[1.0, 1.0]);
+    }
+    // The kernel's setting is scoped to it.
+    assert_eq!(dpm::ops::cpu::threads(), 1);
+}
+
+#[test]
+fn host_access_says_whether_the_type_or_the_place_is_wrong() {
+    use dpm::tensor::HostAccessError;
+    let t = Tensor::zeros::<f32>([2]);
+    assert_eq!(t.data::<f32>().unwrap(), &[0.0, 0.0]);
+    assert_eq!(
+        t.data::<i64>().unwrap_err(),
+        HostAccessError::DataType {
+            expected: DataType::I64,
+            got: DataType::F32
+        }
+    );
+    assert!(t.is_on_host() && t.device() == Device::cpu(0));
+    // Through an op: the error names the blob.
+    let mut net = Net::new("typed");
+    net.op("Relu").input("labels").output("y").build();
+    let ws = Workspace::new();
+    ws.feed("labels", Tensor::zeros::<i32>([3]));
+    let e = ws.run_net_once(net.proto()).unwrap_err();
+    assert!(
+        matches!(e.root(), Error::DataTypeMismatch { blob, .. } if blob == "labels"),
+        "{e:?}"
+    );
+}

@@ -635,14 +635,11 @@ fn kernel_threads_default_to_the_cores_each_device_gets() {
         let t = trainer(n, 2, 0).build().unwrap();
         assert_eq!(t.kernel_threads(), (cores / n as usize).max(1));
     }
-    assert_eq!(
-        trainer(2, 2, 0)
-            .kernel_threads(3)
-            .build()
-            .unwrap()
-            .kernel_threads(),
-        3
-    );
+    let mut t = trainer(2, 2, 0).kernel_threads(3).build().unwrap();
+    assert_eq!(t.kernel_threads(), 3);
+    // The setting reaches the kernels through the trainer's workspace.
+    t.run_init().unwrap();
+    assert_eq!(t.workspace().kernel_threads(), 3);
 }
 
 #[test]

@@ -46,7 +46,6 @@ pub(crate) struct ConvShape {
 struct Algo<A> {
     algo: A,
     workspace: usize,
-    math: sys::cudnnMathType_t,
 }
 
 #[derive(Clone, Copy)]
@@ -200,7 +199,8 @@ impl ConvDescs {
             "setting the group count",
         )?;
         // Strict FP32 (no TF32), as PyTorch with allow_tf32 = False: the CPU and
-        // GPU replicas then agree to rounding.
+        // GPU replicas then agree to rounding. Kept for the algorithms measured
+        // too, whatever math type a measurement reports (PyTorch does the same).
         set_math(&conv, sys::cudnnMathType_t::CUDNN_FMA_MATH)?;
         Ok(ConvDescs {
             x: TensorDesc::nchw(s.n, s.c, s.h, s.w)?,
@@ -227,7 +227,6 @@ macro_rules! best {
             .map(|p| Algo {
                 algo: p.algo,
                 workspace: p.memory,
-                math: p.mathType,
             })
     };
 }
@@ -389,7 +388,6 @@ impl Dnn {
             .map_err(e)?
             .fwd
             .ok_or_else(|| e(format!("no forward algorithm for {s:?}")))?;
-        set_math(&d.conv, a.math).map_err(e)?;
         let ws = self.workspace(gpu, a.workspace)?;
         check(
             unsafe {
@@ -429,7 +427,6 @@ impl Dnn {
         let f = algos
             .filter
             .ok_or_else(|| e(format!("no backward-filter algorithm for {s:?}")))?;
-        set_math(&d.conv, f.math).map_err(e)?;
         let ws = self.workspace(gpu, f.workspace)?;
         check(
             unsafe {
@@ -456,7 +453,6 @@ impl Dnn {
             let b = algos
                 .data
                 .ok_or_else(|| e(format!("no backward-data algorithm for {s:?}")))?;
-            set_math(&d.conv, b.math).map_err(e)?;
             let ws = self.workspace(gpu, b.workspace)?;
             check(
                 unsafe {
