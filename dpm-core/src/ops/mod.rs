@@ -131,17 +131,20 @@ impl<'a> OpContext<'a> {
         Ok((self.input(i)?, self.input_data::<f32>(i)?))
     }
 
-    /// A one-element f32 input (a learning rate, a weight).
-    /// A device-resident scalar is copied to the host (which waits for the device).
-    pub fn input_scalar(&self, i: usize) -> Result<f32> {
+    /// Input `i` in host memory: itself, or a copy of a device tensor (which
+    /// waits for the device).
+    pub fn input_on_host(&self, i: usize) -> Result<std::borrow::Cow<'a, Tensor>> {
         let t = self.input(i)?;
-        let host;
-        let t = if t.is_on_host() {
-            t
+        Ok(if t.is_on_host() {
+            std::borrow::Cow::Borrowed(t)
         } else {
-            host = t.to_host()?;
-            &host
-        };
+            std::borrow::Cow::Owned(t.to_host()?)
+        })
+    }
+
+    /// A one-element f32 input (a learning rate, a weight), read on the host.
+    pub fn input_scalar(&self, i: usize) -> Result<f32> {
+        let t = self.input_on_host(i)?;
         let d = t.data::<f32>().map_err(|e| e.for_blob(self.input_name(i)))?;
         match d {
             [x] => Ok(*x),
@@ -156,14 +159,7 @@ impl<'a> OpContext<'a> {
     /// Integer labels of input `i` (i32 or i64), as indices. Labels on a device
     /// are copied to the host first (which waits for the device).
     pub fn input_labels(&self, i: usize) -> Result<Vec<usize>> {
-        let t = self.input(i)?;
-        let host;
-        let t = if t.is_on_host() {
-            t
-        } else {
-            host = t.to_host()?;
-            &host
-        };
+        let t = self.input_on_host(i)?;
         let name = self.input_name(i);
         let bad = |v: i64| Error::value(name, format!("label {v} is negative"));
         match t.dtype() {

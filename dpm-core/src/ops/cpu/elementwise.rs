@@ -55,23 +55,26 @@ pub struct Sum {
     arity: std::ops::RangeInclusive<usize>,
 }
 
-impl Sum {
-    /// `Sum`: one or more inputs.
-    pub fn sum(_: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(Sum {
-            arity: 1..=usize::MAX,
-        }))
+/// The inputs `Sum` (one or more) or `Add` (exactly two of one shape) takes.
+pub(crate) fn sum_arity(op: &OperatorDef) -> Result<std::ops::RangeInclusive<usize>> {
+    if op.op_type() != "Add" {
+        return Ok(1..=usize::MAX);
     }
+    if Args(&op.arg).int("broadcast", 0)? != 0 {
+        return Err(Error::arg(
+            "broadcast",
+            "broadcasting Add is not supported; give both inputs one shape",
+        ));
+    }
+    Ok(2..=2)
+}
 
-    /// `Add`: exactly two inputs of the same shape.
-    pub fn add(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        if Args(&op.arg).int("broadcast", 0)? != 0 {
-            return Err(Error::arg(
-                "broadcast",
-                "broadcasting Add is not supported; give both inputs one shape",
-            ));
-        }
-        Ok(Box::new(Sum { arity: 2..=2 }))
+impl Sum {
+    /// `Sum` (one or more inputs) or `Add` (two).
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(Sum {
+            arity: sum_arity(op)?,
+        }))
     }
 }
 

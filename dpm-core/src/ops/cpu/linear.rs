@@ -17,10 +17,6 @@ pub struct FcGradient {
     axis: usize,
 }
 
-fn axis(op: &OperatorDef) -> Result<usize> {
-    Args(&op.arg).usize("axis", 1)
-}
-
 impl Fc {
     /// Parses the arguments.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
@@ -35,10 +31,11 @@ impl FcGradient {
     }
 }
 
-/// Checks X, W (and b) agree; returns (M, K, N).
-fn dims(ctx: &OpContext<'_>, axis: usize, with_bias: bool) -> Result<(usize, usize, usize)> {
-    let (x, _) = ctx.input_f32(0)?;
-    let (w, _) = ctx.input_f32(1)?;
+/// Checks X, W (and b) agree, from their shapes alone (the CUDA kernels use it
+/// too); returns (M, K, N).
+pub(crate) fn dims(ctx: &OpContext<'_>, axis: usize, with_bias: bool) -> Result<(usize, usize, usize)> {
+    let x = ctx.input(0)?;
+    let w = ctx.input(1)?;
     if axis > x.shape().rank() {
         return Err(Error::arg(
             "axis",
@@ -55,12 +52,17 @@ fn dims(ctx: &OpContext<'_>, axis: usize, with_bias: bool) -> Result<(usize, usi
         ));
     }
     if with_bias {
-        let (b, _) = ctx.input_f32(2)?;
+        let b = ctx.input(2)?;
         if b.numel() != n {
             return Err(Error::shape(ctx.input_name(2), format!("[{n}]"), b.shape()));
         }
     }
     Ok((m, k, n))
+}
+
+/// The `axis` argument.
+pub(crate) fn axis(op: &OperatorDef) -> Result<usize> {
+    Args(&op.arg).usize("axis", 1)
 }
 
 impl Kernel for Fc {

@@ -2,13 +2,13 @@
 //! registration.
 
 pub mod conv;
-mod elementwise;
+pub(crate) mod elementwise;
 mod fill;
 pub mod gemm;
-mod linear;
+pub(crate) mod linear;
 mod loss;
-mod norm;
-mod optim;
+pub(crate) mod norm;
+pub(crate) mod optim;
 pub(crate) mod pool;
 pub mod rng;
 mod shape;
@@ -32,8 +32,8 @@ pub fn register(r: &mut Registry) {
     r.register("FCGradient", Cpu, linear::FcGradient::create);
     r.register("Relu", Cpu, |_| Ok(Box::new(elementwise::Relu)));
     r.register("ReluGradient", Cpu, |_| Ok(Box::new(elementwise::ReluGradient)));
-    r.register("Sum", Cpu, elementwise::Sum::sum);
-    r.register("Add", Cpu, elementwise::Sum::add);
+    r.register("Sum", Cpu, elementwise::Sum::create);
+    r.register("Add", Cpu, elementwise::Sum::create);
     r.register("Scale", Cpu, elementwise::Scale::create);
     r.register("Copy", Cpu, |_| Ok(Box::new(elementwise::Copy)));
     r.register("StopGradient", Cpu, |_| Ok(Box::new(elementwise::Copy)));

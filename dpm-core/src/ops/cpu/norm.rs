@@ -37,16 +37,16 @@ fn plane_sums(a: &[f32], b: &[f32], a_shift: f32, b_shift: f32) -> (f64, f64) {
     (sum, prod)
 }
 
-/// Parsed arguments of both directions.
+/// Parsed arguments of both directions (shared with the CUDA kernels).
 #[derive(Clone, Copy)]
-struct Params {
-    is_test: bool,
-    epsilon: f32,
-    momentum: f32,
+pub(crate) struct Params {
+    pub is_test: bool,
+    pub epsilon: f32,
+    pub momentum: f32,
 }
 
 impl Params {
-    fn parse(op: &OperatorDef) -> Result<Params> {
+    pub(crate) fn parse(op: &OperatorDef) -> Result<Params> {
         let a = Args(&op.arg);
         let p = Params {
             is_test: a.int("is_test", 0)? != 0,

@@ -109,21 +109,31 @@ impl Kernel for LearningRate {
 
 /// `MomentumSGDUpdate(grad, moment, lr, param) → (grad, moment, param)`, in place:
 /// `g ← g + wd·p; m ← μ·m + lr·g; p ← p − m` (Nesterov: `p ← p − ((1+μ)·m − μ·m_old)`).
-pub struct MomentumSgdUpdate {
-    momentum: f32,
-    nesterov: bool,
-    weight_decay: f32,
+pub struct MomentumSgdUpdate(Momentum);
+
+/// The arguments of `MomentumSGDUpdate` (shared with its CUDA kernel).
+#[derive(Clone, Copy)]
+pub(crate) struct Momentum {
+    pub momentum: f32,
+    pub nesterov: bool,
+    pub weight_decay: f32,
+}
+
+impl Momentum {
+    pub(crate) fn parse(op: &OperatorDef) -> Result<Momentum> {
+        let args = Args(&op.arg);
+        Ok(Momentum {
+            momentum: args.float("momentum", 0.0)?,
+            nesterov: args.int("nesterov", 0)? != 0,
+            weight_decay: args.float("weight_decay", 0.0)?,
+        })
+    }
 }
 
 impl MomentumSgdUpdate {
     /// Parses `momentum`, `nesterov`, `weight_decay`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        let args = Args(&op.arg);
-        Ok(Box::new(MomentumSgdUpdate {
-            momentum: args.float("momentum", 0.0)?,
-            nesterov: args.int("nesterov", 0)? != 0,
-            weight_decay: args.float("weight_decay", 0.0)?,
-        }))
+        Ok(Box::new(MomentumSgdUpdate(Momentum::parse(op)?)))
     }
 }
 
@@ -152,12 +162,12 @@ impl Kernel for MomentumSgdUpdate {
             f32_mut(m, &names[1])?,
             f32_mut(p, &names[2])?,
         );
-        let (mu, wd) = (self.momentum, self.weight_decay);
+        let (mu, wd) = (self.0.momentum, self.0.weight_decay);
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
             let grad = *g + wd * *p;
             let m_old = *m;
             *m = mu * m_old + lr * grad;
-            let step = if self.nesterov {
+            let step = if self.0.nesterov {
                 (1.0 + mu) * *m - mu * m_old
             } else {
                 *m

@@ -6,6 +6,7 @@ use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
 use crate::error::{Error, Result};
 use crate::graph::Args;
+use crate::ops::cpu::optim::Momentum;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::Shape;
@@ -55,22 +56,11 @@ pub struct Sum {
 }
 
 impl Sum {
-    /// `Sum`: one or more inputs.
-    pub fn sum(_: &OperatorDef) -> Result<Box<dyn Kernel>> {
+    /// `Sum` (one or more inputs) or `Add` (two).
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Sum {
-            arity: 1..=usize::MAX,
+            arity: crate::ops::cpu::elementwise::sum_arity(op)?,
         }))
-    }
-
-    /// `Add`: two inputs, no broadcasting.
-    pub fn add(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        if Args(&op.arg).int("broadcast", 0)? != 0 {
-            return Err(Error::arg(
-                "broadcast",
-                "Add supports equal shapes only (broadcast = 0)",
-            ));
-        }
-        Ok(Box::new(Sum { arity: 2..=2 }))
     }
 }
 
@@ -170,21 +160,12 @@ impl Kernel for WeightedSum {
 }
 
 /// `MomentumSGDUpdate(grad, moment, lr, param) → (grad, moment, param)`, in place.
-pub struct MomentumSgdUpdate {
-    momentum: f32,
-    nesterov: bool,
-    weight_decay: f32,
-}
+pub struct MomentumSgdUpdate(Momentum);
 
 impl MomentumSgdUpdate {
     /// Parses `momentum`, `nesterov`, `weight_decay`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        let args = Args(&op.arg);
-        Ok(Box::new(MomentumSgdUpdate {
-            momentum: args.float("momentum", 0.0)?,
-            nesterov: args.int("nesterov", 0)? != 0,
-            weight_decay: args.float("weight_decay", 0.0)?,
-        }))
+        Ok(Box::new(MomentumSgdUpdate(Momentum::parse(op)?)))
     }
 }
 
@@ -206,11 +187,16 @@ impl Kernel for MomentumSgdUpdate {
                 return Err(Error::shape(ctx.output_name(o), ps.to_string(), s));
             }
         }
-        let nesterov = i32::from(self.nesterov);
+        let Momentum {
+            momentum,
+            nesterov,
+            weight_decay,
+        } = self.0;
+        let nesterov = i32::from(nesterov);
         gpu.launch_elementwise(
             "momentum_sgd",
             ps.numel(),
-            args![gp, mp, pp, lr, self.momentum, self.weight_decay, nesterov],
+            args![gp, mp, pp, lr, momentum, weight_decay, nesterov],
         )
     }
 }

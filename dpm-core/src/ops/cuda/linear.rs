@@ -11,7 +11,7 @@ use super::{input, op_gpu, output};
 use crate::cuda::args;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::graph::Args;
+use crate::ops::cpu::linear as cpu_linear;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
@@ -29,7 +29,7 @@ impl Fc {
     /// Parses `axis`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Fc {
-            axis: Args(&op.arg).usize("axis", 1)?,
+            axis: cpu_linear::axis(op)?,
         }))
     }
 }
@@ -38,37 +38,15 @@ impl FcGradient {
     /// Parses `axis`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(FcGradient {
-            axis: Args(&op.arg).usize("axis", 1)?,
+            axis: cpu_linear::axis(op)?,
         }))
     }
 }
 
-/// (rows M, inputs K, outputs N), checked from the shapes alone.
+/// (rows M, inputs K, outputs N), as the CPU kernel checks them, and within
+/// cuBLAS's 32-bit sizes.
 fn dims(ctx: &OpContext<'_>, axis: usize, with_bias: bool) -> Result<(usize, usize, usize)> {
-    let x = ctx.input(0)?;
-    let w = ctx.input(1)?;
-    if axis > x.shape().rank() {
-        return Err(Error::arg(
-            "axis",
-            format!("{axis} exceeds the rank of `{}` {}", ctx.input_name(0), x.shape()),
-        ));
-    }
-    let (m, k) = x.shape().split_at(axis);
-    let (n, wk) = w.shape().split_at(1);
-    if w.shape().rank() < 2 || wk != k {
-        return Err(Error::shape(
-            ctx.input_name(1),
-            format!("[N, {k}] to match input {}", x.shape()),
-            w.shape(),
-        ));
-    }
-    if with_bias && ctx.input(2)?.numel() != n {
-        return Err(Error::shape(
-            ctx.input_name(2),
-            format!("[{n}]"),
-            ctx.input(2)?.shape(),
-        ));
-    }
+    let (m, k, n) = cpu_linear::dims(ctx, axis, with_bias)?;
     for (what, v) in [("rows", m), ("inputs", k), ("outputs", n)] {
         if c_int::try_from(v).is_err() {
             return Err(Error::value(

@@ -41,8 +41,8 @@ pub fn register(r: &mut Registry) {
     r.register("FCGradient", Cuda, linear::FcGradient::create);
     r.register("Relu", Cuda, |_| Ok(Box::new(elementwise::Relu)));
     r.register("ReluGradient", Cuda, |_| Ok(Box::new(elementwise::ReluGradient)));
-    r.register("Sum", Cuda, elementwise::Sum::sum);
-    r.register("Add", Cuda, elementwise::Sum::add);
+    r.register("Sum", Cuda, elementwise::Sum::create);
+    r.register("Add", Cuda, elementwise::Sum::create);
     r.register("Scale", Cuda, elementwise::Scale::create);
     r.register("WeightedSum", Cuda, |_| Ok(Box::new(elementwise::WeightedSum)));
     r.register("MomentumSGDUpdate", Cuda, elementwise::MomentumSgdUpdate::create);

@@ -4,34 +4,9 @@
 use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
 use crate::error::{Error, Result};
-use crate::graph::Args;
+use crate::ops::cpu::norm::Params;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
-
-#[derive(Clone, Copy)]
-struct Params {
-    is_test: bool,
-    epsilon: f32,
-    momentum: f32,
-}
-
-impl Params {
-    fn parse(op: &OperatorDef) -> Result<Params> {
-        let a = Args(&op.arg);
-        let p = Params {
-            is_test: a.int("is_test", 0)? != 0,
-            epsilon: a.float("epsilon", 1e-5)?,
-            momentum: a.float("momentum", 0.9)?,
-        };
-        if p.epsilon <= 0.0 {
-            return Err(Error::arg("epsilon", "must be > 0"));
-        }
-        if !(0.0..=1.0).contains(&p.momentum) {
-            return Err(Error::arg("momentum", "must be in [0, 1]"));
-        }
-        Ok(p)
-    }
-}
 
 /// (N, C, H, W) of input 0 (H·W folded into H for ranks other than 4), checking
 /// the inputs in `per_channel` hold C elements.
