@@ -111,12 +111,31 @@ pub struct Scale {
 }
 
 impl Scale {
-    /// Parses `scale`.
+    /// Parses `scale` and `require_scalar`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(Scale {
+        Ok(Box::new(Scale::parse(op)?))
+    }
+
+    pub(crate) fn parse(op: &OperatorDef) -> Result<Scale> {
+        Ok(Scale {
             scale: Args(&op.arg).float("scale", 1.0)?,
             require_scalar: Args(&op.arg).int("require_scalar", 0)? != 0,
-        }))
+        })
+    }
+
+    /// The factor, after checking output 0 (which holds X) is a scalar if it must be.
+    pub(crate) fn checked_factor(&self, ctx: &mut OpContext<'_>) -> Result<f32> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(1..=1)?;
+        if self.require_scalar && ctx.output(0).numel() != 1 {
+            let got = ctx.output(0).shape().clone();
+            return Err(Error::shape(
+                ctx.input_name(0),
+                "a scalar loss (one element)",
+                &got,
+            ));
+        }
+        Ok(self.scale)
     }
 }
 
@@ -126,17 +145,7 @@ impl Kernel for Scale {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        ctx.expect_inputs(1..=1)?;
-        ctx.expect_outputs(1..=1)?;
-        let s = self.scale;
-        if self.require_scalar && ctx.output(0).numel() != 1 {
-            let got = ctx.output(0).shape().clone();
-            return Err(Error::shape(
-                ctx.input_name(0),
-                "a scalar loss (one element)",
-                &got,
-            ));
-        }
+        let s = self.checked_factor(ctx)?;
         ctx.output_data::<f32>(0)?.iter_mut().for_each(|x| *x *= s);
         Ok(())
     }
@@ -157,6 +166,20 @@ impl Kernel for Copy {
     }
 }
 
+/// Checks `WeightedSum`'s (X, w) pairs and single output; returns the input count.
+pub(crate) fn weighted_sum_arity(ctx: &OpContext<'_>) -> Result<usize> {
+    let n = ctx.num_inputs();
+    if n == 0 || n % 2 != 0 {
+        return Err(Error::Arity {
+            what: "inputs",
+            expected: "an even number (X0, w0, X1, w1, …)".into(),
+            got: n,
+        });
+    }
+    ctx.expect_outputs(1..=1)?;
+    Ok(n)
+}
+
 /// `WeightedSum(X0, w0, X1, w1, …) → Σ wᵢ·Xᵢ`, weights one-element tensors; in
 /// place on X0 (the SGD step `param = 1·param + (−lr)·grad`).
 pub struct WeightedSum;
@@ -167,15 +190,7 @@ impl Kernel for WeightedSum {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        let n = ctx.num_inputs();
-        if n == 0 || n % 2 != 0 {
-            return Err(Error::Arity {
-                what: "inputs",
-                expected: "an even number (X0, w0, X1, w1, …)".into(),
-                got: n,
-            });
-        }
-        ctx.expect_outputs(1..=1)?;
+        let n = weighted_sum_arity(ctx)?;
         let shape = ctx.output(0).shape().clone();
         let w0 = ctx.input_scalar(1)?;
         let terms = (1..n / 2)

@@ -63,8 +63,9 @@ impl Params {
     }
 }
 
-/// (N, C, H·W) of input 0, checking inputs `per_channel` hold C elements.
-fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize, usize, usize)> {
+/// (N, C, H·W) of input 0, checking inputs `per_channel` hold C elements (from
+/// the shapes alone: the CUDA kernels use it too).
+pub(crate) fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize, usize, usize)> {
     let x = ctx.input(0)?;
     if x.shape().rank() < 2 {
         return Err(Error::shape(ctx.input_name(0), "[N, C, …]", x.shape()));

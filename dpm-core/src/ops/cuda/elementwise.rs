@@ -5,7 +5,7 @@
 use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
 use crate::error::{Error, Result};
-use crate::graph::Args;
+use crate::ops::cpu::elementwise as cpu;
 use crate::ops::cpu::optim::Momentum;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
@@ -87,18 +87,12 @@ impl Kernel for Sum {
 }
 
 /// `Scale(X) → scale · X`, in place; `require_scalar` as on the CPU.
-pub struct Scale {
-    scale: f32,
-    require_scalar: bool,
-}
+pub struct Scale(cpu::Scale);
 
 impl Scale {
     /// Parses `scale` and `require_scalar`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(Scale {
-            scale: Args(&op.arg).float("scale", 1.0)?,
-            require_scalar: Args(&op.arg).int("require_scalar", 0)? != 0,
-        }))
+        Ok(Box::new(Scale(cpu::Scale::parse(op)?)))
     }
 }
 
@@ -108,17 +102,13 @@ impl Kernel for Scale {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        ctx.expect_inputs(1..=1)?;
-        ctx.expect_outputs(1..=1)?;
+        let scale = self.0.checked_factor(ctx)?;
         let gpu = op_gpu(ctx)?;
         let (shape, yp) = in_place(ctx, 0, &gpu)?;
-        if self.require_scalar && shape.numel() != 1 {
-            return Err(Error::shape(ctx.output_name(0), "one element (a loss)", &shape));
-        }
-        if self.scale == 1.0 {
+        if scale == 1.0 {
             return Ok(());
         }
-        gpu.launch_elementwise("scale_in_place", shape.numel(), args![yp, self.scale])
+        gpu.launch_elementwise("scale_in_place", shape.numel(), args![yp, scale])
     }
 }
 
@@ -132,15 +122,7 @@ impl Kernel for WeightedSum {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        let n = ctx.num_inputs();
-        if n == 0 || n % 2 != 0 {
-            return Err(Error::Arity {
-                what: "inputs",
-                expected: "an even number (X0, w0, X1, w1, …)".into(),
-                got: n,
-            });
-        }
-        ctx.expect_outputs(1..=1)?;
+        let n = cpu::weighted_sum_arity(ctx)?;
         let gpu = op_gpu(ctx)?;
         let w0 = ctx.input_scalar(1)?;
         let mut terms = Vec::with_capacity(n / 2);

@@ -4,29 +4,13 @@
 use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
 use crate::error::{Error, Result};
-use crate::ops::cpu::norm::Params;
+use crate::ops::cpu::norm::{self as cpu_norm, Params};
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
-/// (N, C, H, W) of input 0 (H·W folded into H for ranks other than 4), checking
-/// the inputs in `per_channel` hold C elements.
+/// (N, C, H·W, 1): input 0 as cuDNN's 4-D NCHW, checked as on the CPU.
 fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize, usize, usize, usize)> {
-    let x = ctx.input(0)?;
-    if x.shape().rank() < 2 {
-        return Err(Error::shape(ctx.input_name(0), "[N, C, …]", x.shape()));
-    }
-    let (n, c) = (x.dims()[0], x.dims()[1]);
-    let hw: usize = x.dims()[2..].iter().product();
-    for &i in per_channel {
-        let t = ctx.input(i)?;
-        if t.numel() != c {
-            return Err(Error::shape(
-                ctx.input_name(i),
-                format!("[{c}] (one per channel)"),
-                t.shape(),
-            ));
-        }
-    }
+    let (n, c, hw) = cpu_norm::dims(ctx, per_channel)?;
     Ok((n, c, hw, 1))
 }
 
