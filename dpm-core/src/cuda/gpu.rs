@@ -183,6 +183,12 @@ impl Gpu {
     pub(crate) fn blas(&self) -> Result<MutexGuard<'_, Option<CudaBlas>>> {
         let mut b = lock(&self.blas);
         if b.is_none() {
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err(self.lib_error(
+                    "cuBLAS",
+                    "libcublas could not be loaded; install cuBLAS (CUDA 13) or add its folder to LD_LIBRARY_PATH",
+                ));
+            }
             let stream = self.stream.clone();
             let handle = guarded(|| {
                 CudaBlas::new(stream)
