@@ -63,10 +63,9 @@ impl Step {
             .map(Device::from_proto)
             .transpose()?
             .unwrap_or(Device::Cpu(0));
-        // A missing driver or GPU is reported here, before anything runs.
-        #[cfg(feature = "cuda")]
+        // A missing driver, GPU or feature is reported here, before anything runs.
         if let Device::Cuda(n) = device {
-            crate::cuda::gpu(n)?;
+            crate::cuda::check_device(n)?;
         }
         let kernel = Registry::global().create(def, device.device_type())?;
         for (i, o) in kernel.in_place() {

@@ -219,11 +219,8 @@ impl Parallelize {
             if self.devices[..i].contains(d) {
                 return Err(Error::Config(format!("device {d} is listed twice")));
             }
-            if let Device::Cuda(_n) = d {
-                #[cfg(not(feature = "cuda"))]
-                return Err(Error::NotCompiledWithCuda(format!("device {d}")));
-                #[cfg(feature = "cuda")]
-                crate::cuda::gpu(*_n)?;
+            if let Device::Cuda(n) = d {
+                crate::cuda::check_device(*n)?;
             }
         }
         let gpus = self
