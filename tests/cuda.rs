@@ -171,6 +171,96 @@ mod with_the_feature {
         }
     }
 
+    /// The nets of the ResNet example (CIFAR and ImageNet style) and of the
+    /// README's MLP, built for `cpu:0`; the CUDA kernels take the same arguments.
+    fn example_nets() -> Vec<NetDef> {
+        let mut nets = Vec::new();
+        for (depth, size) in [(20, 32), (50, 64)] {
+            let cfg = resnet::ResNetConfig {
+                depth,
+                classes: 10,
+                image: [3, size, size],
+            };
+            let t = Parallelize::new(ModelHelper::new("resnet"))
+                .devices([Device::cpu(0)])
+                .forward(resnet::resnet(cfg))
+                .update(
+                    Sgd::new(0.1)
+                        .momentum(0.9)
+                        .weight_decay(1e-4)
+                        .step_schedule(10, 0.1),
+                )
+                .build()
+                .unwrap();
+            nets.push(t.model().init_net().proto().clone());
+            nets.push(t.model().net().proto().clone());
+        }
+        for sgd in [
+            Sgd::new(0.1),
+            Sgd::new(0.1).momentum(0.9).nesterov(true).weight_decay(1e-4),
+        ] {
+            let m = super::common::mlp(8, 16, 4, sgd);
+            nets.push(m.init_net().proto().clone());
+            nets.push(m.net().proto().clone());
+        }
+        nets
+    }
+
+    #[test]
+    fn every_op_of_the_example_and_the_mlp_has_a_cuda_kernel_taking_its_arguments() {
+        let registry = dpm::ops::Registry::global();
+        let mut seen = std::collections::BTreeSet::new();
+        for net in example_nets() {
+            for op in &net.op {
+                // Creating a kernel parses its arguments; no GPU is touched.
+                if let Err(e) = registry.create(op, DeviceType::Cuda) {
+                    panic!("{} `{}`: {e}", op.op_type(), op.output.join(", "));
+                }
+                seen.insert(op.op_type().to_owned());
+            }
+        }
+        // The test net runs batch norm on running statistics.
+        let mut test_bn = Net::new("test_bn");
+        test_bn
+            .op("SpatialBN")
+            .inputs(["x", "s", "b", "m", "v"])
+            .output("y")
+            .arg("is_test", 1i64)
+            .build();
+        registry.create(&test_bn.proto().op[0], DeviceType::Cuda).unwrap();
+        for needed in [
+            "Conv",
+            "ConvGradient",
+            "SpatialBN",
+            "SpatialBNGradient",
+            "MaxPool",
+            "MaxPoolGradient",
+            "AveragePool",
+            "AveragePoolGradient",
+            "FC",
+            "FCGradient",
+            "Relu",
+            "ReluGradient",
+            "Sum",
+            "Scale",
+            "SoftmaxWithLoss",
+            "SoftmaxWithLossGradient",
+            "Accuracy",
+            "MomentumSGDUpdate",
+            "WeightedSum",
+            "ConstantFill",
+            "MSRAFill",
+            "XavierFill",
+            "LearningRate",
+            "Iter",
+        ] {
+            assert!(
+                seen.contains(needed),
+                "the example nets no longer use {needed}: update this list ({seen:?})"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_gpu_is_named_with_the_ones_there_are() {
         if !gpu("a_missing_gpu_is_named_with_the_ones_there_are") {
