@@ -251,8 +251,12 @@ pub struct Summary {
     pub final_loss: f32,
     /// Accuracy on held-out images.
     pub heldout_accuracy: f32,
-    /// Training throughput over the steady-state steps (after warm-up).
+    /// Training throughput over the steady-state steps (after warm-up), all ranks.
     pub images_per_sec: f64,
+    /// This process's rank and the number of ranks (MPI; 0 and 1 otherwise).
+    pub rank: (usize, usize),
+    /// Seconds this process spent in cross-rank collectives (MPI).
+    pub comm_seconds: f64,
 }
 
 impl Summary {
@@ -260,16 +264,33 @@ impl Summary {
     pub fn to_json(&self) -> String {
         let devices: Vec<String> = self.devices.iter().map(|d| format!("\"{d}\"")).collect();
         format!(
-            "{{\"depth\": {}, \"devices\": [{}], \"batch_per_device\": {}, \"iters\": {}, \"final_loss\": {}, \"heldout_accuracy\": {}, \"images_per_sec\": {:.2}}}\n",
+            "{{\"depth\": {}, \"devices\": [{}], \"ranks\": {}, \"batch_per_device\": {}, \"iters\": {}, \"final_loss\": {}, \"heldout_accuracy\": {}, \"images_per_sec\": {:.2}, \"comm_seconds\": {:.3}}}\n",
             self.depth,
             devices.join(", "),
+            self.rank.1,
             self.batch_per_device,
             self.iters,
             self.final_loss,
             self.heldout_accuracy,
-            self.images_per_sec
+            self.images_per_sec,
+            self.comm_seconds
         )
     }
+}
+
+/// The job's ranks when started by `mpirun -np N` (N > 1), none otherwise.
+fn rendezvous() -> Result<Option<Rendezvous>> {
+    if !dpm::comm::mpi_launched() {
+        return Ok(None);
+    }
+    #[cfg(feature = "mpi")]
+    return Rendezvous::from_mpi().map(Some);
+    #[cfg(not(feature = "mpi"))]
+    Err(Error::Config(
+        "started by an MPI launcher with several processes, but this build has no MPI support: \
+         rebuild with `--features mpi`"
+            .into(),
+    ))
 }
 
 /// Parses `--devices`; whether a CUDA device exists (and this build can use it)
@@ -326,7 +347,9 @@ pub fn run(args: &Args) -> Result<Summary> {
     }
     let (train, heldout) = datasets(args)?;
     let train = Arc::new(train);
-    let global_batch = args.batch_per_device * devices.len();
+    let rendezvous = rendezvous()?;
+    let ranks = rendezvous.as_ref().map_or(1, |r| r.num_shards);
+    let global_batch = args.batch_per_device * devices.len() * ranks;
 
     let mut model = ModelHelper::new("resnet");
     model.set_seed(args.seed);
@@ -337,6 +360,9 @@ pub fn run(args: &Args) -> Result<Summary> {
     }
     if let Some(n) = args.num_workers {
         builder = builder.num_workers(n);
+    }
+    if let Some(r) = rendezvous.clone() {
+        builder = builder.rendezvous(r);
     }
     let mut trainer = builder
         .devices(devices.clone())
@@ -368,7 +394,8 @@ pub fn run(args: &Args) -> Result<Summary> {
     trainer.set_input(Loader::new(train, loader_cfg)?);
 
     let todo = args.iters.saturating_sub(first_iter);
-    let bar = if args.quiet {
+    let rank = (trainer.shard_id(), trainer.num_shards());
+    let bar = if args.quiet || rank.0 != 0 {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(todo)
@@ -438,8 +465,10 @@ pub fn run(args: &Args) -> Result<Summary> {
         losses,
         heldout_accuracy,
         images_per_sec,
+        rank,
+        comm_seconds: comm_seconds(),
     };
-    if let Some(path) = &args.summary_json {
+    if let (Some(path), 0) = (&args.summary_json, rank.0) {
         std::fs::write(path, summary.to_json()).map_err(|source| Error::Io {
             path: path.display().to_string(),
             source,
@@ -448,16 +477,31 @@ pub fn run(args: &Args) -> Result<Summary> {
     Ok(summary)
 }
 
+/// Seconds spent in cross-rank collectives so far (0 without MPI).
+fn comm_seconds() -> f64 {
+    #[cfg(feature = "mpi")]
+    if let Some(w) = dpm::comm::mpi::started() {
+        return w.busy().as_secs_f64();
+    }
+    0.0
+}
+
 #[allow(dead_code)] // the tests include this file as a module and call `run`
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let t = Instant::now();
     match run(&args) {
+        Ok(s) if s.rank.0 != 0 => {
+            dpm::comm::finalize();
+            std::process::ExitCode::SUCCESS
+        }
         Ok(s) => {
+            dpm::comm::finalize();
             println!(
-                "ResNet-{} on {} × {} images: {} iterations in {:.0} s, final loss {:.3}, held-out accuracy {:.1}%, {:.0} images/s",
+                "ResNet-{} on {}{} × {} images: {} iterations in {:.0} s, final loss {:.3}, held-out accuracy {:.1}%, {:.0} images/s",
                 s.depth,
                 s.devices.join(", "),
+                if s.rank.1 > 1 { format!(" on each of {} ranks", s.rank.1) } else { String::new() },
                 s.batch_per_device,
                 s.iters,
                 t.elapsed().as_secs_f64(),
@@ -468,6 +512,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
+            // No MPI_Finalize: mpirun then ends the other ranks too.
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }

@@ -98,7 +98,7 @@ fn reduce_slice(group: &mut [&mut [f32]], scale: f32) {
     }
 }
 
-fn same_shapes(ctx: &mut OpContext<'_>) -> Result<()> {
+pub(crate) fn same_shapes(ctx: &mut OpContext<'_>) -> Result<()> {
     let shape = ctx.output(0).shape().clone();
     for o in 1..ctx.num_outputs() {
         let t = ctx.output(o);
@@ -110,7 +110,7 @@ fn same_shapes(ctx: &mut OpContext<'_>) -> Result<()> {
     Ok(())
 }
 
-fn in_place_pairs(op: &OperatorDef) -> Result<Vec<(usize, usize)>> {
+pub(crate) fn in_place_pairs(op: &OperatorDef) -> Result<Vec<(usize, usize)>> {
     if op.input.is_empty() || op.input != op.output {
         return Err(Error::arg(
             "input/output",

@@ -6,9 +6,31 @@
 //! kernels register under the same op types for their device types.
 
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 use crate::graph::DeviceType;
 use crate::ops::Registry;
+
+/// Whether this process was started by an MPI launcher with more than one
+/// process (`mpirun -np N`, `srun`): read from the launcher's environment, so
+/// nothing is initialised to find out.
+pub fn mpi_launched() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .filter_map(|v| v.trim().parse::<usize>().ok())
+        .any(|n| n > 1)
+}
+
+/// Finalises MPI if this process started it (a process that exits without it
+/// makes `mpirun` report the job failed); nothing otherwise.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    if let Some(w) = mpi::started() {
+        w.finalize();
+    }
+}
 
 /// Op types that move data between devices: exempt from the namescope analysis.
 pub fn is_collective(op_type: &str) -> bool {
@@ -19,4 +41,6 @@ pub fn is_collective(op_type: &str) -> bool {
 pub fn register(r: &mut Registry) {
     r.register("Allreduce", DeviceType::Cpu, local::Allreduce::create);
     r.register("Broadcast", DeviceType::Cpu, local::Broadcast::create);
+    #[cfg(feature = "mpi")]
+    mpi::register(r);
 }

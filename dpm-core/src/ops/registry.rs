@@ -15,6 +15,9 @@ pub type KernelFactory = fn(&OperatorDef) -> Result<Box<dyn Kernel>>;
 #[derive(Default)]
 pub struct Registry {
     kernels: HashMap<DeviceType, HashMap<&'static str, KernelFactory>>,
+    /// Kernels for one engine (Caffe2's `OperatorDef.engine`), e.g. the MPI
+    /// all-reduce: `(device, op type, engine)`.
+    engines: HashMap<(DeviceType, &'static str, &'static str), KernelFactory>,
 }
 
 impl Registry {
@@ -49,14 +52,47 @@ impl Registry {
         self.kernels.entry(device).or_default().insert(op_type, factory);
     }
 
+    /// Registers `factory` for `op_type` on `device` when the op names `engine`.
+    pub fn register_engine(
+        &mut self,
+        op_type: &'static str,
+        device: DeviceType,
+        engine: &'static str,
+        factory: KernelFactory,
+    ) {
+        self.engines.insert((device, op_type, engine), factory);
+    }
+
     /// Whether a kernel exists.
     pub fn has(&self, op_type: &str, device: DeviceType) -> bool {
         self.factory(op_type, device).is_some()
     }
 
     /// Builds the kernel of `op` for `device`.
+    /// An op naming an engine gets that engine's kernel. Without one, compute ops
+    /// fall back to the default kernel (as in Caffe2), but collectives are an
+    /// error: a reduction over fewer processes than asked would be silently wrong.
     pub fn create(&self, op: &OperatorDef, device: DeviceType) -> Result<Box<dyn Kernel>> {
         let op_type = op.op_type();
+        if let Some(engine) = op.engine.as_deref().filter(|e| !e.is_empty()) {
+            let key = (device, op_type, engine);
+            if let Some((_, f)) = self.engines.iter().find(|(k, _)| **k == key) {
+                return f(op);
+            }
+            if crate::comm::is_collective(op_type) {
+                return Err(Error::UnknownOp {
+                    op_type: format!("{op_type} with engine {engine}"),
+                    device: format!(
+                        "{device}{}",
+                        if engine == "MPI" {
+                            " (this build has no MPI support: rebuild with `--features mpi`)"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+        }
         match self.factory(op_type, device) {
             Some(f) => f(op),
             #[cfg(not(feature = "cuda"))]

@@ -70,3 +70,44 @@ pub fn check_namescopes(net: &NetDef, devices: &[Device]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Each collective of `nets`, in issue order, described (type, blobs, and the
+/// shapes the init net gives them) and hashed; the last entry stands for every
+/// other op. Ranks compare these before their first collective.
+pub(crate) fn collective_signatures(nets: &[&NetDef]) -> Vec<(String, u64)> {
+    use crate::ops::cpu::rng::stable_hash;
+    let mut shapes: HashMap<&str, String> = HashMap::new();
+    for net in nets {
+        for op in &net.op {
+            if let (Some(out), Some(dims)) = (op.output.first(), crate::graph::Args(&op.arg).ints("shape")) {
+                shapes.insert(out, format!("{dims:?}"));
+            }
+        }
+    }
+    let mut sigs = Vec::new();
+    let mut rest = String::new();
+    for net in nets {
+        for op in &net.op {
+            if is_collective(op.op_type()) && op.op_type() != "Copy" {
+                let blobs: Vec<String> = op
+                    .input
+                    .iter()
+                    .map(|b| format!("{b}{}", shapes.get(b.as_str()).map_or("", String::as_str)))
+                    .collect();
+                let d = format!(
+                    "{} of net `{}` over {}",
+                    op.op_type(),
+                    net.net_name(),
+                    blobs.join(", ")
+                );
+                let h = stable_hash(&d);
+                sigs.push((d, h));
+            } else {
+                rest.push_str(&format!("{op:?}"));
+            }
+        }
+    }
+    let d = "the same nets apart from collectives (an op, argument or shape differs)".to_owned();
+    sigs.push((d, stable_hash(&rest)));
+    sigs
+}

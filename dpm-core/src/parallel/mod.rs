@@ -82,8 +82,26 @@ pub struct Rendezvous {
     pub shard_id: usize,
     /// Number of hosts.
     pub num_shards: usize,
-    /// Collective engine across hosts (e.g. `"GLOO"`, `"MPI"`).
+    /// Collective engine across hosts: `"MPI"` (feature `mpi`).
     pub engine: String,
+}
+
+impl Rendezvous {
+    /// This process's rank and the job's size, from MPI (`mpirun -np N`).
+    #[cfg(feature = "mpi")]
+    pub fn from_mpi() -> Result<Rendezvous> {
+        let w = crate::comm::mpi::world()?;
+        Ok(Rendezvous {
+            shard_id: w.rank(),
+            num_shards: w.size(),
+            engine: "MPI".into(),
+        })
+    }
+
+    /// The engine collectives carry: none within one process.
+    fn collective_engine(r: Option<&Rendezvous>) -> Option<&str> {
+        r.filter(|r| r.num_shards > 1).map(|r| r.engine.as_str())
+    }
 }
 
 /// What happens to computed params (running statistics) after each step.
@@ -162,7 +180,8 @@ impl Parallelize {
         self
     }
 
-    /// Multi-host settings. Only `num_shards == 1` runs today.
+    /// Multi-host settings: `num_shards` processes, each with these devices
+    /// (`Rendezvous::from_mpi()` under `mpirun`, feature `mpi`).
     pub fn rendezvous(mut self, r: Rendezvous) -> Self {
         self.rendezvous = Some(r);
         self
@@ -247,11 +266,25 @@ impl Parallelize {
                 )));
             }
             if r.num_shards > 1 {
-                return Err(Error::Config(format!(
-                    "multi-host training ({} shards, engine `{}`) needs a cross-host collective backend, \
-                     which this build of dpm does not have yet; use num_shards = 1",
-                    r.num_shards, r.engine
-                )));
+                if r.engine != "MPI" {
+                    return Err(Error::Config(format!(
+                        "rendezvous engine `{}` is unknown; dpm reduces across hosts with MPI (engine \"MPI\")",
+                        r.engine
+                    )));
+                }
+                if !cfg!(feature = "mpi") {
+                    return Err(Error::Config(format!(
+                        "{} shards need MPI, but this build has no MPI support: rebuild with `--features mpi`",
+                        r.num_shards
+                    )));
+                }
+                if gpus > 0 {
+                    return Err(Error::Config(
+                        "training across hosts on CUDA devices needs NCCL, which this build does not have yet; \
+                         use cpu devices with MPI"
+                            .into(),
+                    ));
+                }
             }
         }
         if !matches!(self.net_type.as_str(), "dag" | "simple") {
@@ -345,8 +378,10 @@ impl Parallelize {
             }
             grad_groups = group_by_device(&devices, &ready_order, "gradient")?;
             // 5. Computed params, then the chained all-reduces.
-            add_computed_param_sync(&mut model, &devices, &computed_groups, computed_params);
-            add_allreduces(&mut model, &devices, &grad_groups);
+            let engine = Rendezvous::collective_engine(rendezvous.as_ref());
+            let chained =
+                add_computed_param_sync(&mut model, &devices, engine, &computed_groups, computed_params);
+            add_allreduces(&mut model, &devices, engine, &grad_groups, chained);
             // 6. Updates.
             for &d in &devices {
                 in_scope(&mut model, d, |m| update.build(m, d))?;
@@ -362,15 +397,12 @@ impl Parallelize {
 
         // Initial sync: every replica starts from the master's parameters.
         let sync_groups: Vec<Group> = param_groups.iter().chain(&computed_groups).cloned().collect();
-        if devices.len() > 1 {
+        let engine = Rendezvous::collective_engine(rendezvous.as_ref());
+        if devices.len() > 1 || engine.is_some() {
             for g in &sync_groups {
-                let master = devices[0];
-                model
-                    .init_net_mut()
-                    .op("Broadcast")
+                collective(model.init_net_mut().op("Broadcast"), devices[0], engine)
                     .inputs(&g.blobs)
                     .outputs(&g.blobs)
-                    .device(master)
                     .build();
             }
         }
@@ -395,6 +427,7 @@ impl Parallelize {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let kernel_threads = kernel_threads.unwrap_or((cores / devices.len()).max(1));
         Ok(Trainer::new(trainer::Parts {
+            rendezvous,
             model,
             devices,
             source,
@@ -422,18 +455,23 @@ fn in_scope<R>(
 /// One `Allreduce` per gradient group, in the given order, each waiting (through
 /// `control_input`) for the previous one: all devices issue them in one order, and
 /// the first can start while the backward pass of earlier layers still runs.
-fn add_allreduces(model: &mut ModelHelper, devices: &[Device], grads: &[Group]) {
-    if devices.len() < 2 {
+///
+/// `previous`: a collective the first all-reduce must follow (across hosts,
+/// every collective of the net is in one chain; see `add_computed_param_sync`).
+fn add_allreduces(
+    model: &mut ModelHelper,
+    devices: &[Device],
+    engine: Option<&str>,
+    grads: &[Group],
+    mut previous: Option<BlobRef>,
+) {
+    if devices.len() < 2 && engine.is_none() {
         return;
     }
-    let mut previous: Option<BlobRef> = None;
     for g in grads {
-        let mut op = model
-            .net_mut()
-            .op("Allreduce")
+        let mut op = collective(model.net_mut().op("Allreduce"), devices[0], engine)
             .inputs(&g.blobs)
-            .outputs(&g.blobs)
-            .device(devices[0]);
+            .outputs(&g.blobs);
         if let Some(p) = &previous {
             op = op.control_input(p);
         }
@@ -442,22 +480,52 @@ fn add_allreduces(model: &mut ModelHelper, devices: &[Device], grads: &[Group]) 
     }
 }
 
+/// The sync of computed params after each step. Across hosts these ops are
+/// chained too, and the last is returned for the all-reduces to follow: one
+/// communication thread per process serves collectives in arrival order, so
+/// every rank must issue all of them in one order.
 fn add_computed_param_sync(
     model: &mut ModelHelper,
     devices: &[Device],
+    engine: Option<&str>,
     groups: &[Group],
     mode: ComputedParams,
-) {
-    if devices.len() < 2 {
-        return;
+) -> Option<BlobRef> {
+    if devices.len() < 2 && engine.is_none() {
+        return None;
     }
+    let mut previous: Option<BlobRef> = None;
     for g in groups {
         let op = match mode {
             ComputedParams::Keep => continue,
             ComputedParams::Broadcast => model.net_mut().op("Broadcast"),
             ComputedParams::Average => model.net_mut().op("Allreduce").arg("average", 1i64),
         };
-        op.inputs(&g.blobs).outputs(&g.blobs).device(devices[0]).build();
+        let mut op = collective(op, devices[0], engine)
+            .inputs(&g.blobs)
+            .outputs(&g.blobs);
+        if engine.is_some() {
+            if let Some(p) = &previous {
+                op = op.control_input(p);
+            }
+            previous = Some(g.blobs[0].clone());
+        }
+        op.build();
+    }
+    previous
+}
+
+/// A collective op on the master device, tagged with the cross-host engine (as
+/// Caffe2 tags its ops) when there is more than one host.
+pub(crate) fn collective<'n>(
+    op: crate::graph::OpBuilder<'n>,
+    master: Device,
+    engine: Option<&str>,
+) -> crate::graph::OpBuilder<'n> {
+    let op = op.device(master);
+    match engine {
+        Some(e) => op.engine(e),
+        None => op,
     }
 }
 

@@ -28,6 +28,7 @@ impl<F: FnMut() -> Result<Vec<(String, Tensor)>>> InputSource for F {
 }
 
 pub(super) struct Parts {
+    pub rendezvous: Option<super::Rendezvous>,
     pub model: ModelHelper,
     pub devices: Vec<Device>,
     pub source: Option<Box<dyn InputSource>>,
@@ -55,17 +56,17 @@ pub struct Trainer {
 impl Trainer {
     pub(super) fn new(p: Parts) -> Trainer {
         let mut sync = Net::new(&format!("{}_sync", p.model.name()));
-        if p.devices.len() > 1 {
+        let engine = super::Rendezvous::collective_engine(p.rendezvous.as_ref());
+        if p.devices.len() > 1 || engine.is_some() {
             for g in p
                 .param_groups
                 .iter()
                 .chain(&p.computed_groups)
                 .chain(&p.state_groups)
             {
-                sync.op("Broadcast")
+                super::collective(sync.op("Broadcast"), p.devices[0], engine)
                     .inputs(&g.blobs)
                     .outputs(&g.blobs)
-                    .device(p.devices[0])
                     .build();
             }
         }
@@ -85,6 +86,9 @@ impl Trainer {
     /// master device) and compiles the train net.
     pub fn run_init(&mut self) -> Result<()> {
         self.ws.set_kernel_threads(self.p.kernel_threads);
+        if self.num_shards() > 1 {
+            self.check_same_collectives()?;
+        }
         self.ws.run_net_once(self.p.model.init_net().proto())?;
         self.ws.create_net(self.p.model.net().proto())?;
         self.ws.create_net(&self.sync_net)?;
@@ -105,9 +109,13 @@ impl Trainer {
         self.ensure_init()?;
         if let Some(src) = self.p.source.as_mut() {
             let batch = src.next_batch()?;
+            // Every rank draws the same global batch and keeps its own slices:
+            // rank r's devices get parts r·n … r·n + n − 1.
             let n = self.p.devices.len();
+            let (shard, shards) = (self.shard_id(), self.num_shards());
             for (name, t) in batch {
-                for (&d, part) in self.p.devices.iter().zip(split_batch(&name, &t, n)?) {
+                let parts = split_batch(&name, &t, n * shards)?;
+                for (&d, part) in self.p.devices.iter().zip(parts.into_iter().skip(shard * n)) {
                     self.feed(&name, d, part)?;
                 }
             }
@@ -142,8 +150,8 @@ impl Trainer {
         self.ws.fetch(format!("{}/{name}", device.namescope()))
     }
 
-    /// The mean over devices of each device's total loss, as the forward builder
-    /// returned it (unscaled).
+    /// The mean over devices (of every rank) of each device's total loss, as the
+    /// forward builder returned it (unscaled).
     pub fn loss(&self) -> Result<f32> {
         let mut total = 0.0f64;
         for ls in &self.p.losses {
@@ -151,7 +159,72 @@ impl Trainer {
                 total += f64::from(self.ws.fetch(l)?.data::<f32>().map_or(f32::NAN, |d| d[0]));
             }
         }
-        Ok((total / self.p.devices.len() as f64) as f32)
+        self.mean_over_ranks(total / self.p.devices.len() as f64, "the loss")
+    }
+
+    /// The mean over ranks of each rank's `value` (itself with one rank).
+    fn mean_over_ranks(&self, value: f64, what: &str) -> Result<f32> {
+        if self.num_shards() == 1 {
+            return Ok(value as f32);
+        }
+        #[cfg(feature = "mpi")]
+        {
+            // The bits travel exactly; every rank sums them in rank order.
+            let all = crate::comm::mpi::world()?.gather(vec![value.to_bits()], what)?;
+            let sum: f64 = all.iter().map(|&b| f64::from_bits(b)).sum();
+            Ok((sum / self.num_shards() as f64) as f32)
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            let _ = what;
+            unreachable!("several shards are refused without the mpi feature")
+        }
+    }
+
+    /// Checks every rank built the same nets, before any collective runs: a rank
+    /// with another net would otherwise wait in a collective its peers never
+    /// issue, or exchange buffers of other sizes.
+    fn check_same_collectives(&self) -> Result<()> {
+        let sigs = analysis::collective_signatures(&[
+            self.p.model.init_net().proto(),
+            self.p.model.net().proto(),
+            &self.sync_net,
+        ]);
+        #[cfg(feature = "mpi")]
+        {
+            let w = crate::comm::mpi::world()?;
+            let counts = w.gather(vec![sigs.len() as u64], "comparing the ranks' nets")?;
+            let longest = counts.iter().copied().max().unwrap_or(0) as usize;
+            let mut mine: Vec<u64> = sigs.iter().map(|(_, h)| *h).collect();
+            mine.resize(longest, 0);
+            let all = w.gather(mine, "comparing the ranks' nets")?;
+            for k in 0..longest {
+                let ranks: Vec<u64> = all.chunks(longest).map(|r| r[k]).collect();
+                if let Some(other) = ranks.iter().position(|&h| h != ranks[0]) {
+                    let here = sigs
+                        .get(k)
+                        .map_or("nothing (its nets end earlier)", |(d, _)| d.as_str());
+                    return Err(Error::Config(format!(
+                        "the ranks built different nets: collective #{k} differs between rank 0 and rank {other} \
+                         (rank {} has {here}); every rank must run the same model with the same --devices",
+                        self.shard_id()
+                    )));
+                }
+            }
+        }
+        #[cfg(not(feature = "mpi"))]
+        let _ = sigs;
+        Ok(())
+    }
+
+    /// This process's shard (rank), 0 without a rendezvous.
+    pub fn shard_id(&self) -> usize {
+        self.p.rendezvous.as_ref().map_or(0, |r| r.shard_id)
+    }
+
+    /// Number of shards (processes), 1 without a rendezvous.
+    pub fn num_shards(&self) -> usize {
+        self.p.rendezvous.as_ref().map_or(1, |r| r.num_shards)
     }
 
     /// The mean over devices of a scalar blob (accuracy, a metric).
@@ -166,7 +239,7 @@ impl Trainer {
                 .ok_or_else(|| Error::value(format!("{}/{name}", d.namescope()), "expected an f32 scalar"))?;
             total += f64::from(v);
         }
-        Ok((total / self.p.devices.len() as f64) as f32)
+        self.mean_over_ranks(total / self.p.devices.len() as f64, name)
     }
 
     /// The devices, master first.
@@ -237,16 +310,31 @@ impl Trainer {
     }
 
     /// Saves the master device's parameters, computed params and optimiser state
-    /// (momenta, `ITER`) to `path`, atomically.
+    /// (momenta, `ITER`) to `path`, atomically. Across ranks (whose replicas are
+    /// identical) rank 0 writes, and every rank returns once the file is there.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         self.ensure_init()?;
+        if self.num_shards() > 1 {
+            let written = if self.shard_id() == 0 {
+                self.save_here(path.as_ref())
+            } else {
+                Ok(())
+            };
+            #[cfg(feature = "mpi")]
+            crate::comm::mpi::world()?.barrier("saving a checkpoint")?;
+            return written;
+        }
+        self.save_here(path.as_ref())
+    }
+
+    fn save_here(&self, path: &Path) -> Result<()> {
         let tensors = self
             .checkpoint_entries()
             .into_iter()
             .map(|(k, b)| Ok((k, self.ws.fetch(&b)?)))
             .collect::<Result<Vec<_>>>()?;
         let meta = HashMap::from([("model".to_owned(), self.p.model.name().to_owned())]);
-        checkpoint::save(path.as_ref(), &tensors, meta)
+        checkpoint::save(path, &tensors, meta)
     }
 
     /// Loads a checkpoint written by [`Trainer::save`] into the master device, then
