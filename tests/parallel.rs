@@ -321,7 +321,18 @@ fn bad_configurations_are_clear_errors() {
         num_shards: 2,
         engine: "GLOO".into(),
     };
-    assert!(build_err(base().devices(cpus(1)).rendezvous(r)).contains("multi-host"));
+    assert!(build_err(base().devices(cpus(1)).rendezvous(r)).contains("engine `GLOO` is unknown"));
+    // Several MPI shards: built by `tests/mpi.rs` with the feature; without it,
+    // the remedy.
+    if !cfg!(feature = "mpi") {
+        let two = Rendezvous {
+            shard_id: 0,
+            num_shards: 2,
+            engine: "MPI".into(),
+        };
+        let e = build_err(base().devices(cpus(1)).rendezvous(two));
+        assert!(e.contains("rebuild with `--features mpi`"), "{e}");
+    }
     let shards = |shard_id, num_shards| Rendezvous {
         shard_id,
         num_shards,

@@ -98,16 +98,36 @@ fn reduce_slice(group: &mut [&mut [f32]], scale: f32) {
     }
 }
 
-pub(crate) fn same_shapes(ctx: &mut OpContext<'_>) -> Result<()> {
-    let shape = ctx.output(0).shape().clone();
-    for o in 1..ctx.num_outputs() {
-        let t = ctx.output(o);
-        if t.shape() != &shape {
-            let got = t.shape().clone();
-            return Err(Error::shape(ctx.output_name(o), shape.to_string(), &got));
+/// Checks the blobs of each tensor (one per device) have one shape.
+pub(crate) fn same_shapes(ctx: &mut OpContext<'_>, devices: usize) -> Result<()> {
+    for first in (0..ctx.num_outputs()).step_by(devices) {
+        let shape = ctx.output(first).shape().clone();
+        for o in first + 1..first + devices {
+            let t = ctx.output(o);
+            if t.shape() != &shape {
+                let got = t.shape().clone();
+                return Err(Error::shape(ctx.output_name(o), shape.to_string(), &got));
+            }
         }
     }
     Ok(())
+}
+
+/// Devices per tensor of a collective over `num_tensors` tensors (default 1):
+/// its blobs are tensor-major, `[t0@d0, t0@d1, …, t1@d0, …]`, so several
+/// tensors travel in one op (the gradient buckets across hosts).
+pub(crate) fn devices_per_tensor(op: &OperatorDef) -> Result<usize> {
+    let k = Args(&op.arg).usize("num_tensors", 1)?;
+    if k == 0 || op.input.len() % k != 0 {
+        return Err(Error::arg(
+            "num_tensors",
+            format!(
+                "{k} does not divide the {} blobs into one per device",
+                op.input.len()
+            ),
+        ));
+    }
+    Ok(op.input.len() / k)
 }
 
 pub(crate) fn in_place_pairs(op: &OperatorDef) -> Result<Vec<(usize, usize)>> {
@@ -124,17 +144,35 @@ pub(crate) fn in_place_pairs(op: &OperatorDef) -> Result<Vec<(usize, usize)>> {
 /// devices (the mean with `average = 1`).
 pub struct Allreduce {
     pairs: Vec<(usize, usize)>,
+    devices: usize,
     average: bool,
 }
 
 impl Allreduce {
-    /// Checks the op is in place over one blob per device.
+    /// Checks the op is in place over one blob per device (per tensor).
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Allreduce {
             pairs: in_place_pairs(op)?,
+            devices: devices_per_tensor(op)?,
             average: Args(&op.arg).int("average", 0)? != 0,
         }))
     }
+}
+
+/// Sums each tensor over this process's devices, in place (every device's blob
+/// gets the sum, times `scale`).
+pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, devices: usize, scale: f32) -> Result<()> {
+    same_shapes(ctx, devices)?;
+    let n = ctx.num_outputs();
+    let names: Vec<String> = (0..n).map(|o| ctx.output_name(o).to_owned()).collect();
+    for (outs, names) in ctx.outputs().chunks_mut(devices).zip(names.chunks(devices)) {
+        let mut bufs = Vec::with_capacity(devices);
+        for (t, name) in outs.iter_mut().zip(names) {
+            bufs.push(t.data_mut::<f32>().map_err(|e| e.for_blob(name))?);
+        }
+        allreduce_in_place(&mut bufs, scale);
+    }
+    Ok(())
 }
 
 impl Kernel for Allreduce {
@@ -143,58 +181,66 @@ impl Kernel for Allreduce {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        same_shapes(ctx)?;
-        let n = ctx.num_outputs();
-        let names: Vec<String> = (0..n).map(|o| ctx.output_name(o).to_owned()).collect();
-        let mut bufs = Vec::with_capacity(n);
-        for (t, name) in ctx.outputs().iter_mut().zip(&names) {
-            let got = t.dtype();
-            bufs.push(t.data_mut::<f32>().ok().ok_or_else(|| Error::DataTypeMismatch {
-                blob: name.clone(),
-                expected: crate::tensor::DataType::F32,
-                got,
-            })?);
-        }
-        let scale = if self.average { 1.0 / n as f32 } else { 1.0 };
-        allreduce_in_place(&mut bufs, scale);
-        Ok(())
+        let scale = if self.average {
+            1.0 / self.devices as f32
+        } else {
+            1.0
+        };
+        reduce_local(ctx, self.devices, scale)
     }
 }
 
 /// `Broadcast(x_0, …, x_n) → (x_0, …, x_n)`: every `x_i` becomes a copy of
 /// `x_root` (any element type; shapes follow the root).
-pub struct Broadcast {
-    pairs: Vec<(usize, usize)>,
-    root: usize,
+pub struct Broadcast(BroadcastSpec);
+
+/// What a `Broadcast` op says: its in-place pairs, devices per tensor, and the
+/// root device.
+pub(crate) struct BroadcastSpec {
+    pub pairs: Vec<(usize, usize)>,
+    pub devices: usize,
+    pub root: usize,
 }
 
 impl Broadcast {
-    /// Checks the op is in place and `root` names one of its blobs.
+    /// Checks the op is in place and `root` names one of its devices.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        let pairs = in_place_pairs(op)?;
-        let root = Args(&op.arg).usize("root", 0)?;
-        if root >= pairs.len() {
-            return Err(Error::arg(
-                "root",
-                format!("{root} is not below the {} devices", pairs.len()),
-            ));
-        }
-        Ok(Box::new(Broadcast { pairs, root }))
+        Ok(Box::new(Broadcast(broadcast_spec(op)?)))
     }
+}
+
+/// Parses and checks a `Broadcast` op.
+pub(crate) fn broadcast_spec(op: &OperatorDef) -> Result<BroadcastSpec> {
+    let pairs = in_place_pairs(op)?;
+    let devices = devices_per_tensor(op)?;
+    let root = Args(&op.arg).usize("root", 0)?;
+    if root >= devices {
+        return Err(Error::arg(
+            "root",
+            format!("{root} is not below the {devices} devices"),
+        ));
+    }
+    Ok(BroadcastSpec { pairs, devices, root })
+}
+
+/// Copies each tensor's `root` blob to its other devices.
+pub(crate) fn broadcast_local(ctx: &mut OpContext<'_>, devices: usize, root: usize) -> Result<()> {
+    for group in ctx.outputs().chunks_mut(devices) {
+        let (before, rest) = group.split_at_mut(root);
+        let (root, after) = rest.split_first_mut().expect("root < devices");
+        for t in before.iter_mut().chain(after.iter_mut()) {
+            t.copy_from(root)?;
+        }
+    }
+    Ok(())
 }
 
 impl Kernel for Broadcast {
     fn in_place(&self) -> &[(usize, usize)] {
-        &self.pairs
+        &self.0.pairs
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        let outs = ctx.outputs();
-        let (before, rest) = outs.split_at_mut(self.root);
-        let (root, after) = rest.split_first_mut().expect("root < len");
-        for t in before.iter_mut().chain(after.iter_mut()) {
-            t.copy_from(root)?;
-        }
-        Ok(())
+        broadcast_local(ctx, self.0.devices, self.0.root)
     }
 }

@@ -18,7 +18,8 @@
 //!
 //! **The same bits everywhere.** A cross-rank sum is a reduce to rank 0 followed
 //! by a broadcast of rank 0's result, so every rank holds identical values
-//! whatever order MPI sums in (an all-reduce may round differently per rank).
+//! whatever order MPI sums in (an all-reduce may round differently per rank);
+//! with two ranks one all-reduce does it, `a + b` being `b + a` exactly.
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Mutex, OnceLock};
@@ -28,7 +29,9 @@ use mpi::collective::SystemOperation;
 use mpi::request::{Request, Scope};
 use mpi::traits::*;
 
-use super::local::{allreduce_in_place, same_shapes};
+use super::local::{
+    broadcast_local, broadcast_spec, devices_per_tensor, in_place_pairs, reduce_local, BroadcastSpec,
+};
 use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext, Registry};
@@ -56,8 +59,8 @@ pub fn timeout() -> Duration {
 enum Job {
     /// Sum across ranks (reduce to rank 0, broadcast back).
     Sum(CpuStorage, SyncSender<Result<CpuStorage>>),
-    /// Rank 0's values to every rank.
-    Broadcast(CpuStorage, SyncSender<Result<CpuStorage>>),
+    /// Rank 0's values to every rank, tensor by tensor.
+    Broadcast(Vec<CpuStorage>, SyncSender<Result<Vec<CpuStorage>>>),
     /// Every rank's `u64`s, concatenated in rank order.
     Gather(Vec<u64>, SyncSender<Result<Vec<u64>>>),
     /// Waits for every rank.
@@ -124,7 +127,11 @@ fn serve(rx: Receiver<(Job, String)>, ready: Ready) {
                 let _ = reply.send(sum(&world, data, &what, limit));
             }
             Job::Broadcast(data, reply) => {
-                let _ = reply.send(broadcast(&world, data, &what, limit));
+                let r = data
+                    .into_iter()
+                    .map(|d| broadcast(&world, d, &what, limit))
+                    .collect();
+                let _ = reply.send(r);
             }
             Job::Gather(values, reply) => {
                 let mut all = vec![0u64; values.len() * size];
@@ -194,18 +201,26 @@ fn sum(world: &impl Communicator, data: CpuStorage, what: &str, limit: Duration)
     let root = world.process_at_rank(0);
     Ok(on_storage!(data, |v| {
         let mut total = v.clone();
-        mpi::request::scope(|s| {
-            let req = if world.rank() == 0 {
-                root.immediate_reduce_into_root(s, &v[..], &mut total[..], SystemOperation::sum())
-            } else {
-                root.immediate_reduce_into(s, &v[..], SystemOperation::sum())
-            };
-            wait(world, req, what, limit);
-        });
-        mpi::request::scope(|s| {
-            let req = root.immediate_broadcast_into(s, &mut total[..]);
-            wait(world, req, what, limit);
-        });
+        if world.size() == 2 {
+            // a + b = b + a exactly: one all-reduce gives both ranks the same bits.
+            mpi::request::scope(|s| {
+                let req = world.immediate_all_reduce_into(s, &v[..], &mut total[..], SystemOperation::sum());
+                wait(world, req, what, limit);
+            });
+        } else {
+            mpi::request::scope(|s| {
+                let req = if world.rank() == 0 {
+                    root.immediate_reduce_into_root(s, &v[..], &mut total[..], SystemOperation::sum())
+                } else {
+                    root.immediate_reduce_into(s, &v[..], SystemOperation::sum())
+                };
+                wait(world, req, what, limit);
+            });
+            mpi::request::scope(|s| {
+                let req = root.immediate_broadcast_into(s, &mut total[..]);
+                wait(world, req, what, limit);
+            });
+        }
         total
     }))
 }
@@ -263,7 +278,7 @@ impl World {
     }
 
     /// Rank 0's `data`, on every rank.
-    pub fn broadcast(&self, data: CpuStorage, what: impl Into<String>) -> Result<CpuStorage> {
+    pub fn broadcast(&self, data: Vec<CpuStorage>, what: impl Into<String>) -> Result<Vec<CpuStorage>> {
         self.call(what.into(), |tx| Job::Broadcast(data, tx))
     }
 
@@ -307,18 +322,21 @@ fn host_storage(t: &Tensor, name: &str) -> Result<CpuStorage> {
 }
 
 /// `Allreduce` across every replica of every rank: the in-process sum of this
-/// rank's replicas, then the sum across ranks, written back to every replica
-/// (divided by all replicas with `average = 1`).
+/// rank's replicas, then the sum across ranks (all of the op's tensors in one
+/// message), written back to every replica (divided by all replicas with
+/// `average = 1`).
 pub struct MpiAllreduce {
     pairs: Vec<(usize, usize)>,
+    devices: usize,
     average: bool,
 }
 
 impl MpiAllreduce {
-    /// Checks the op is in place over one blob per local device.
+    /// Checks the op is in place over one blob per local device (per tensor).
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(MpiAllreduce {
-            pairs: super::local::in_place_pairs(op)?,
+            pairs: in_place_pairs(op)?,
+            devices: devices_per_tensor(op)?,
             average: Args(&op.arg).int("average", 0)? != 0,
         }))
     }
@@ -330,89 +348,77 @@ impl Kernel for MpiAllreduce {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        same_shapes(ctx)?;
         let world = world()?;
         let what = describe(ctx);
-        let n = ctx.num_outputs();
-        let first = ctx.output_name(0).to_owned();
-        let names: Vec<String> = (0..n).map(|o| ctx.output_name(o).to_owned()).collect();
-        {
-            let mut slices = Vec::with_capacity(n);
-            for (t, name) in ctx.outputs().iter_mut().zip(&names) {
-                slices.push(t.data_mut::<f32>().map_err(|e| e.for_blob(name))?);
-            }
-            allreduce_in_place(&mut slices, 1.0);
+        reduce_local(ctx, self.devices, 1.0)?;
+        // Device 0's sums, end to end: one message however many tensors.
+        let d = self.devices;
+        let mut local = Vec::new();
+        for o in (0..ctx.num_outputs()).step_by(d) {
+            let name = ctx.output_name(o).to_owned();
+            local.extend_from_slice(ctx.output(o).data::<f32>().map_err(|e| e.for_blob(name))?);
         }
-        let local = host_storage(ctx.output(0), &first)?;
-        let CpuStorage::F32(mut total) = world.sum(local, what)? else {
+        let CpuStorage::F32(mut total) = world.sum(CpuStorage::F32(local), what)? else {
             unreachable!("a sum keeps the element type")
         };
         if self.average {
-            let replicas = (n * world.size()) as f32;
+            let replicas = (d * world.size()) as f32;
             total.iter_mut().for_each(|v| *v /= replicas);
         }
-        for t in ctx.outputs().iter_mut() {
-            t.data_mut::<f32>()
-                .map_err(|e| e.for_blob(&first))?
-                .copy_from_slice(&total);
+        let mut at = 0;
+        let names: Vec<String> = (0..ctx.num_outputs())
+            .map(|o| ctx.output_name(o).to_owned())
+            .collect();
+        for (group, names) in ctx.outputs().chunks_mut(d).zip(names.chunks(d)) {
+            let len = group[0].numel();
+            for (t, name) in group.iter_mut().zip(names) {
+                t.data_mut::<f32>()
+                    .map_err(|e| e.for_blob(name))?
+                    .copy_from_slice(&total[at..at + len]);
+            }
+            at += len;
         }
         Ok(())
     }
 }
 
-/// `Broadcast` from the root replica of rank 0 to every replica of every rank.
-pub struct MpiBroadcast {
-    pairs: Vec<(usize, usize)>,
-    root: usize,
-}
+/// `Broadcast` from the root replica of rank 0 to every replica of every rank
+/// (all of the op's tensors in one hand-off to the communication thread).
+pub struct MpiBroadcast(BroadcastSpec);
 
 impl MpiBroadcast {
-    /// Checks the op is in place and `root` names one of its blobs.
+    /// Checks the op is in place and `root` names one of its devices.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        let pairs = super::local::in_place_pairs(op)?;
-        let root = Args(&op.arg).usize("root", 0)?;
-        if root >= pairs.len() {
-            return Err(Error::arg(
-                "root",
-                format!("{root} is not below the {} devices", pairs.len()),
-            ));
-        }
-        Ok(Box::new(MpiBroadcast { pairs, root }))
+        Ok(Box::new(MpiBroadcast(broadcast_spec(op)?)))
     }
 }
 
 impl Kernel for MpiBroadcast {
     fn in_place(&self) -> &[(usize, usize)] {
-        &self.pairs
+        &self.0.pairs
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let world = world()?;
         let what = describe(ctx);
-        let root_name = ctx.output_name(self.root).to_owned();
-        let root = host_storage(ctx.output(self.root), &root_name)?;
-        let len = root.len();
-        let got = world.broadcast(root, what.clone())?;
-        if got.len() != len {
-            return Err(Error::value(
-                root_name,
-                format!(
-                    "{what}: rank 0 sent {} elements, this rank holds {len}",
-                    got.len()
-                ),
-            ));
+        let BroadcastSpec { devices, root, .. } = self.0;
+        let roots: Vec<usize> = (root..ctx.num_outputs()).step_by(devices).collect();
+        let mut data = Vec::with_capacity(roots.len());
+        for &o in &roots {
+            let name = ctx.output_name(o).to_owned();
+            data.push(host_storage(ctx.output(o), &name)?);
         }
-        let shape = ctx.output(self.root).shape().clone();
-        *ctx.output(self.root) = Tensor {
-            shape,
-            storage: Storage::Cpu(got),
-        };
-        let outs = ctx.outputs();
-        let (before, rest) = outs.split_at_mut(self.root);
-        let (root, after) = rest.split_first_mut().expect("root < len");
-        for t in before.iter_mut().chain(after.iter_mut()) {
-            t.copy_from(root)?;
+        let got = world.broadcast(data, what.clone())?;
+        for (&o, g) in roots.iter().zip(got) {
+            let len = ctx.output(o).numel();
+            if g.len() != len {
+                return Err(Error::value(
+                    ctx.output_name(o),
+                    format!("{what}: rank 0 sent {} elements, this rank holds {len}", g.len()),
+                ));
+            }
+            ctx.output(o).storage = Storage::Cpu(g);
         }
-        Ok(())
+        broadcast_local(ctx, devices, root)
     }
 }

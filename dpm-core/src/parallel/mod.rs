@@ -26,7 +26,7 @@ pub use group::{group_by_device, Group};
 pub use memory::share_gradient_blobs;
 pub use trainer::{InputSource, Trainer};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::graph::{BlobRef, Device};
@@ -129,7 +129,11 @@ pub struct Parallelize {
     computed_params: ComputedParams,
     optimize_gradient_memory: bool,
     kernel_threads: Option<usize>,
+    bucket_bytes: usize,
 }
+
+/// Gradients sent across hosts together, at most (see [`Parallelize::bucket_bytes`]).
+pub const DEFAULT_BUCKET_BYTES: usize = 1 << 20;
 
 impl Parallelize {
     /// Starts from `model`; its existing parameters are not data-parallel.
@@ -147,6 +151,7 @@ impl Parallelize {
             computed_params: ComputedParams::Broadcast,
             optimize_gradient_memory: false,
             kernel_threads: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
         }
     }
 
@@ -219,6 +224,16 @@ impl Parallelize {
     /// Lets gradient blobs with disjoint lifetimes share storage.
     pub fn optimize_gradient_memory(mut self, on: bool) -> Self {
         self.optimize_gradient_memory = on;
+        self
+    }
+
+    /// Across hosts, consecutive gradients (in the order they complete) travel in
+    /// one message of up to this many bytes (default 1 MiB; a larger gradient goes
+    /// alone): fewer, larger messages cost less latency, smaller ones start
+    /// sooner. Within one process each gradient is its own all-reduce, as in
+    /// Caffe2.
+    pub fn bucket_bytes(mut self, bytes: usize) -> Self {
+        self.bucket_bytes = bytes;
         self
     }
 
@@ -312,6 +327,7 @@ impl Parallelize {
             computed_params,
             optimize_gradient_memory,
             kernel_threads,
+            bucket_bytes,
         } = self;
         let forward =
             forward.ok_or_else(|| Error::Config("no forward builder: call .forward(...)".into()))?;
@@ -379,9 +395,14 @@ impl Parallelize {
             grad_groups = group_by_device(&devices, &ready_order, "gradient")?;
             // 5. Computed params, then the chained all-reduces.
             let engine = Rendezvous::collective_engine(rendezvous.as_ref());
+            let sizes = blob_sizes(&model);
             let chained =
                 add_computed_param_sync(&mut model, &devices, engine, &computed_groups, computed_params);
-            add_allreduces(&mut model, &devices, engine, &grad_groups, chained);
+            let buckets = match engine {
+                Some(_) => buckets(&grad_groups, &sizes, bucket_bytes),
+                None => grad_groups.iter().map(std::slice::from_ref).collect(),
+            };
+            add_allreduces(&mut model, &devices, engine, &buckets, chained);
             // 6. Updates.
             for &d in &devices {
                 in_scope(&mut model, d, |m| update.build(m, d))?;
@@ -399,10 +420,9 @@ impl Parallelize {
         let sync_groups: Vec<Group> = param_groups.iter().chain(&computed_groups).cloned().collect();
         let engine = Rendezvous::collective_engine(rendezvous.as_ref());
         if devices.len() > 1 || engine.is_some() {
-            for g in &sync_groups {
+            for g in bundles(&sync_groups, engine) {
                 collective(model.init_net_mut().op("Broadcast"), devices[0], engine)
-                    .inputs(&g.blobs)
-                    .outputs(&g.blobs)
+                    .tensors(g)
                     .build();
             }
         }
@@ -462,28 +482,26 @@ fn add_allreduces(
     model: &mut ModelHelper,
     devices: &[Device],
     engine: Option<&str>,
-    grads: &[Group],
+    buckets: &[&[Group]],
     mut previous: Option<BlobRef>,
 ) {
     if devices.len() < 2 && engine.is_none() {
         return;
     }
-    for g in grads {
-        let mut op = collective(model.net_mut().op("Allreduce"), devices[0], engine)
-            .inputs(&g.blobs)
-            .outputs(&g.blobs);
+    for b in buckets {
+        let mut op = collective(model.net_mut().op("Allreduce"), devices[0], engine).tensors(b);
         if let Some(p) = &previous {
             op = op.control_input(p);
         }
         op.build();
-        previous = Some(g.blobs[0].clone());
+        previous = Some(b[0].blobs[0].clone());
     }
 }
 
-/// The sync of computed params after each step. Across hosts these ops are
-/// chained too, and the last is returned for the all-reduces to follow: one
-/// communication thread per process serves collectives in arrival order, so
-/// every rank must issue all of them in one order.
+/// The sync of computed params after each step. Across hosts they travel in one
+/// op, which the all-reduces follow (the returned blob): one communication
+/// thread per process serves collectives in arrival order, so every rank must
+/// issue all of them in one order.
 fn add_computed_param_sync(
     model: &mut ModelHelper,
     devices: &[Device],
@@ -494,25 +512,61 @@ fn add_computed_param_sync(
     if devices.len() < 2 && engine.is_none() {
         return None;
     }
-    let mut previous: Option<BlobRef> = None;
-    for g in groups {
+    let mut last = None;
+    for g in bundles(groups, engine) {
         let op = match mode {
             ComputedParams::Keep => continue,
             ComputedParams::Broadcast => model.net_mut().op("Broadcast"),
             ComputedParams::Average => model.net_mut().op("Allreduce").arg("average", 1i64),
         };
-        let mut op = collective(op, devices[0], engine)
-            .inputs(&g.blobs)
-            .outputs(&g.blobs);
-        if engine.is_some() {
-            if let Some(p) = &previous {
-                op = op.control_input(p);
-            }
-            previous = Some(g.blobs[0].clone());
-        }
-        op.build();
+        collective(op, devices[0], engine).tensors(g).build();
+        last = engine.map(|_| g[0].blobs[0].clone());
     }
-    previous
+    last
+}
+
+/// Each group alone within a process; all of them in one op across hosts.
+pub(super) fn bundles<'g>(groups: &'g [Group], engine: Option<&str>) -> Vec<&'g [Group]> {
+    match engine {
+        _ if groups.is_empty() => Vec::new(),
+        Some(_) => vec![groups],
+        None => groups.iter().map(std::slice::from_ref).collect(),
+    }
+}
+
+/// Elements of each parameter (and its gradient), from the fills of the init net.
+fn blob_sizes(model: &ModelHelper) -> HashMap<String, usize> {
+    let mut sizes = HashMap::new();
+    for op in &model.init_net().proto().op {
+        if let (Some(out), Some(dims)) = (op.output.first(), crate::graph::Args(&op.arg).ints("shape")) {
+            sizes.insert(out.clone(), dims.iter().map(|&d| d.max(0) as usize).product());
+        }
+    }
+    for (p, g) in model.param_to_grad().iter() {
+        if let Some(&n) = sizes.get(p.name()) {
+            sizes.insert(g.name().to_owned(), n);
+        }
+    }
+    sizes
+}
+
+/// Consecutive gradient groups of at most `cap` bytes together (a group of
+/// unknown or larger size alone).
+fn buckets<'g>(groups: &'g [Group], sizes: &HashMap<String, usize>, cap: usize) -> Vec<&'g [Group]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, g) in groups.iter().enumerate() {
+        let b = sizes.get(g.blobs[0].name()).map_or(usize::MAX, |n| n * 4);
+        if i > start && bytes.saturating_add(b) > cap {
+            out.push(&groups[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(b);
+    }
+    if start < groups.len() {
+        out.push(&groups[start..]);
+    }
+    out
 }
 
 /// A collective op on the master device, tagged with the cross-host engine (as
@@ -521,11 +575,30 @@ pub(crate) fn collective<'n>(
     op: crate::graph::OpBuilder<'n>,
     master: Device,
     engine: Option<&str>,
-) -> crate::graph::OpBuilder<'n> {
+) -> Collective<'n> {
     let op = op.device(master);
-    match engine {
+    Collective(match engine {
         Some(e) => op.engine(e),
         None => op,
+    })
+}
+
+/// A collective being built: its tensors, one blob per device each.
+pub(crate) struct Collective<'n>(crate::graph::OpBuilder<'n>);
+
+impl<'n> Collective<'n> {
+    /// In place over `groups`, tensor-major; `num_tensors` when more than one.
+    pub(crate) fn tensors(self, groups: &[Group]) -> crate::graph::OpBuilder<'n> {
+        let blobs: Vec<&BlobRef> = groups.iter().flat_map(|g| &g.blobs).collect();
+        let op = self
+            .0
+            .inputs(blobs.iter().copied())
+            .outputs(blobs.iter().copied());
+        if groups.len() > 1 {
+            op.arg("num_tensors", groups.len() as i64)
+        } else {
+            op
+        }
     }
 }
 

@@ -58,15 +58,16 @@ impl Trainer {
         let mut sync = Net::new(&format!("{}_sync", p.model.name()));
         let engine = super::Rendezvous::collective_engine(p.rendezvous.as_ref());
         if p.devices.len() > 1 || engine.is_some() {
-            for g in p
+            let groups: Vec<Group> = p
                 .param_groups
                 .iter()
                 .chain(&p.computed_groups)
                 .chain(&p.state_groups)
-            {
+                .cloned()
+                .collect();
+            for g in super::bundles(&groups, engine) {
                 super::collective(sync.op("Broadcast"), p.devices[0], engine)
-                    .inputs(&g.blobs)
-                    .outputs(&g.blobs)
+                    .tensors(g)
                     .build();
             }
         }
