@@ -144,8 +144,8 @@ fn mpi_child() {
     let mut out = String::new();
     let result: Result<()> = (|| {
         match scenario.as_str() {
-            "mlp" | "different" | "indivisible" | "die" | "hang" => {
-                let devices = env_usize("DEVICES", 1) as u32;
+            "mlp" | "different" | "mixed" | "indivisible" | "die" | "hang" => {
+                let devices = env_usize("DEVICES", 1) as u32 + u32::from(scenario == "mixed" && rank == 1);
                 let batch = env_usize("BATCH", 12);
                 let steps = env_usize("STEPS", 6);
                 let different = scenario == "different" && rank == 1;
@@ -369,6 +369,18 @@ fn ranks_with_different_nets_are_an_error_naming_the_collective() {
     assert!(
         job.stderr
             .contains("the ranks built different nets: collective #"),
+        "{}",
+        job.stderr
+    );
+}
+
+#[test]
+fn ranks_with_different_devices_are_an_error_too() {
+    let dir = scratch("mixed");
+    let job = mpirun(2, "mixed", &dir, &[], LIMIT);
+    assert!(!job.ok, "the job must fail");
+    assert!(
+        job.stderr.contains("the ranks built different nets"),
         "{}",
         job.stderr
     );
