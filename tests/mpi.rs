@@ -341,7 +341,14 @@ fn a_checkpoint_saved_by_rank_0_resumes_bitwise_on_two_ranks() {
 #[test]
 fn a_killed_rank_ends_the_job_with_an_error() {
     let dir = scratch("die");
-    let job = mpirun(2, "die", &dir, &[("STEPS", "1000")], Duration::from_secs(60));
+    // mpirun ends the job when a rank dies; the 10 s deadline is the fallback.
+    let job = mpirun(
+        2,
+        "die",
+        &dir,
+        &[("STEPS", "1000"), ("DPM_MPI_TIMEOUT", "10")],
+        Duration::from_secs(60),
+    );
     assert!(!job.ok, "the job must fail");
     assert!(job.secs < 30.0, "took {:.1} s", job.secs);
 }
