@@ -546,7 +546,7 @@ struct ThreadsSeen;
 impl Kernel for ThreadsSeen {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let seen = [ctx.threads() as f32, dpm::ops::cpu::threads() as f32];
-        ctx.output(0).resize::<f32>([2]).copy_from_slice(&seen);
+        ctx.resize_output::<f32>(0, [2])?.copy_from_slice(&seen);
         Ok(())
     }
 }

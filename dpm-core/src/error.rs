@@ -169,6 +169,14 @@ pub enum Error {
         /// Free device memory at the time, as the driver reports it.
         free: usize,
     },
+    /// Host memory for a tensor could not be allocated (or its size overflows).
+    #[error("cannot allocate {} for blob `{blob}` in host memory", bytes_text(*.bytes))]
+    Allocation {
+        /// The blob (empty until the op that failed names it).
+        blob: String,
+        /// Bytes asked for; `usize::MAX` when the size itself overflows.
+        bytes: usize,
+    },
     /// A tensor's elements were asked for in host memory, but they live on a device.
     #[error("blob `{blob}` lives on {device}, not in host memory; copy it with `to_host()` first")]
     NotOnHost {
@@ -186,6 +194,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn bytes_text(bytes: usize) -> String {
+    if bytes == usize::MAX {
+        "more bytes than an address space holds".into()
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 fn gpu_list(count: usize) -> String {
@@ -227,6 +243,17 @@ impl Error {
             blob: blob.into(),
             expected: expected.into(),
             got: got.clone(),
+        }
+    }
+
+    /// This error, naming `blob` if it is an allocation failure that names none yet.
+    pub fn with_blob(self, name: &str) -> Error {
+        match self {
+            Error::Allocation { blob, bytes } if blob.is_empty() => Error::Allocation {
+                blob: name.to_owned(),
+                bytes,
+            },
+            e => e,
         }
     }
 

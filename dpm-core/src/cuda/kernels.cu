@@ -14,9 +14,9 @@ typedef unsigned long long u64;
 
 // ---- elementwise -------------------------------------------------------------
 
-// Relu: y = max(x, 0).
+// Relu: y = max(x, 0), NaN propagated (fmaxf would hide it).
 extern "C" __global__ void relu(u64 n, const float* x, float* y) {
-    EACH(i, n) { y[i] = fmaxf(x[i], 0.0f); }
+    EACH(i, n) { y[i] = (x[i] > 0.0f || isnan(x[i])) ? x[i] : 0.0f; }
 }
 
 // ReluGradient: dx = y > 0 ? dy : 0.
@@ -159,9 +159,13 @@ extern "C" __global__ void accuracy(u64 rows, const float* x, const int* labels,
     for (u64 r = threadIdx.x; r < rows; r += BLOCK) {
         const float* xr = x + r * d;
         float target = xr[labels[r]];
-        int above = 0;
-        for (u64 j = 0; j < d; ++j) above += xr[j] > target;
-        correct += above < top_k ? 1.0 : 0.0;
+        int above = 0, nan = 0;
+        for (u64 j = 0; j < d; ++j) {
+            above += xr[j] > target;
+            nan |= isnan(xr[j]);
+        }
+        // A row with a NaN score has no ranking: it counts as wrong.
+        correct += (!nan && above < top_k) ? 1.0 : 0.0;
     }
     correct = block_sum(correct, shared);
     if (threadIdx.x == 0) out[0] = rows > 0 ? (float)(correct / (double)rows) : 0.0f;

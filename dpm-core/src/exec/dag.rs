@@ -98,7 +98,8 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize) -> Result<()> {
         for i in 0..workers {
             let shared = &shared;
             std::thread::Builder::new()
-                .name(format!("dpm-{}-{i}", plan.name))
+                // A NUL byte (legal in a net's name) would make spawn panic.
+                .name(format!("dpm-{}-{i}", plan.name.replace('\0', "?")))
                 .spawn_scoped(s, move || shared.worker())
                 .map(|_| ())
                 .unwrap_or_else(|_| shared.worker());

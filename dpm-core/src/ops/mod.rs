@@ -193,6 +193,17 @@ impl<'a> OpContext<'a> {
         &mut self.outputs
     }
 
+    /// Output `o` made `shape` of type `T` in host memory, for writing (see
+    /// [`Tensor::resize`]); an allocation failure names the blob.
+    pub fn resize_output<T: Element>(
+        &mut self,
+        o: usize,
+        shape: impl Into<crate::tensor::Shape>,
+    ) -> Result<&mut [T]> {
+        let name = self.def.output[o].as_str();
+        self.outputs[o].resize::<T>(shape).map_err(|e| e.with_blob(name))
+    }
+
     /// The elements of output `o`, which must already be of type `T` (in-place ops).
     pub fn output_data<T: Element>(&mut self, o: usize) -> Result<&mut [T]> {
         let name = self.def.output[o].clone();

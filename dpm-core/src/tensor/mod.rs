@@ -232,26 +232,54 @@ impl Tensor {
 
     /// Makes this tensor `shape` of element type `T` in host memory and returns its
     /// elements for writing. The allocation is reused when it is large enough; the
-    /// contents are unspecified, so a kernel must overwrite every element.
-    pub fn resize<T: Element>(&mut self, shape: impl Into<Shape>) -> &mut [T] {
+    /// contents are unspecified, so a kernel must overwrite every element. A size
+    /// that overflows or that the allocator refuses is [`Error::Allocation`] (which
+    /// [`OpContext::resize_output`](crate::ops::OpContext::resize_output) names),
+    /// and leaves the tensor as it was.
+    pub fn resize<T: Element>(&mut self, shape: impl Into<Shape>) -> Result<&mut [T]> {
         let shape = shape.into();
-        let n = shape.numel();
-        self.shape = shape;
-        let reuse = matches!(&self.storage, Storage::Cpu(s) if T::slice(s).is_some());
-        if !reuse {
-            self.storage = Storage::Cpu(T::wrap(Vec::new()));
+        let size = std::mem::size_of::<T>();
+        let bytes = shape
+            .checked_numel()
+            .and_then(|n| n.checked_mul(size))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or(Error::Allocation {
+                blob: String::new(),
+                bytes: usize::MAX,
+            })?;
+        let n = bytes / size;
+        let refused = || Error::Allocation {
+            blob: String::new(),
+            bytes,
+        };
+        let reused = match &mut self.storage {
+            Storage::Cpu(s) => match T::slice_mut(s) {
+                // Exactly what is needed: a buffer shared by blobs of growing sizes
+                // (optimize_gradient_memory) must not double its allocation each time.
+                Some(v) => {
+                    v.try_reserve_exact(n.saturating_sub(v.len()))
+                        .map_err(|_| refused())?;
+                    true
+                }
+                None => false,
+            },
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => false,
+        };
+        if !reused {
+            let mut v: Vec<T> = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| refused())?;
+            self.storage = Storage::Cpu(T::wrap(v));
         }
+        self.shape = shape;
         #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
         let Storage::Cpu(s) = &mut self.storage
         else {
             unreachable!("storage was just set to host memory")
         };
         let v = T::slice_mut(s).expect("storage type was just set");
-        // Exactly what is needed: a buffer shared by blobs of growing sizes
-        // (optimize_gradient_memory) must not double its allocation each time.
-        v.reserve_exact(n.saturating_sub(v.len()));
         v.resize(n, T::default());
-        v.as_mut_slice()
+        Ok(v.as_mut_slice())
     }
 
     /// Changes the shape without touching the elements; `false` if the element count differs.

@@ -19,16 +19,27 @@ impl Shape {
         self.0.len()
     }
 
-    /// Number of elements (1 for rank 0).
+    /// Number of elements (1 for rank 0); `usize::MAX` when the product overflows,
+    /// so an impossible shape never looks small (see [`Shape::checked_numel`]).
     pub fn numel(&self) -> usize {
-        self.0.iter().product()
+        self.checked_numel().unwrap_or(usize::MAX)
+    }
+
+    /// Number of elements, or `None` when the product overflows `usize`.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.0.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 
     /// Product of the dimensions before `axis` and from `axis` on: how Caffe2 views a
-    /// tensor as a matrix (`FC`'s `axis` argument).
+    /// tensor as a matrix (`FC`'s `axis` argument). Saturates like [`Shape::numel`].
     pub fn split_at(&self, axis: usize) -> (usize, usize) {
         let axis = axis.min(self.rank());
-        (self.0[..axis].iter().product(), self.0[axis..].iter().product())
+        let prod = |d: &[usize]| {
+            d.iter()
+                .try_fold(1usize, |n, &x| n.checked_mul(x))
+                .unwrap_or(usize::MAX)
+        };
+        (prod(&self.0[..axis]), prod(&self.0[axis..]))
     }
 }
 

@@ -23,9 +23,10 @@ impl Kernel for Relu {
         ctx.expect_inputs(1..=1)?;
         ctx.expect_outputs(1..=1)?;
         let (x, xd) = ctx.input_f32(0)?;
-        let y = ctx.output(0).resize::<f32>(x.shape());
+        let y = ctx.resize_output::<f32>(0, x.shape())?;
         for (y, &x) in y.iter_mut().zip(xd) {
-            *y = x.max(0.0);
+            // NaN propagates (f32::max would turn it into 0 and hide it).
+            *y = if x > 0.0 || x.is_nan() { x } else { 0.0 };
         }
         Ok(())
     }
@@ -41,7 +42,7 @@ impl Kernel for ReluGradient {
         let (y, yd) = ctx.input_f32(0)?;
         same_shape(ctx, 1, y.shape())?;
         let (_, dyd) = ctx.input_f32(1)?;
-        let dx = ctx.output(0).resize::<f32>(y.shape());
+        let dx = ctx.resize_output::<f32>(0, y.shape())?;
         for ((dx, &y), &dy) in dx.iter_mut().zip(yd).zip(dyd) {
             *dx = if y > 0.0 { dy } else { 0.0 };
         }

@@ -70,9 +70,9 @@ impl Kernel for ConstantFill {
         let shape = fill_shape(&self.shape, ctx)?;
         let out = ctx.output(0);
         match self.dtype {
-            TensorDataType::Int32 => out.resize::<i32>(shape).fill(self.value as i32),
-            TensorDataType::Int64 => out.resize::<i64>(shape).fill(self.value as i64),
-            _ => out.resize::<f32>(shape).fill(self.value),
+            TensorDataType::Int32 => out.resize::<i32>(shape)?.fill(self.value as i32),
+            TensorDataType::Int64 => out.resize::<i64>(shape)?.fill(self.value as i64),
+            _ => out.resize::<f32>(shape)?.fill(self.value),
         }
         Ok(())
     }
@@ -178,7 +178,7 @@ impl Kernel for RandomFill {
             }
             Distribution::Msra => (0.0, (2.0 / fan(1)?).sqrt(), true),
         };
-        let out = ctx.output(0).resize::<f32>(shape.clone());
+        let out = ctx.resize_output::<f32>(0, shape.clone())?;
         for x in out.iter_mut() {
             *x = if gaussian {
                 (lo + hi * rng.normal()) as f32

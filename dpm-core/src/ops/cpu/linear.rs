@@ -80,7 +80,7 @@ impl Kernel for Fc {
         } else {
             None
         };
-        let y = ctx.output(0).resize::<f32>(Shape::from(out_dims));
+        let y = ctx.resize_output::<f32>(0, Shape::from(out_dims))?;
         let beta = match bias {
             Some(b) => {
                 for row in y.chunks_exact_mut(n) {
@@ -110,6 +110,7 @@ impl Kernel for FcGradient {
                 dy.shape(),
             ));
         }
+        let names = &ctx.def().output;
         let outs = ctx.outputs();
         // dW = dYᵀ·X  (N×K)
         sgemm(
@@ -119,10 +120,12 @@ impl Kernel for FcGradient {
             Mat::t(dyd),
             Mat::n(xd),
             0.0,
-            outs[0].resize::<f32>(w.shape()),
+            outs[0]
+                .resize::<f32>(w.shape())
+                .map_err(|e| e.with_blob(&names[0]))?,
         );
         // db = column sums of dY
-        let db = outs[1].resize::<f32>([n]);
+        let db = outs[1].resize::<f32>([n]).map_err(|e| e.with_blob(&names[1]))?;
         db.fill(0.0);
         for row in dyd.chunks_exact(n) {
             for (d, g) in db.iter_mut().zip(row) {
@@ -138,7 +141,9 @@ impl Kernel for FcGradient {
                 Mat::n(dyd),
                 Mat::n(wd),
                 0.0,
-                outs[2].resize::<f32>(x.shape()),
+                outs[2]
+                    .resize::<f32>(x.shape())
+                    .map_err(|e| e.with_blob(&names[2]))?,
             );
         }
         Ok(())

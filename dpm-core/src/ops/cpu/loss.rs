@@ -39,8 +39,11 @@ impl Kernel for SoftmaxWithLoss {
         ctx.expect_outputs(2..=2)?;
         let (n, d, labels) = logits_and_labels(ctx, 0, 1)?;
         let (x, xd) = ctx.input_f32(0)?;
+        let names = &ctx.def().output;
         let outs = ctx.outputs();
-        let p = outs[0].resize::<f32>(Shape::from([n, d]));
+        let p = outs[0]
+            .resize::<f32>(Shape::from([n, d]))
+            .map_err(|e| e.with_blob(&names[0]))?;
         let _ = x;
         let mut total = 0.0f64;
         for ((row, prow), &l) in xd.chunks_exact(d).zip(p.chunks_exact_mut(d)).zip(&labels) {
@@ -56,7 +59,9 @@ impl Kernel for SoftmaxWithLoss {
             total += f64::from(sum.ln() - (row[l] - max));
         }
         let loss = if n > 0 { total / n as f64 } else { 0.0 };
-        outs[1].resize::<f32>(Shape::from([]))[0] = loss as f32;
+        outs[1]
+            .resize::<f32>(Shape::from([]))
+            .map_err(|e| e.with_blob(&names[1]))?[0] = loss as f32;
         Ok(())
     }
 }
@@ -73,7 +78,7 @@ impl Kernel for SoftmaxWithLossGradient {
         let (_, pd) = ctx.input_f32(2)?;
         let g = ctx.input_scalar(3)?;
         let scale = if n > 0 { g / n as f32 } else { 0.0 };
-        let dx = ctx.output(0).resize::<f32>(x.shape());
+        let dx = ctx.resize_output::<f32>(0, x.shape())?;
         for ((drow, prow), &l) in dx.chunks_exact_mut(d).zip(pd.chunks_exact(d)).zip(&labels) {
             for (dx, &p) in drow.iter_mut().zip(prow) {
                 *dx = p * scale;
@@ -110,12 +115,13 @@ impl Kernel for Accuracy {
             .chunks_exact(d.max(1))
             .zip(&labels)
             .filter(|(row, &l)| {
-                // Ties count against the label, as in Caffe2.
-                row.iter().filter(|&&v| v > row[l]).count() < self.top_k
+                // Ties count against the label, as in Caffe2; a row with a NaN
+                // score has no ranking and counts as wrong.
+                !row.iter().any(|v| v.is_nan()) && row.iter().filter(|&&v| v > row[l]).count() < self.top_k
             })
             .count();
         let acc = if n > 0 { correct as f32 / n as f32 } else { 0.0 };
-        ctx.output(0).resize::<f32>(Shape::from([]))[0] = acc;
+        ctx.resize_output::<f32>(0, Shape::from([]))?[0] = acc;
         Ok(())
     }
 }

@@ -169,11 +169,11 @@ impl Kernel for SpatialBn {
                 .map(|v| (1.0 / (v + f64::from(self.p.epsilon)).sqrt()) as f32)
                 .collect();
             let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-            ctx.output(3).resize::<f32>([c]).copy_from_slice(&mean);
-            ctx.output(4).resize::<f32>([c]).copy_from_slice(&inv);
+            ctx.resize_output::<f32>(3, [c])?.copy_from_slice(&mean);
+            ctx.resize_output::<f32>(4, [c])?.copy_from_slice(&inv);
             (mean, inv)
         };
-        let y = ctx.output(0).resize::<f32>(x.shape());
+        let y = ctx.resize_output::<f32>(0, x.shape())?;
         for (i, (yp, xp)) in y
             .chunks_exact_mut(hw.max(1))
             .zip(xd.chunks_exact(hw.max(1)))
@@ -237,8 +237,11 @@ impl Kernel for SpatialBnGradient {
             dscale[ch] += f64::from(inv_std[ch]) * sgx;
         }
         let count = (n * hw) as f32;
+        let names = &ctx.def().output;
         let outs = ctx.outputs();
-        let dx = outs[0].resize::<f32>(x.shape());
+        let dx = outs[0]
+            .resize::<f32>(x.shape())
+            .map_err(|e| e.with_blob(&names[0]))?;
         for (i, ((dxp, gp), xp)) in dx
             .chunks_exact_mut(hw.max(1))
             .zip(dyd.chunks_exact(hw.max(1)))
@@ -262,9 +265,11 @@ impl Kernel for SpatialBnGradient {
         let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
         outs[1]
             .resize::<f32>(Shape::from([c]))
+            .map_err(|e| e.with_blob(&names[1]))?
             .copy_from_slice(&to32(&dscale));
         outs[2]
             .resize::<f32>(Shape::from([c]))
+            .map_err(|e| e.with_blob(&names[2]))?
             .copy_from_slice(&to32(&dbias));
         Ok(())
     }

@@ -102,7 +102,7 @@ impl Kernel for LearningRate {
                 ))
             }
         };
-        ctx.output(0).resize::<f32>([1])[0] = self.base_lr * self.policy.multiplier(iter);
+        ctx.resize_output::<f32>(0, [1])?[0] = self.base_lr * self.policy.multiplier(iter);
         Ok(())
     }
 }

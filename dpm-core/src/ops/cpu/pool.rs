@@ -26,11 +26,16 @@ pub(crate) struct Pool {
 impl Pool {
     pub(crate) fn parse(op: &OperatorDef, mode: Mode) -> Result<Pool> {
         let global = Args(&op.arg).int("global_pooling", 0)? != 0;
-        Ok(Pool {
-            mode,
-            win: Window::parse(op, !global)?,
-            global,
-        })
+        let win = Window::parse(op, !global)?;
+        let (k, p) = (win.kernel, win.pad);
+        // As Caffe2 enforces: a window that is all padding pools nothing.
+        if !global && (p.0.max(p.2) >= k.0 || p.1.max(p.3) >= k.1) {
+            return Err(Error::arg(
+                "pad",
+                format!("padding {p:?} must be smaller than the pooling window {k:?}"),
+            ));
+        }
+        Ok(Pool { mode, win, global })
     }
 
     fn window(&self, h: usize, w: usize) -> Window {
@@ -122,9 +127,7 @@ impl Kernel for Pooling {
         let p = &self.0;
         let (planes, h, w, win, oh, ow) = p.dims(ctx)?;
         let (x, xd) = ctx.input_f32(0)?;
-        let y = ctx
-            .output(0)
-            .resize::<f32>(Shape::from([x.dims()[0], x.dims()[1], oh, ow]));
+        let y = ctx.resize_output::<f32>(0, Shape::from([x.dims()[0], x.dims()[1], oh, ow]))?;
         for (yp, xp) in y
             .chunks_exact_mut(oh * ow)
             .zip(xd.chunks_exact(h * w))
@@ -161,7 +164,7 @@ impl Kernel for PoolingGradient {
                 dy.shape(),
             ));
         }
-        let dx = ctx.output(0).resize::<f32>(x.shape());
+        let dx = ctx.resize_output::<f32>(0, x.shape())?;
         dx.fill(0.0);
         for (((dxp, xp), yp), gp) in dx
             .chunks_exact_mut(h * w)

@@ -74,7 +74,10 @@ impl Kernel for Reshape {
                     });
                 }
                 if let Some(i) = d.iter().position(|&v| v == -1) {
-                    let known: usize = dims.iter().product();
+                    let known = dims
+                        .iter()
+                        .try_fold(1usize, |n, &d| n.checked_mul(d))
+                        .unwrap_or(0);
                     if known == 0 || numel % known != 0 {
                         return Err(Error::shape(
                             ctx.input_name(0),

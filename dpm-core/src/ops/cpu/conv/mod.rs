@@ -121,6 +121,23 @@ pub(crate) fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<D
             wt.shape(),
         ));
     }
+    // The engines lay out padded input planes and column matrices: their sizes
+    // must be addressable (a stride as large as the padding keeps the output
+    // small while the padded planes overflow).
+    const LIMIT: usize = isize::MAX as usize / 16;
+    let padded = win
+        .padded(h, w)
+        .and_then(|(ph, pw)| ph.checked_mul(pw)?.checked_mul(c)?.checked_mul(n));
+    let columns = (c / groups)
+        .checked_mul(win.kernel.0)
+        .and_then(|x| x.checked_mul(win.kernel.1)?.checked_mul(oh)?.checked_mul(ow));
+    if !matches!((padded, columns), (Some(p), Some(q)) if p <= LIMIT && q <= LIMIT) {
+        return Err(Error::shape(
+            ctx.input_name(0),
+            format!("a size whose padded planes ({:?} padding) fit in memory", win.pad),
+            x.shape(),
+        ));
+    }
     Ok(Dims {
         n,
         c,
@@ -480,7 +497,7 @@ impl Kernel for Conv {
         } else {
             None
         };
-        let y = ctx.output(0).resize::<f32>(Shape::from([d.n, d.m, d.oh, d.ow]));
+        let y = ctx.resize_output::<f32>(0, Shape::from([d.n, d.m, d.oh, d.ow]))?;
         self.forward(&d, xd, wd, bias, y);
         Ok(())
     }
@@ -503,12 +520,18 @@ impl Kernel for ConvGradient {
             ));
         }
         let ohw = d.oh * d.ow;
+        let names = &ctx.def().output;
+        let named = |e: Error, o: usize| e.with_blob(&names[o]);
         let outs = ctx.outputs();
         let (dw_t, rest) = outs.split_first_mut().expect("≥ 1 output");
-        let dw = dw_t.resize::<f32>(w.shape());
+        let dw = dw_t.resize::<f32>(w.shape()).map_err(|e| named(e, 0))?;
         let mut rest = rest.iter_mut();
         if self.bias {
-            let db = rest.next().expect("arity checked").resize::<f32>([d.m]);
+            let db = rest
+                .next()
+                .expect("arity checked")
+                .resize::<f32>([d.m])
+                .map_err(|e| named(e, 1))?;
             db.fill(0.0);
             for (i, plane) in dyd.chunks_exact(ohw.max(1)).enumerate() {
                 db[i % d.m] += plane.iter().sum::<f32>();
@@ -516,7 +539,10 @@ impl Kernel for ConvGradient {
         }
         let dx = if with_dx {
             let t: &mut Tensor = rest.next().expect("arity checked");
-            Some(t.resize::<f32>(x.shape()))
+            Some(
+                t.resize::<f32>(x.shape())
+                    .map_err(|e| named(e, names.len() - 1))?,
+            )
         } else {
             None
         };

@@ -53,10 +53,19 @@ impl Window {
     }
 
     /// Output height and width for an `h × w` input, or `None` if the window does not fit.
+    /// Sizes that overflow count as not fitting.
     pub fn output(&self, h: usize, w: usize) -> Option<(usize, usize)> {
         let (kh, kw) = self.kernel;
-        let (ph, pw) = (h + self.pad.0 + self.pad.2, w + self.pad.1 + self.pad.3);
+        let (ph, pw) = self.padded(h, w)?;
         (ph >= kh && pw >= kw).then(|| ((ph - kh) / self.stride.0 + 1, (pw - kw) / self.stride.1 + 1))
+    }
+
+    /// The input's height and width with the padding, if they fit in `usize`.
+    pub fn padded(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        Some((
+            h.checked_add(self.pad.0)?.checked_add(self.pad.2)?,
+            w.checked_add(self.pad.1)?.checked_add(self.pad.3)?,
+        ))
     }
 
     /// Whether the window is 1×1 with stride 1 and no padding: the input itself
