@@ -278,6 +278,70 @@ impl Summary {
     }
 }
 
+/// Refuses sizes that cannot be held before anything is built: the synthetic
+/// images (bytes), their class templates and one global batch (f32), with
+/// checked arithmetic and a trial reservation, so a typo in a flag is an error
+/// rather than an aborted process.
+fn check_sizes(args: &Args, devices: usize) -> Result<()> {
+    let pixels = 3usize
+        .checked_mul(args.image_size)
+        .and_then(|p| p.checked_mul(args.image_size));
+    let needs = [
+        (
+            "--train-images",
+            pixels.and_then(|p| p.checked_mul(args.train_images)),
+        ),
+        (
+            "--heldout-images",
+            pixels.and_then(|p| p.checked_mul(args.heldout_images)),
+        ),
+        (
+            "--image-size",
+            pixels.and_then(|p| p.checked_mul(4 * args.classes)),
+        ),
+        (
+            "--batch-per-device",
+            pixels.and_then(|p| {
+                p.checked_mul(4)?
+                    .checked_mul(args.batch_per_device)?
+                    .checked_mul(devices)
+            }),
+        ),
+    ];
+    for (flag, bytes) in needs {
+        let fits =
+            bytes.is_some_and(|b| b <= isize::MAX as usize && Vec::<u8>::new().try_reserve_exact(b).is_ok());
+        if !fits {
+            return Err(Error::Config(format!(
+                "{flag}: cannot allocate {} for the images; use a smaller value",
+                bytes.map_or_else(
+                    || "more bytes than an address space holds".into(),
+                    |b| format!("{b} bytes")
+                )
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks before training that the files it writes at the end can be written.
+fn check_output_paths(args: &Args) -> Result<()> {
+    for path in [&args.save, &args.summary_json].into_iter().flatten() {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let probe = dir.join(format!(".dpm-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// The job's ranks when started by `mpirun -np N` (N > 1), none otherwise.
 fn rendezvous() -> Result<Option<Rendezvous>> {
     if !dpm::comm::mpi_launched() {
@@ -345,6 +409,8 @@ pub fn run(args: &Args) -> Result<Summary> {
             "--batch-per-device and --iters must be at least 1".into(),
         ));
     }
+    check_sizes(args, devices.len())?;
+    check_output_paths(args)?;
     let (train, heldout) = datasets(args)?;
     let train = Arc::new(train);
     let rendezvous = rendezvous()?;
@@ -383,7 +449,15 @@ pub fn run(args: &Args) -> Result<Summary> {
             .fetch("ITER", devices[0])?
             .data::<i64>()
             .map_or(0, |d| d[0].max(0) as u64);
+        if first_iter >= args.iters {
+            return Err(Error::Config(format!(
+                "{} is at iteration {first_iter}, not below --iters {}: nothing to train; raise --iters",
+                path.display(),
+                args.iters
+            )));
+        }
     }
+    trainer.set_finite_check(dpm::parallel::FiniteCheck::Loss);
     let loader_cfg = LoaderConfig {
         batch: global_batch,
         seed: args.seed,
@@ -413,14 +487,14 @@ pub fn run(args: &Args) -> Result<Summary> {
         if i == warmup {
             steady_start = Some(Instant::now());
         }
-        trainer.step()?;
-        let loss = trainer.loss()?;
-        if !loss.is_finite() {
-            return Err(Error::Config(format!(
-                "the loss diverged ({loss}) at iteration {}; lower --lr",
+        trainer.step().map_err(|e| match e {
+            Error::NonFinite { what } => Error::Config(format!(
+                "the loss diverged ({what} at iteration {}); lower --lr",
                 first_iter + i + 1
-            )));
-        }
+            )),
+            e => e,
+        })?;
+        let loss = trainer.loss()?;
         losses.push(loss);
         let acc = trainer.mean_scalar("accuracy")?;
         let ips = (i + 1) as f64 * global_batch as f64 / start.elapsed().as_secs_f64();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 
@@ -86,9 +87,19 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String,
         path: path.display().to_string(),
         reason: "not a file path".into(),
     })?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let name = name.to_string_lossy();
+    clean_stale_temps(dir, &name);
+    // One temporary file per save (create-new): two saves to one path, from two
+    // threads or processes, never write into the same file; the last rename wins.
+    static SAVES: AtomicU64 = AtomicU64::new(0);
+    let seq = SAVES.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
     let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         f.write_all(&bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))?;
@@ -102,6 +113,37 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String,
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes temporary files that saves of `name` left in `dir` when their process
+/// died mid-save (its pid no longer runs). Linux only: elsewhere they stay, and
+/// are harmless, since every save writes a file of its own.
+fn clean_stale_temps(dir: &Path, name: &str) {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        // `.NAME.tmp.PID.SEQ`, or `.NAME.tmpPID` from earlier versions.
+        let pid = rest
+            .trim_start_matches('.')
+            .split('.')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Reads a checkpoint written by [`save`] (or any safetensors file of f32, i32

@@ -169,6 +169,12 @@ pub enum Error {
         /// Free device memory at the time, as the driver reports it.
         free: usize,
     },
+    /// A value checked after a step is NaN or infinite (see `FiniteCheck`).
+    #[error("{what} is not finite: the step failed (and, with atomic steps, changed nothing); lower the learning rate or check the inputs")]
+    NonFinite {
+        /// What held the value.
+        what: String,
+    },
     /// Host memory for a tensor could not be allocated (or its size overflows).
     #[error("cannot allocate {} for blob `{blob}` in host memory", bytes_text(*.bytes))]
     Allocation {

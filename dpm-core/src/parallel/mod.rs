@@ -24,7 +24,7 @@ pub use analysis::{check_namescopes, infer_blob_devices};
 pub use device_model::{Blob, ConvBuilder, DeviceModel, IntoLosses, IntoUnit, Losses};
 pub use group::{group_by_device, Group};
 pub use memory::share_gradient_blobs;
-pub use trainer::{InputSource, Trainer};
+pub use trainer::{FiniteCheck, InputSource, Trainer};
 
 use std::collections::{HashMap, HashSet};
 

@@ -51,6 +51,25 @@ pub struct Trainer {
     sync_net: NetDef,
     initialized: bool,
     blob_devices: HashMap<String, Device>,
+    /// The state before the current step, for undoing a failed one.
+    snapshot: HashMap<String, Tensor>,
+    atomic: bool,
+    finite: FiniteCheck,
+    /// The batch of a failed step, fed again by the next.
+    pending: Option<Vec<(String, Tensor)>>,
+}
+
+/// What [`Trainer::step`] checks is finite after each step; a non-finite value
+/// fails the step (and, with atomic steps, undoes it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FiniteCheck {
+    /// Nothing (the default).
+    #[default]
+    Off,
+    /// The loss.
+    Loss,
+    /// The loss and every gradient of the master device.
+    LossAndGradients,
 }
 
 impl Trainer {
@@ -80,7 +99,96 @@ impl Trainer {
             sync_net: sync.into_proto(),
             initialized: false,
             blob_devices,
+            snapshot: HashMap::new(),
+            atomic: true,
+            finite: FiniteCheck::Off,
+            pending: None,
         }
+    }
+
+    /// Whether a failed step is undone (default on): before each step the
+    /// parameters, momenta, computed params and `ITER` of every device are copied
+    /// aside, and a step that fails anywhere (any op, any device, a non-finite
+    /// check) puts them back and keeps its batch for the next `step()`, which
+    /// therefore computes exactly what the failed one would have. Off, a step
+    /// costs one copy of that state less, and a failed step may leave replicas
+    /// half-updated. Across ranks, a failed step ends the job.
+    pub fn set_atomic_steps(&mut self, on: bool) {
+        self.atomic = on;
+        if !on {
+            self.snapshot.clear();
+        }
+    }
+
+    /// What each step checks is finite (see [`FiniteCheck`]).
+    pub fn set_finite_check(&mut self, check: FiniteCheck) {
+        self.finite = check;
+    }
+
+    /// Every blob a step may change that outlives it: parameters, computed params
+    /// and optimiser state, on every device.
+    fn state_blobs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .p
+            .model
+            .params()
+            .iter()
+            .map(|b| b.name().to_owned())
+            .collect();
+        for g in self
+            .p
+            .param_groups
+            .iter()
+            .chain(&self.p.computed_groups)
+            .chain(&self.p.state_groups)
+        {
+            v.extend(g.blobs.iter().map(|b| b.name().to_owned()));
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn take_snapshot(&mut self) -> Result<()> {
+        for b in self.state_blobs() {
+            let slot = self.snapshot.entry(b.clone()).or_default();
+            self.ws.with_blob(&b, |t| slot.copy_from(t))??;
+        }
+        Ok(())
+    }
+
+    fn restore_snapshot(&self) -> Result<()> {
+        for (b, t) in &self.snapshot {
+            self.ws.with_blob_mut(b, |cur| cur.copy_from(t))??;
+        }
+        Ok(())
+    }
+
+    /// The finite check after a step that ran.
+    fn check_finite(&self) -> Result<()> {
+        if self.finite == FiniteCheck::Off {
+            return Ok(());
+        }
+        let loss = self.loss()?;
+        if !loss.is_finite() {
+            return Err(Error::NonFinite {
+                what: format!("the loss ({loss})"),
+            });
+        }
+        if self.finite == FiniteCheck::LossAndGradients {
+            for g in &self.p.grad_groups {
+                let blob = &g.blobs[0];
+                let t = self.ws.fetch(blob)?;
+                if let Ok(d) = t.data::<f32>() {
+                    if let Some(v) = d.iter().find(|v| !v.is_finite()) {
+                        return Err(Error::NonFinite {
+                            what: format!("gradient `{blob}` (holds {v})"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the init net (parameters, optimiser state, initial sync from the
@@ -108,20 +216,46 @@ impl Trainer {
     /// Feeds the next batch (if there is an input source) and runs one step.
     pub fn step(&mut self) -> Result<()> {
         self.ensure_init()?;
-        if let Some(src) = self.p.source.as_mut() {
-            let batch = src.next_batch()?;
-            // Every rank draws the same global batch and keeps its own slices:
-            // rank r's devices get parts r·n … r·n + n − 1.
-            let n = self.p.devices.len();
-            let (shard, shards) = (self.shard_id(), self.num_shards());
-            for (name, t) in batch {
-                let parts = split_batch(&name, &t, n * shards)?;
-                for (&d, part) in self.p.devices.iter().zip(parts.into_iter().skip(shard * n)) {
-                    self.feed(&name, d, part)?;
-                }
+        let batch = match (self.pending.take(), self.p.source.as_mut()) {
+            (Some(b), _) => Some(b),
+            (None, Some(src)) => Some(src.next_batch()?),
+            (None, None) => None,
+        };
+        if let Some(batch) = &batch {
+            if let Err(e) = self.feed_batch(batch) {
+                self.pending = Some(batch.clone());
+                return Err(e);
             }
         }
-        self.ws.run_net(self.p.model.net().proto().net_name())
+        if self.atomic {
+            self.take_snapshot()?;
+        }
+        let ran = self
+            .ws
+            .run_net(self.p.model.net().proto().net_name())
+            .and_then(|()| self.check_finite());
+        if let Err(e) = ran {
+            if self.atomic {
+                self.restore_snapshot()?;
+                self.pending = batch;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Feeds this rank's slices of a global batch: every rank draws the same
+    /// batch, and rank r's devices get parts r·n … r·n + n − 1.
+    fn feed_batch(&self, batch: &[(String, Tensor)]) -> Result<()> {
+        let n = self.p.devices.len();
+        let (shard, shards) = (self.shard_id(), self.num_shards());
+        for (name, t) in batch {
+            let parts = split_batch(name, t, n * shards)?;
+            for (&d, part) in self.p.devices.iter().zip(parts.into_iter().skip(shard * n)) {
+                self.feed(name, d, part)?;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the input source (e.g. after [`Trainer::load`], with a loader that
@@ -365,6 +499,22 @@ impl Trainer {
                     current.dtype(),
                     current.shape()
                 )));
+            }
+            if let Ok(d) = t.data::<f32>() {
+                if let Some(v) = d.iter().find(|v| !v.is_finite()) {
+                    return Err(bad(format!("`{key}` holds {v}: a checkpoint of a diverged run")));
+                }
+            }
+            if let Ok(d) = t.data::<i64>() {
+                if let Some(v) = d
+                    .iter()
+                    .find(|&&v| v < 0)
+                    .filter(|_| blob.name().ends_with("ITER"))
+                {
+                    return Err(bad(format!(
+                        "`{key}` is {v}: an iteration count is never negative"
+                    )));
+                }
             }
             staged.push((blob, t));
         }

@@ -68,11 +68,10 @@ impl Kernel for ConstantFill {
         ctx.expect_inputs(0..=1)?;
         ctx.expect_outputs(1..=1)?;
         let shape = fill_shape(&self.shape, ctx)?;
-        let out = ctx.output(0);
         match self.dtype {
-            TensorDataType::Int32 => out.resize::<i32>(shape)?.fill(self.value as i32),
-            TensorDataType::Int64 => out.resize::<i64>(shape)?.fill(self.value as i64),
-            _ => out.resize::<f32>(shape)?.fill(self.value),
+            TensorDataType::Int32 => ctx.resize_output::<i32>(0, shape)?.fill(self.value as i32),
+            TensorDataType::Int64 => ctx.resize_output::<i64>(0, shape)?.fill(self.value as i64),
+            _ => ctx.resize_output::<f32>(0, shape)?.fill(self.value),
         }
         Ok(())
     }

@@ -131,6 +131,16 @@ pub(crate) fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<D
     let columns = (c / groups)
         .checked_mul(win.kernel.0)
         .and_then(|x| x.checked_mul(win.kernel.1)?.checked_mul(oh)?.checked_mul(ow));
+    // A stride past the padded input gives one window per axis; the direct
+    // engine lays out one plane per stride phase, so such strides are refused.
+    if let Some((ph, pw)) = win.padded(h, w) {
+        if win.stride.0 > ph || win.stride.1 > pw {
+            return Err(Error::arg(
+                "stride",
+                format!("{:?} exceeds the padded input {ph}×{pw}", win.stride),
+            ));
+        }
+    }
     if !matches!((padded, columns), (Some(p), Some(q)) if p <= LIMIT && q <= LIMIT) {
         return Err(Error::shape(
             ctx.input_name(0),
