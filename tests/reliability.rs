@@ -611,3 +611,68 @@ fn mutated_training_nets_are_errors_never_crashes() {
     }
     assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
 }
+
+// ---- namescope checks ---------------------------------------------------------------
+
+fn mlp_build(forward: impl dpm::parallel::ForwardBuilder + 'static) -> Result<Trainer> {
+    Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .forward(forward)
+        .update(Sgd::new(0.1))
+        .build()
+}
+
+#[test]
+fn names_the_macro_cannot_see_are_checked_when_the_replicas_are_built() {
+    let _serial = serial();
+    // Built at run time: `format!`, a variable, a `String` + "/x".
+    for bad in [
+        format!("cpu_{}/data", 1),
+        "features/data".to_owned(),
+        String::from("gpu_0") + "_x",
+    ] {
+        let name = bad.clone();
+        let e = mlp_build(move |m: &mut ModelHelper| {
+            let data = m.blob(&name);
+            let label = m.blob("label");
+            let logits = m.fc("fc", &data, 4, 2)?;
+            let (_, loss) = m.softmax_with_loss(&logits, &label, "loss");
+            Ok(vec![loss])
+        })
+        .err()
+        .expect("a bad name must not build");
+        let text = e.to_string();
+        assert!(text.contains(&format!("blob name `{bad}`")), "{text}");
+        assert!(text.contains("relative to the device scope"), "{text}");
+    }
+    // A raw op writing another replica's blob.
+    let e = mlp_build(|m: &mut ModelHelper| {
+        let data = m.blob("data");
+        let label = m.blob("label");
+        m.net_mut()
+            .op("Copy")
+            .input(&data)
+            .output(BlobRef::new("cpu_1/stolen"))
+            .build();
+        let logits = m.fc("fc", &data, 4, 2)?;
+        let (_, loss) = m.softmax_with_loss(&logits, &label, "loss");
+        Ok(vec![loss])
+    });
+    // Copy may cross devices; a compute op may not.
+    assert!(e.is_ok(), "{:?}", e.err());
+    let e = mlp_build(|m: &mut ModelHelper| {
+        let data = m.blob("data");
+        let label = m.blob("label");
+        m.net_mut()
+            .op("Relu")
+            .input(&data)
+            .output(BlobRef::new("cpu_1/stolen"))
+            .build();
+        let logits = m.fc("fc", &data, 4, 2)?;
+        let (_, loss) = m.softmax_with_loss(&logits, &label, "loss");
+        Ok(vec![loss])
+    })
+    .err()
+    .expect("a replica writing another's blob must not build");
+    assert!(e.to_string().contains("touches `cpu_1/stolen`"), "{e}");
+}

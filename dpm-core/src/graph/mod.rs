@@ -11,4 +11,4 @@ pub use args::{ArgValue, Args};
 pub use blob::BlobRef;
 pub use device::{Device, DeviceType};
 pub use net::{Net, OpBuilder};
-pub use scope::{Scope, SEPARATOR};
+pub use scope::{is_device_scope, relative_name_error, Scope, SEPARATOR};

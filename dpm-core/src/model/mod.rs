@@ -45,6 +45,21 @@ pub struct ModelHelper {
     seed: u64,
     init_params: bool,
     is_test: bool,
+    /// Blob names refused inside a replica (see `relative_name_error`), reported
+    /// by `Parallelize::build`.
+    bad_names: NameLog,
+}
+
+/// Names a builder gave that break the device-scope rule, with the reason.
+#[derive(Debug, Default)]
+struct NameLog(std::sync::Mutex<Vec<(String, String)>>);
+
+impl Clone for NameLog {
+    fn clone(&self) -> Self {
+        NameLog(std::sync::Mutex::new(
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        ))
+    }
 }
 
 impl ModelHelper {
@@ -61,6 +76,7 @@ impl ModelHelper {
             seed: 0,
             init_params: true,
             is_test: false,
+            bad_names: NameLog::default(),
         }
     }
 
@@ -143,7 +159,24 @@ impl ModelHelper {
 
     /// The full name of `name` in the current name scope.
     pub fn blob(&self, name: &str) -> BlobRef {
+        if self.net.scope().in_replica() {
+            if let Some(why) = crate::graph::relative_name_error(name) {
+                self.bad_names
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((name.to_owned(), why));
+            }
+        }
         self.net.blob(name)
+    }
+
+    /// The first name refused since the last call (name, reason), clearing them.
+    pub(crate) fn take_bad_name(&self) -> Option<(String, String)> {
+        let mut log = self.bad_names.0.lock().unwrap_or_else(|e| e.into_inner());
+        let first = log.first().cloned();
+        log.clear();
+        first
     }
 
     /// Runs `f` with both nets inside name scope `name`.

@@ -29,7 +29,7 @@ pub use trainer::{FiniteCheck, InputSource, Trainer};
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::graph::{BlobRef, Device};
+use crate::graph::{is_device_scope, BlobRef, Device};
 use crate::model::{ModelHelper, Sgd};
 use crate::proto::NetDef;
 
@@ -463,13 +463,45 @@ impl Parallelize {
     }
 }
 
-/// Runs `f` inside device `d`'s device scope and name scope.
+/// Runs `f` inside device `d`'s device scope and name scope; a blob name it gave
+/// that breaks the device-scope rule (one `#[data_parallel]` could not see at
+/// compile time) is an error naming it.
 fn in_scope<R>(
     model: &mut ModelHelper,
     d: Device,
     f: impl FnOnce(&mut ModelHelper) -> Result<R>,
 ) -> Result<R> {
-    model.device_scope(d, |m| m.name_scope(&d.namescope(), f))
+    let before = (model.init_net().proto().op.len(), model.net().proto().op.len());
+    let r = model.device_scope(d, |m| m.name_scope(&d.namescope(), f));
+    if let Some((name, why)) = model.take_bad_name() {
+        return Err(Error::Config(format!("blob name `{name}` (building {d}): {why}")));
+    }
+    // Ops added while building `d` (through any API, raw `Net` ops included)
+    // touch `d`'s blobs and unscoped ones only.
+    for (net, from) in [
+        (model.init_net().proto(), before.0),
+        (model.net().proto(), before.1),
+    ] {
+        for (i, op) in net.op.iter().enumerate().skip(from) {
+            if crate::comm::is_collective(op.op_type()) {
+                continue;
+            }
+            let foreign = op.input.iter().chain(&op.output).find(|b| {
+                BlobRef::new(b.as_str())
+                    .first_scope()
+                    .is_some_and(|s| s != d.namescope() && is_device_scope(s))
+            });
+            if let Some(b) = foreign {
+                return Err(Error::Config(format!(
+                    "op #{i} `{}` of net `{}`, built for {d}, touches `{b}`: a replica's builder may \
+                     touch only its own blobs (only Copy and collectives cross devices)",
+                    op.op_type(),
+                    net.net_name()
+                )));
+            }
+        }
+    }
+    r
 }
 
 /// One `Allreduce` per gradient group, in the given order, each waiting (through
