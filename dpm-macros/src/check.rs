@@ -121,29 +121,29 @@ fn device_prefix(s: &str) -> Option<&str> {
     None
 }
 
-struct Literals<'e> {
+/// Checks the string literals that are blob names: arguments of calls on the
+/// model parameter, of helpers that take it, and of `BlobRef::new`, including
+/// literals bound with `let` and `concat!`. Other strings (a file path) are not
+/// names. Names built at run time are checked when the replicas are built.
+struct Literals<'e, 'a> {
     errors: &'e mut Errors,
+    model: Option<&'a syn::Ident>,
+    /// `let name = "…";` (or `concat!` of literals) bindings seen so far: the
+    /// value and the tokens to point at.
+    lets: std::collections::HashMap<String, (String, proc_macro2::TokenStream)>,
 }
 
-impl Literals<'_> {
-    fn check(&mut self, e: &syn::Expr) {
-        let syn::Expr::Lit(syn::ExprLit {
-            lit: syn::Lit::Str(s),
-            ..
-        }) = e
-        else {
-            return;
-        };
-        let v = s.value();
+impl Literals<'_, '_> {
+    fn check_value(&mut self, v: &str, span: impl ToTokens) {
         if v.contains('/') {
             self.errors.spanned(
-                s,
+                span,
                 "blob names are relative to the device scope and cannot contain the namescope separator `/`; \
                  dpm adds `cpu_N/` or `gpu_N/` for each device",
             );
-        } else if let Some(p) = device_prefix(&v) {
+        } else if let Some(p) = device_prefix(v) {
             self.errors.spanned(
-                s,
+                span,
                 format!(
                     "`{p}` names one device, but blob names are relative to the device scope: \
                      this function is built once per device"
@@ -151,22 +151,112 @@ impl Literals<'_> {
             );
         }
     }
+
+    /// The value of a literal or of `concat!` of literals, with its tokens.
+    fn constant(e: &syn::Expr) -> Option<(String, proc_macro2::TokenStream)> {
+        match e {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(s),
+                ..
+            }) => Some((s.value(), s.to_token_stream())),
+            syn::Expr::Macro(m) if m.mac.path.is_ident("concat") => {
+                let parts = m
+                    .mac
+                    .parse_body_with(
+                        syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated,
+                    )
+                    .ok()?;
+                let mut joined = String::new();
+                for part in &parts {
+                    match part {
+                        syn::Expr::Lit(syn::ExprLit {
+                            lit: syn::Lit::Str(s),
+                            ..
+                        }) => joined.push_str(&s.value()),
+                        syn::Expr::Lit(syn::ExprLit {
+                            lit: syn::Lit::Int(i),
+                            ..
+                        }) => joined.push_str(i.base10_digits()),
+                        _ => return None,
+                    }
+                }
+                Some((joined, m.to_token_stream()))
+            }
+            _ => None,
+        }
+    }
+
+    /// A blob-name argument: a literal, `concat!` of literals, a `let`-bound
+    /// one of these, or a reference to one.
+    fn check(&mut self, e: &syn::Expr) {
+        match e {
+            syn::Expr::Reference(r) => self.check(&r.expr),
+            syn::Expr::Paren(p) => self.check(&p.expr),
+            syn::Expr::Path(p) => {
+                if let Some((v, span)) = p
+                    .path
+                    .get_ident()
+                    .and_then(|i| self.lets.get(&i.to_string()))
+                    .cloned()
+                {
+                    self.check_value(&v, span);
+                }
+            }
+            e => {
+                if let Some((v, span)) = Self::constant(e) {
+                    self.check_value(&v, span);
+                }
+            }
+        }
+    }
+
+    fn is_model(&self, e: &syn::Expr) -> bool {
+        match e {
+            syn::Expr::Path(p) => self.model.is_some_and(|m| p.path.is_ident(m)),
+            syn::Expr::Reference(r) => self.is_model(&r.expr),
+            syn::Expr::Unary(u) => self.is_model(&u.expr),
+            syn::Expr::Paren(p) => self.is_model(&p.expr),
+            _ => false,
+        }
+    }
 }
 
-impl<'ast> Visit<'ast> for Literals<'_> {
+impl<'ast> Visit<'ast> for Literals<'_, '_> {
+    fn visit_local(&mut self, l: &'ast syn::Local) {
+        if let (syn::Pat::Ident(p), Some(init)) = (&l.pat, &l.init) {
+            match Self::constant(&init.expr) {
+                Some(c) => self.lets.insert(p.ident.to_string(), c),
+                // A later binding of the name shadows the constant.
+                None => self.lets.remove(&p.ident.to_string()),
+            };
+        }
+        syn::visit::visit_local(self, l);
+    }
+
     fn visit_expr_method_call(&mut self, c: &'ast syn::ExprMethodCall) {
-        c.args.iter().for_each(|a| self.check(a));
+        if self.is_model(&c.receiver) || c.args.iter().any(|a| self.is_model(a)) {
+            c.args.iter().for_each(|a| self.check(a));
+        }
         syn::visit::visit_expr_method_call(self, c);
     }
 
     fn visit_expr_call(&mut self, c: &'ast syn::ExprCall) {
-        c.args.iter().for_each(|a| self.check(a));
+        let blob_ref_new = matches!(&*c.func, syn::Expr::Path(p)
+            if p.path.segments.len() >= 2
+                && p.path.segments.iter().rev().take(2).map(|s| s.ident.to_string()).eq(["new", "BlobRef"]));
+        if blob_ref_new || c.args.iter().any(|a| self.is_model(a)) {
+            c.args.iter().for_each(|a| self.check(a));
+        }
         syn::visit::visit_expr_call(self, c);
     }
 }
 
-/// String literals passed to calls in the body (blob names) are relative: no `/`,
-/// no `cpu_N` / `gpu_N`.
+/// String literals that are blob names are relative: no `/`, no `cpu_N` / `gpu_N`.
 fn check_literals(b: &Builder<'_>, errors: &mut Errors) {
-    Literals { errors }.visit_block(&b.original.block);
+    Literals {
+        errors,
+        model: b.model,
+        lets: Default::default(),
+    }
+    .visit_block(&b.original.block);
 }

@@ -74,6 +74,8 @@ pub struct Builder<'a> {
     pub output: &'a ReturnType,
     /// Parameters after the model: configuration the builder carries.
     pub extra: Vec<Extra<'a>>,
+    /// The model parameter's name (`m` in `m: &mut DeviceModel<'_>`), if a plain one.
+    pub model: Option<&'a syn::Ident>,
 }
 
 /// A configuration parameter after the model: stored in the builder struct and
@@ -176,6 +178,13 @@ impl<'a> Builder<'a> {
             return None;
         }
         let model_ty = model_ty?;
+        let model = match sig.inputs.first() {
+            Some(FnArg::Typed(t)) => match &*t.pat {
+                syn::Pat::Ident(p) => Some(&p.ident),
+                _ => None,
+            },
+            _ => None,
+        };
         let brand = match model_ty {
             Type::Reference(r) => last_segment(&r.elem).and_then(lifetime_arg),
             _ => None,
@@ -186,6 +195,7 @@ impl<'a> Builder<'a> {
             brand,
             output: &sig.output,
             extra,
+            model,
         })
     }
 }
