@@ -676,3 +676,26 @@ fn names_the_macro_cannot_see_are_checked_when_the_replicas_are_built() {
     .expect("a replica writing another's blob must not build");
     assert!(e.to_string().contains("touches `cpu_1/stolen`"), "{e}");
 }
+
+#[data_parallel]
+fn logits_as_loss(m: &mut DeviceModel<'_>) -> Result<Blob<'_>> {
+    let x = m.input_with_shape("data", [8]);
+    m.fc("fc", x, 4)
+}
+
+#[test]
+fn a_loss_that_is_not_a_scalar_is_a_build_error_naming_the_blob() {
+    let _serial = serial();
+    let e = Parallelize::new(ModelHelper::new("m"))
+        .devices([Device::cpu(0)])
+        .forward(logits_as_loss)
+        .update(Sgd::new(0.1))
+        .build()
+        .err()
+        .expect("logits are not a loss");
+    let text = e.to_string();
+    assert!(
+        text.contains("the loss `cpu_0/fc`") && text.contains("not a scalar"),
+        "{text}"
+    );
+}

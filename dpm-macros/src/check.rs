@@ -71,8 +71,34 @@ fn result_ok(ty: &Type) -> Option<&Type> {
         .flatten()
 }
 
+/// Whether `ty` is a type that is certainly not what a builder may return: a
+/// primitive, `String`, a tuple other than `()`, a reference, an array. Any other
+/// path (a type alias, say) is left to the `IntoLosses` / `IntoUnit` bounds of
+/// the generated code, whose `on_unimplemented` messages say the same.
+fn certainly_not(ty: &Type, allowed: fn(&Type) -> bool) -> bool {
+    if allowed(ty) {
+        return false;
+    }
+    match ty {
+        Type::Path(_) => {
+            let Some(seg) = last_segment(ty) else { return false };
+            let name = seg.ident.to_string();
+            const PRIMITIVES: [&str; 18] = [
+                "bool", "char", "str", "String", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16",
+                "u32", "u64", "u128", "usize", "f32", "f64",
+            ];
+            PRIMITIVES.contains(&name.as_str())
+                || ((name == "Losses" || name == "Blob" || name == "Vec") && !allowed(ty))
+                || (name == "Option")
+        }
+        Type::Paren(p) => certainly_not(&p.elem, allowed),
+        Type::Group(g) => certainly_not(&g.elem, allowed),
+        _ => true,
+    }
+}
+
 /// A forward function returns its losses; input and update functions return
-/// `()` or `Result<()>`.
+/// `()` or `Result<()>`. Aliases are checked by the trait bounds instead.
 fn check_return_type(b: &Builder<'_>, errors: &mut Errors) {
     let sig = &b.original.sig;
     match (b.kind, b.output) {
@@ -82,7 +108,7 @@ fn check_return_type(b: &Builder<'_>, errors: &mut Errors) {
         ),
         (Kind::Forward, ReturnType::Type(_, ty)) => {
             let inner = result_ok(ty).unwrap_or(ty);
-            if !is_losses(inner) {
+            if certainly_not(inner, is_losses) {
                 errors.spanned(
                     ty,
                     format!("a forward function returns its losses: expected {LOSS_TYPES}"),
@@ -92,7 +118,7 @@ fn check_return_type(b: &Builder<'_>, errors: &mut Errors) {
         (_, ReturnType::Default) => {}
         (_, ReturnType::Type(_, ty)) => {
             let inner = result_ok(ty).unwrap_or(ty);
-            if !is_unit(inner) {
+            if certainly_not(inner, is_unit) {
                 errors.spanned(ty, "an input or update function returns `()` or `Result<()>`");
             }
         }

@@ -84,7 +84,7 @@ pub fn expand(b: &Builder<'_>) -> TokenStream {
             ::dpm::parallel::DeviceModel::within(model, device, |m| ::dpm::parallel::IntoUnit::into_unit(#name(m #(, #args)*)))
         },
     };
-    let fields: Vec<&syn::Type> = b.extra.iter().map(|e| e.ty).collect();
+    let fields: Vec<&syn::Type> = b.extra.iter().map(|e| &*e.ty).collect();
     wrap(f, b.kind, &fields, quote!(#inner #call))
 }
 

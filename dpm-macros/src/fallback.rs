@@ -14,20 +14,28 @@ pub fn expand(f: &syn::ItemFn, kind: Kind, error: syn::Error) -> TokenStream {
     if f.sig.receiver().is_some() {
         return quote!(#errors #f);
     }
-    // Keep the configuration fields so that call sites still type-check.
-    let fields: Vec<&syn::Type> = f
+    // Keep the configuration fields so that call sites still type-check, as the
+    // macro would store them; a field with a lifetime (a Blob, a second model)
+    // cannot be stored and was reported already: leave it out.
+    let owned: Vec<std::borrow::Cow<'_, syn::Type>> = f
         .sig
         .inputs
         .iter()
         .skip(1)
         .filter_map(|a| match a {
             syn::FnArg::Typed(t) => Some(match &*t.ty {
-                syn::Type::Reference(r) => &*r.elem,
-                ty => ty,
+                syn::Type::Reference(r) => crate::parse::owned(&r.elem),
+                ty => std::borrow::Cow::Borrowed(ty),
             }),
             syn::FnArg::Receiver(_) => None,
         })
+        .filter(|ty| {
+            !ty.to_token_stream()
+                .into_iter()
+                .any(|t| matches!(t, proc_macro2::TokenTree::Punct(p) if p.as_char() == '\''))
+        })
         .collect();
+    let fields: Vec<&syn::Type> = owned.iter().map(|t| &**t).collect();
     let stub = crate::expand::wrap(f, kind, &fields, quote!(::core::unreachable!()));
     quote!(#errors #stub)
 }

@@ -81,8 +81,9 @@ pub struct Builder<'a> {
 /// A configuration parameter after the model: stored in the builder struct and
 /// passed to every per-device call, by reference (`&T`) or as a clone (`T`).
 pub struct Extra<'a> {
-    /// The type stored in the struct.
-    pub ty: &'a Type,
+    /// The type stored in the struct: the parameter's, or its owned form for
+    /// `&str` (`String`) and `&[T]` (`Vec<T>`).
+    pub ty: std::borrow::Cow<'a, Type>,
     /// Whether the function takes it by reference.
     pub by_ref: bool,
 }
@@ -122,6 +123,22 @@ fn lifetime_arg(seg: &syn::PathSegment) -> Option<&Lifetime> {
     }
 }
 
+/// What the builder stores for a parameter taken as `&elem`: `String` for `str`,
+/// `Vec<T>` for `[T]`, else `elem` itself (passed back as `&field`, which the
+/// compiler derefs to `&str` / `&[T]`).
+pub(crate) fn owned(elem: &Type) -> std::borrow::Cow<'_, Type> {
+    match elem {
+        Type::Path(p) if p.path.is_ident("str") => {
+            std::borrow::Cow::Owned(syn::parse_quote!(::std::string::String))
+        }
+        Type::Slice(s) => {
+            let t = &s.elem;
+            std::borrow::Cow::Owned(syn::parse_quote!(::std::vec::Vec<#t>))
+        }
+        _ => std::borrow::Cow::Borrowed(elem),
+    }
+}
+
 impl<'a> Builder<'a> {
     /// Reads the signature; signature errors go to `errors` and give `None`.
     pub fn from_fn(f: &'a ItemFn, kind: Kind, errors: &mut Errors) -> Option<Builder<'a>> {
@@ -138,6 +155,18 @@ impl<'a> Builder<'a> {
         }
         if let Some(p) = sig.generics.type_params().next() {
             errors.spanned(p, "a #[data_parallel] function cannot have type parameters");
+        }
+        if let Some(p) = sig.generics.const_params().next() {
+            errors.spanned(
+                p,
+                "a #[data_parallel] function cannot have const parameters: pass the value as configuration",
+            );
+        }
+        if let Some(u) = &sig.unsafety {
+            errors.spanned(
+                u,
+                "a #[data_parallel] function cannot be unsafe: dpm calls it once per device",
+            );
         }
         let expected = "expected the per-device model as the first parameter: `m: &mut DeviceModel<'_>`";
         let model_ty = match sig.inputs.first() {
@@ -161,6 +190,28 @@ impl<'a> Builder<'a> {
         let mut extra = Vec::new();
         for arg in sig.inputs.iter().skip(1) {
             let FnArg::Typed(t) = arg else { continue };
+            let elem = match &*t.ty {
+                Type::Reference(r) => &*r.elem,
+                ty => ty,
+            };
+            match last_segment(elem).map(|s| s.ident.to_string()).as_deref() {
+                Some("DeviceModel") => {
+                    errors.spanned(
+                        &t.ty,
+                        "only the first parameter is the per-device model; a function builds one device at a time",
+                    );
+                    continue;
+                }
+                Some("Blob") => {
+                    errors.spanned(
+                        &t.ty,
+                        "a Blob belongs to one device's build and cannot be configuration; \
+                         create it inside the function (m.input(..)) or pass a name",
+                    );
+                    continue;
+                }
+                _ => {}
+            }
             let syn::Pat::Ident(_) = &*t.pat else {
                 errors.spanned(&t.pat, "a configuration parameter needs a plain name");
                 continue;
@@ -170,8 +221,14 @@ impl<'a> Builder<'a> {
                     &t.ty,
                     "a configuration parameter is shared by every device's build: take it by `&T` or by value, not `&mut`",
                 ),
-                Type::Reference(r) => extra.push(Extra { ty: &r.elem, by_ref: true }),
-                ty => extra.push(Extra { ty, by_ref: false }),
+                Type::Reference(r) => extra.push(Extra {
+                    ty: owned(&r.elem),
+                    by_ref: true,
+                }),
+                ty => extra.push(Extra {
+                    ty: std::borrow::Cow::Borrowed(ty),
+                    by_ref: false,
+                }),
             }
         }
         if errors.len() > before {

@@ -339,15 +339,30 @@ impl<'d> ConvBuilder<'_, 'd> {
 }
 
 /// What a forward function may return: [`Losses`], one [`Blob`], a `Vec` of blobs,
-/// or a `Result` of any of them.
+/// or a `Result` of any of them (also through a type alias).
+#[diagnostic::on_unimplemented(
+    message = "a forward function returns its losses: `{Self}` is not Result<Losses<'_>>, Losses<'_>, Blob<'_>, Vec<Blob<'_>> or a Result of one",
+    label = "the losses a #[data_parallel] forward function returns"
+)]
 pub trait IntoLosses<'d> {
     /// The losses' full names.
     fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>>;
 }
 
 impl<'d> IntoLosses<'d> for Losses<'d> {
+    /// A loss whose per-sample shape is known must be one number.
     fn into_losses(self, m: &DeviceModel<'d>) -> Result<Vec<BlobRef>> {
-        Ok(self.0.into_iter().map(|b| m.name(b).clone()).collect())
+        self.0
+            .into_iter()
+            .map(|b| match m.sample_shape(b) {
+                Some(s) if s.numel() != 1 => Err(Error::Config(format!(
+                    "the loss `{}` is not a scalar: its per-sample shape is {s} (a loss is one number per batch; \
+                     return what softmax_with_loss gives, say)",
+                    m.name(b)
+                ))),
+                _ => Ok(m.name(b).clone()),
+            })
+            .collect()
     }
 }
 
@@ -370,6 +385,10 @@ impl<'d, T: IntoLosses<'d>> IntoLosses<'d> for Result<T> {
 }
 
 /// What an input or update function may return: `()` or `Result<()>`.
+#[diagnostic::on_unimplemented(
+    message = "an input or update function returns `()` or `Result<()>`, not `{Self}`",
+    label = "what the #[data_parallel] function returns"
+)]
 pub trait IntoUnit {
     /// As a `Result`.
     fn into_unit(self) -> Result<()>;
