@@ -108,6 +108,25 @@ fn bad_input_is_a_readable_error() {
     std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
     assert!(err(&["--resume", corrupt.to_str().unwrap()]).contains("checkpoint"));
     assert!(resnet::Args::try_parse_from(["resnet", "--iters", "many"]).is_err());
+    // Sizes and output paths are refused before anything is built or trained.
+    for (flag, value) in [
+        ("--train-images", "100000000000000"),
+        ("--batch-per-device", "100000000000000"),
+        ("--image-size", "4000000000"),
+    ] {
+        let a = resnet::Args::try_parse_from(["resnet", "--quiet", "--depth", "8", flag, value]).unwrap();
+        let e = resnet::run(&a).unwrap_err().to_string();
+        assert!(e.contains("cannot allocate"), "{flag}: {e}");
+    }
+    assert!(err(&["--save", "/nonexistent/dir/c.safetensors"]).contains("/nonexistent/dir"));
+    assert!(err(&["--summary-json", "/nonexistent/s.json"]).contains("/nonexistent"));
+    // A diverging run stops, rather than report an accuracy.
+    assert!(err(&["--lr", "1e30", "--iters", "20"]).contains("the loss diverged"));
+    // A checkpoint at or past --iters has nothing to train.
+    let ckpt = dir.join("done.safetensors");
+    resnet::run(&args(&["--iters", "2", "--save", ckpt.to_str().unwrap()])).unwrap();
+    let e = err(&["--iters", "2", "--resume", ckpt.to_str().unwrap()]);
+    assert!(e.contains("nothing to train"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }
 

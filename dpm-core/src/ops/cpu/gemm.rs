@@ -55,9 +55,11 @@ impl<'a> Mat<'a> {
 /// `c = beta·c + a·b` with `a` m×k, `b` k×n, `c` m×n, all row-major. With
 /// `beta == 0` the old contents of `c` are ignored (they may be garbage or NaN).
 pub fn sgemm(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, beta: f32, c: &mut [f32]) {
-    assert!(c.len() >= m * n, "gemm: c too small");
-    assert!(a.data.len() >= m * k, "gemm: a too small");
-    assert!(b.data.len() >= k * n, "gemm: b too small");
+    // Checked products: a wrapped size must not pass for a small one.
+    let fits = |len: usize, x: usize, y: usize| x.checked_mul(y).is_some_and(|p| len >= p);
+    assert!(fits(c.len(), m, n), "gemm: c too small");
+    assert!(fits(a.data.len(), m, k), "gemm: a too small");
+    assert!(fits(b.data.len(), k, n), "gemm: b too small");
     if m == 0 || n == 0 {
         return;
     }
