@@ -7,7 +7,8 @@ use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
 /// Checks input `i` has the same shape as input 0.
-fn same_shape(ctx: &OpContext<'_>, i: usize, shape: &crate::tensor::Shape) -> Result<()> {
+/// Checks input `i` has `shape` (the CUDA kernels use it too).
+pub(crate) fn same_shape(ctx: &OpContext<'_>, i: usize, shape: &crate::tensor::Shape) -> Result<()> {
     let t = ctx.input(i)?;
     if t.shape() != shape {
         return Err(Error::shape(ctx.input_name(i), shape.to_string(), t.shape()));

@@ -5,19 +5,10 @@
 use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
 use crate::error::{Error, Result};
-use crate::ops::cpu::elementwise as cpu;
+use crate::ops::cpu::elementwise::{self as cpu, same_shape};
 use crate::ops::cpu::optim::Momentum;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
-use crate::tensor::Shape;
-
-fn same_shape(ctx: &OpContext<'_>, i: usize, shape: &Shape) -> Result<()> {
-    let t = ctx.input(i)?;
-    if t.shape() != shape {
-        return Err(Error::shape(ctx.input_name(i), shape.to_string(), t.shape()));
-    }
-    Ok(())
-}
 
 /// `Relu(X) → max(X, 0)`.
 pub struct Relu;
