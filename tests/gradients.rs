@@ -300,3 +300,132 @@ fn one_op_using_an_accumulated_blob_twice_keeps_both_contributions_apart() {
     ];
     gradcheck(&n, &feeds, &["z"], &["x", "w"]);
 }
+
+/// One finite-difference case per differentiable op type: (net, feeds, outputs,
+/// blobs whose gradient is checked).
+type Case = (
+    Net,
+    Vec<(&'static str, Tensor)>,
+    Vec<&'static str>,
+    Vec<&'static str>,
+);
+
+fn case(op: &str) -> Option<Case> {
+    let r = |shape: &[usize], seed| random(shape, seed, -1.0, 1.0, 0.05);
+    Some(match op {
+        "FC" => (
+            op_net("FC", &["x", "w", "b"], &["y"], &[]),
+            vec![
+                ("x", r(&[3, 4], 101)),
+                ("w", r(&[2, 4], 102)),
+                ("b", r(&[2], 103)),
+            ],
+            vec!["y"],
+            vec!["x", "w", "b"],
+        ),
+        "Conv" => (
+            op_net(
+                "Conv",
+                &["x", "w", "b"],
+                &["y"],
+                &[("kernel", 3), ("pad", 1), ("stride", 2)],
+            ),
+            vec![
+                ("x", r(&[2, 2, 5, 5], 104)),
+                ("w", r(&[3, 2, 3, 3], 105)),
+                ("b", r(&[3], 106)),
+            ],
+            vec!["y"],
+            vec!["x", "w", "b"],
+        ),
+        "SpatialBN" => (
+            op_net(
+                "SpatialBN",
+                &["x", "s", "b", "rm", "rv"],
+                &["y", "rm", "rv", "sm", "siv"],
+                &[],
+            ),
+            vec![
+                ("x", r(&[4, 2, 3, 3], 107)),
+                ("s", r(&[2], 108)),
+                ("b", r(&[2], 109)),
+                ("rm", Tensor::zeros::<f32>([2])),
+                ("rv", Tensor::from_vec([2], vec![1.0f32, 1.0]).unwrap()),
+            ],
+            vec!["y"],
+            vec!["x", "s", "b"],
+        ),
+        "MaxPool" | "AveragePool" => {
+            // Values 0.1 apart in a shuffled order: no window has two within the
+            // finite-difference step of each other (a kink of the max).
+            let n = 2 * 2 * 4 * 4;
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37) % n) as f32 * 0.1 - 1.6).collect();
+            (
+                op_net(op, &["x"], &["y"], &[("kernel", 2), ("stride", 2)]),
+                vec![("x", Tensor::from_vec([2, 2, 4, 4], v).unwrap())],
+                vec!["y"],
+                vec!["x"],
+            )
+        }
+        "Flatten" => (
+            op_net("Flatten", &["x"], &["y"], &[]),
+            vec![("x", r(&[2, 3, 2], 111))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Reshape" => {
+            let mut n = Net::new("reshape");
+            n.op("Reshape")
+                .input("x")
+                .output("y")
+                .arg("shape", vec![3i64, -1])
+                .build();
+            (n, vec![("x", r(&[2, 3, 2], 112))], vec!["y"], vec!["x"])
+        }
+        "Relu" => (
+            op_net("Relu", &["x"], &["y"], &[]),
+            vec![("x", r(&[3, 5], 113))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Sum" | "Add" => (
+            op_net(op, &["a", "b"], &["y"], &[]),
+            vec![("a", r(&[4], 114)), ("b", r(&[4], 115))],
+            vec!["y"],
+            vec!["a", "b"],
+        ),
+        "Copy" => (
+            op_net("Copy", &["x"], &["y"], &[]),
+            vec![("x", r(&[4], 116))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Scale" => {
+            let mut n = Net::new("scale");
+            n.op("Scale").input("x").output("y").arg("scale", -1.5f32).build();
+            (n, vec![("x", r(&[4], 117))], vec!["y"], vec!["x"])
+        }
+        "SoftmaxWithLoss" => (
+            op_net("SoftmaxWithLoss", &["x", "label"], &["p", "loss"], &[]),
+            vec![
+                ("x", random(&[4, 3], 118, -2.0, 2.0, 0.0)),
+                ("label", Tensor::from_vec([4], vec![0i32, 2, 1, 2]).unwrap()),
+            ],
+            vec!["loss"],
+            vec!["x"],
+        ),
+        _ => return None,
+    })
+}
+
+#[test]
+fn every_registered_differentiable_op_passes_a_finite_difference_check() {
+    let ops = dpm::ops::Registry::global().differentiable_ops();
+    assert!(ops.len() >= 13, "{ops:?}");
+    for op in ops {
+        let (net, feeds, outputs, wrt) = case(op).unwrap_or_else(|| {
+            panic!("`{op}` has a gradient rule but no finite-difference case here: add one")
+        });
+        gradcheck(&net, &feeds, &outputs, &wrt);
+    }
+}

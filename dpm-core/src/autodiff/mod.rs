@@ -5,7 +5,7 @@
 //! A blob used by several ops gets one gradient contribution per use, summed into
 //! `<blob>_grad` as soon as each arrives.
 
-mod rules;
+pub(crate) mod rules;
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::graph::{BlobRef, Net};
 use crate::proto::OperatorDef;
 
-pub use rules::is_differentiable;
+pub use rules::{is_differentiable, GradientContext, GradientOps, GradientRule};
 
 /// Parameter → gradient blob, in the order the gradients are complete during the
 /// backward pass (the last layer's first).
@@ -111,7 +111,7 @@ pub fn add_gradient_ops_seeded(
             op_type: op.op_type().to_owned(),
             output: op.output.first().cloned().unwrap_or_default(),
         })?;
-        let made = rule(&rules::GradCtx {
+        let made = rule(&rules::GradientContext {
             op,
             g_out: &g_out,
             need: &need,

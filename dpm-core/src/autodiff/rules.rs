@@ -4,74 +4,123 @@
 //! holds its gradient (the proposed name, or an existing blob it aliases).
 
 use crate::error::{Error, Result};
+use crate::ops::{Differentiability, OpSchema, Registry};
 use crate::proto::{Argument, OperatorDef};
 
-pub(super) struct GradCtx<'a> {
-    pub op: &'a OperatorDef,
-    pub g_out: &'a [Option<String>],
-    pub need: &'a [bool],
-    pub gi: &'a [String],
+/// What a gradient rule sees: the forward op, the gradients of its outputs,
+/// which inputs need a gradient, and the name proposed for each input's gradient.
+pub struct GradientContext<'a> {
+    pub(super) op: &'a OperatorDef,
+    pub(super) g_out: &'a [Option<String>],
+    pub(super) need: &'a [bool],
+    pub(super) gi: &'a [String],
 }
 
-pub(super) struct GradOps {
+/// What a gradient rule returns: the ops to append, and per input the blob that
+/// holds its gradient (the proposed name, an existing blob it aliases, or `None`).
+pub struct GradientOps {
+    /// Gradient ops, in order; dpm puts them on the forward op's device.
     pub ops: Vec<OperatorDef>,
+    /// Per input of the forward op, the blob holding its gradient.
     pub g_in: Vec<Option<String>>,
 }
 
-type Rule = fn(&GradCtx<'_>) -> Result<GradOps>;
+/// A gradient rule: the backward of one op type (see [`crate::ops::OpSchema::gradient`]).
+pub type GradientRule = fn(&GradientContext<'_>) -> Result<GradientOps>;
 
-/// Ops whose outputs never carry gradient: fills, metrics, counters, updates.
+type GradCtx<'a> = GradientContext<'a>;
+type GradOps = GradientOps;
+
+/// Registers every built-in gradient rule, and the ops through which no gradient
+/// flows. One line per op type.
+pub(crate) fn register(r: &mut Registry) {
+    for (op, rule) in [
+        ("FC", fc as GradientRule),
+        ("Conv", conv),
+        ("SpatialBN", spatial_bn),
+        ("MaxPool", max_pool),
+        ("AveragePool", average_pool),
+        ("Flatten", reshape),
+        ("Reshape", reshape),
+        ("Relu", relu),
+        ("Sum", pass_through),
+        ("Add", pass_through),
+        ("Copy", pass_through),
+        ("Scale", scale),
+        ("SoftmaxWithLoss", softmax_with_loss),
+    ] {
+        r.add(OpSchema::new(op).gradient(rule));
+    }
+    r.add(OpSchema::new("SpatialBN").non_differentiable_outputs(&[1, 2, 3, 4]));
+    for op in [
+        "ConstantFill",
+        "GaussianFill",
+        "UniformFill",
+        "XavierFill",
+        "MSRAFill",
+        "Accuracy",
+        "StopGradient",
+        "Iter",
+        "LearningRate",
+        "MomentumSGDUpdate",
+    ] {
+        r.add(OpSchema::new(op).not_differentiable());
+    }
+}
+
+/// Whether gradients flow through `op_type` (unregistered types: yes).
 pub fn is_differentiable(op_type: &str) -> bool {
     !matches!(
-        op_type,
-        "ConstantFill"
-            | "GaussianFill"
-            | "UniformFill"
-            | "XavierFill"
-            | "MSRAFill"
-            | "Accuracy"
-            | "StopGradient"
-            | "Iter"
-            | "LearningRate"
-            | "MomentumSGDUpdate"
+        Registry::global()
+            .schema(op_type)
+            .map(OpSchema::differentiability),
+        Some(Differentiability::None)
     )
 }
 
 /// Outputs of an otherwise differentiable op that carry no gradient (statistics).
-pub fn non_differentiable_outputs(op_type: &str) -> &'static [usize] {
-    match op_type {
-        "SpatialBN" => &[1, 2, 3, 4],
-        _ => &[],
+pub fn non_differentiable_outputs(op_type: &str) -> Vec<usize> {
+    Registry::global()
+        .schema(op_type)
+        .map(|s| s.nondifferentiable_outputs().to_vec())
+        .unwrap_or_default()
+}
+
+pub(super) fn rule(op_type: &str) -> Option<GradientRule> {
+    match Registry::global().schema(op_type)?.differentiability() {
+        Differentiability::Rule(r) => Some(r),
+        _ => None,
     }
 }
 
-pub(super) fn rule(op_type: &str) -> Option<Rule> {
-    Some(match op_type {
-        "FC" => fc,
-        "Conv" => conv,
-        "SpatialBN" => spatial_bn,
-        "MaxPool" => max_pool,
-        "AveragePool" => average_pool,
-        "Flatten" | "Reshape" => reshape,
-        "Relu" => relu,
-        "Sum" | "Add" | "Copy" => pass_through,
-        "Scale" => scale,
-        "SoftmaxWithLoss" => softmax_with_loss,
-        _ => return None,
-    })
-}
+impl GradientContext<'_> {
+    /// The forward op.
+    pub fn forward_op(&self) -> &OperatorDef {
+        self.op
+    }
 
-impl GradCtx<'_> {
-    fn input(&self, i: usize) -> String {
+    /// Whether input `i` needs a gradient.
+    pub fn needs(&self, i: usize) -> bool {
+        self.need.get(i).copied().unwrap_or(false)
+    }
+
+    /// The name proposed for input `i`'s gradient.
+    pub fn gradient_name(&self, i: usize) -> String {
+        self.gi[i].clone()
+    }
+
+    /// The forward op's input `i`.
+    pub fn input(&self, i: usize) -> String {
         self.op.input[i].clone()
     }
 
-    fn output(&self, o: usize) -> String {
+    /// The forward op's output `o`.
+    pub fn output(&self, o: usize) -> String {
         self.op.output[o].clone()
     }
 
     /// The gradient of output `o`, required by the rule.
-    fn g_out(&self, o: usize) -> Result<String> {
+    pub fn g_out(&self, o: usize) -> Result<String> {
         self.g_out.get(o).cloned().flatten().ok_or_else(|| {
             Error::Autodiff(format!(
                 "`{}` needs the gradient of its output #{o}",
@@ -80,7 +129,8 @@ impl GradCtx<'_> {
         })
     }
 
-    fn args(&self, names: &[&str]) -> Vec<Argument> {
+    /// The forward op's arguments called one of `names` (to pass on).
+    pub fn args(&self, names: &[&str]) -> Vec<Argument> {
         self.op
             .arg
             .iter()
@@ -89,9 +139,8 @@ impl GradCtx<'_> {
             .collect()
     }
 
-    /// A gradient op writing the proposed names of `inputs_needed` (and scratch for
-    /// gradients nobody asked for).
-    fn op(
+    /// A gradient op of type `op_type`.
+    pub fn op(
         &self,
         op_type: &str,
         inputs: Vec<String>,
@@ -108,7 +157,7 @@ impl GradCtx<'_> {
     }
 
     /// The proposed names where needed, `None` elsewhere.
-    fn g_in_needed(&self) -> Vec<Option<String>> {
+    pub fn g_in_needed(&self) -> Vec<Option<String>> {
         self.gi
             .iter()
             .zip(self.need)

@@ -10,7 +10,7 @@ pub mod cpu;
 pub mod cuda;
 mod registry;
 
-pub use registry::{KernelFactory, Registry};
+pub use registry::{Differentiability, KernelFactory, OpSchema, Registry};
 
 use crate::error::{Error, Result};
 use crate::graph::{Args, Device};
