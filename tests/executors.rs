@@ -437,14 +437,14 @@ fn malformed_nets_are_rejected_before_running() {
     n.op("LearningRate")
         .input("ITER")
         .output("lr")
-        .arg("policy", "cosine")
+        .arg("policy", "cosmic")
         .arg("base_lr", 0.1f32)
         .build();
     assert!(ws
         .create_net(n.proto())
         .unwrap_err()
         .to_string()
-        .contains("cosine"));
+        .contains("cosmic"));
     let mut n = Net::new("n");
     n.set_type("async_everything");
     assert!(ws.create_net(n.proto()).is_err());

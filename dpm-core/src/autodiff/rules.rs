@@ -63,6 +63,9 @@ pub(crate) fn register(r: &mut Registry) {
         "Iter",
         "LearningRate",
         "MomentumSGDUpdate",
+        "Adam",
+        "RmsProp",
+        "Adagrad",
     ] {
         r.add(OpSchema::new(op).not_differentiable());
     }

@@ -221,6 +221,14 @@ impl OpBuilder<'_> {
         self
     }
 
+    /// Sets arguments given as protos (replacing any of the same names).
+    pub fn raw_args(mut self, args: impl IntoIterator<Item = crate::proto::Argument>) -> Self {
+        for a in args {
+            set_argument(&mut self.op.arg, a);
+        }
+        self
+    }
+
     /// Orders this op after the writer of `blob` without reading it.
     pub fn control_input(mut self, blob: impl IntoBlob) -> Self {
         let b = blob.into_blob(&self.net.scope);

@@ -6,7 +6,7 @@ mod layers;
 mod optimizer;
 
 pub use layers::ConvSpec;
-pub use optimizer::{LrPolicy, Sgd};
+pub use optimizer::{Adagrad, Adam, LrPolicy, RmsProp, Sgd};
 
 use crate::autodiff::{self, GradientMap};
 use crate::error::{Error, Result};

@@ -69,11 +69,21 @@ impl<F: Fn(&mut ModelHelper) -> Result<()>> UpdateBuilder for F {
     }
 }
 
-impl UpdateBuilder for Sgd {
-    fn build(&self, model: &mut ModelHelper, _: Device) -> Result<()> {
-        Sgd::build(self, model)
-    }
+macro_rules! optimizer_updates {
+    ($($t:ty),*) => {$(
+        impl UpdateBuilder for $t {
+            fn build(&self, model: &mut ModelHelper, _: Device) -> Result<()> {
+                <$t>::build(self, model)
+            }
+        }
+    )*};
 }
+optimizer_updates!(
+    Sgd,
+    crate::model::Adam,
+    crate::model::RmsProp,
+    crate::model::Adagrad
+);
 
 /// How hosts find each other for multi-host training (Caffe2's `rendezvous`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -362,6 +362,20 @@ impl Trainer {
         self.p.rendezvous.as_ref().map_or(1, |r| r.num_shards)
     }
 
+    /// The learning rate of the last step (from the optimiser's `lr` blob; its
+    /// magnitude, whatever sign the update op wants).
+    pub fn lr(&self) -> Result<f32> {
+        let t = self.fetch("lr", self.p.devices[0])?;
+        let v = t
+            .data::<f32>()
+            .ok()
+            .and_then(|d| d.first().copied())
+            .ok_or_else(|| {
+                Error::value("lr", "the learning rate must be one f32 (is there an optimiser?)")
+            })?;
+        Ok(v.abs())
+    }
+
     /// The mean over devices of a scalar blob (accuracy, a metric).
     pub fn mean_scalar(&self, name: &str) -> Result<f32> {
         let mut total = 0.0f64;

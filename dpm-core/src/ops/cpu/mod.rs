@@ -7,6 +7,7 @@ mod fill;
 pub mod gemm;
 pub(crate) mod linear;
 mod loss;
+mod lr;
 pub(crate) mod norm;
 pub(crate) mod optim;
 pub(crate) mod pool;
@@ -15,7 +16,7 @@ mod shape;
 
 pub use fill::Distribution;
 pub use gemm::{set_threads, threads};
-pub use optim::LrPolicy;
+pub use lr::LrPolicy;
 
 use super::Registry;
 use crate::graph::DeviceType;
@@ -44,8 +45,11 @@ pub fn register(r: &mut Registry) {
     });
     r.register("Accuracy", Cpu, loss::Accuracy::create);
     r.register("Iter", Cpu, |_| Ok(Box::new(optim::Iter)));
-    r.register("LearningRate", Cpu, optim::LearningRate::create);
+    r.register("LearningRate", Cpu, lr::LearningRate::create);
     r.register("MomentumSGDUpdate", Cpu, optim::MomentumSgdUpdate::create);
+    r.register("Adam", Cpu, optim::Adam::create);
+    r.register("RmsProp", Cpu, optim::RmsProp::create);
+    r.register("Adagrad", Cpu, optim::Adagrad::create);
     r.register("Conv", Cpu, conv::Conv::create);
     r.register("ConvGradient", Cpu, conv::ConvGradient::create);
     r.register("SpatialBN", Cpu, norm::SpatialBn::create);

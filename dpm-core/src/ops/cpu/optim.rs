@@ -1,4 +1,4 @@
-//! Training-loop ops: `Iter`, `LearningRate`, `MomentumSGDUpdate`.
+//! Training-loop ops: `Iter` and the parameter updates (`LearningRate` is in `lr.rs`).
 
 use crate::error::{Error, Result};
 use crate::graph::Args;
@@ -25,85 +25,6 @@ impl Kernel for Iter {
             }
             _ => Err(Error::value(name, "the iteration counter must hold one int64")),
         }
-    }
-}
-
-/// How the learning rate changes with the iteration.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum LrPolicy {
-    /// Constant.
-    Fixed,
-    /// Multiplied by `gamma` every `stepsize` iterations.
-    Step {
-        /// Iterations between decays.
-        stepsize: u64,
-        /// Decay factor.
-        gamma: f32,
-    },
-}
-
-impl LrPolicy {
-    /// The multiplier at iteration `iter`.
-    pub fn multiplier(self, iter: i64) -> f32 {
-        match self {
-            LrPolicy::Fixed => 1.0,
-            LrPolicy::Step { stepsize, gamma } => gamma.powi((iter.max(0) as u64 / stepsize) as i32),
-        }
-    }
-}
-
-/// `LearningRate(ITER) → [base_lr · policy(ITER)]`.
-pub struct LearningRate {
-    base_lr: f32,
-    policy: LrPolicy,
-}
-
-impl LearningRate {
-    /// Parses `base_lr`, `policy` (`fixed` | `step`), `stepsize`, `gamma`.
-    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        let args = Args(&op.arg);
-        let base_lr = args.float("base_lr", f32::NAN)?;
-        if base_lr.is_nan() {
-            return Err(Error::arg("base_lr", "required"));
-        }
-        let policy = match args.string("policy", "fixed")?.as_str() {
-            "fixed" => LrPolicy::Fixed,
-            "step" => {
-                let stepsize = args.int("stepsize", 0)?;
-                if stepsize <= 0 {
-                    return Err(Error::arg("stepsize", "the step policy needs stepsize ≥ 1"));
-                }
-                LrPolicy::Step {
-                    stepsize: stepsize as u64,
-                    gamma: args.float("gamma", 1.0)?,
-                }
-            }
-            other => {
-                return Err(Error::arg(
-                    "policy",
-                    format!("`{other}` is not a policy; use fixed or step"),
-                ))
-            }
-        };
-        Ok(Box::new(LearningRate { base_lr, policy }))
-    }
-}
-
-impl Kernel for LearningRate {
-    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        ctx.expect_inputs(1..=1)?;
-        ctx.expect_outputs(1..=1)?;
-        let iter = match ctx.input_data::<i64>(0)? {
-            [v] => *v,
-            _ => {
-                return Err(Error::value(
-                    ctx.input_name(0),
-                    "the iteration counter must hold one int64",
-                ))
-            }
-        };
-        ctx.resize_output::<f32>(0, [1])?[0] = self.base_lr * self.policy.multiplier(iter);
-        Ok(())
     }
 }
 
@@ -186,4 +107,189 @@ fn f32_mut<'t>(t: &'t mut crate::tensor::Tensor, name: &str) -> Result<&'t mut [
         expected: crate::tensor::DataType::F32,
         got,
     })
+}
+
+/// The elements of every output, which must all hold `n` f32s (in-place updates).
+fn outputs_f32<'t>(
+    outs: &'t mut [&mut crate::tensor::Tensor],
+    names: &[String],
+) -> Result<Vec<&'t mut [f32]>> {
+    let n = outs.first().map_or(0, |t| t.numel());
+    outs.iter_mut()
+        .zip(names)
+        .map(|(t, name)| {
+            if t.numel() != n {
+                return Err(Error::shape(name, format!("{n} elements"), t.shape()));
+            }
+            f32_mut(t, name)
+        })
+        .collect()
+}
+
+/// `Adam(param, moment_1, moment_2, grad, lr, iter) → (param, moment_1, moment_2)`,
+/// in place, as Caffe2's (`lr` negative for descent): with `t = iter + 1`,
+/// `m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; p ← p + lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)`.
+/// dpm's `weight_decay` adds `wd·p` to the gradient, or with `decoupled = 1`
+/// (AdamW) moves `p ← p + lr·wd·p` instead.
+pub struct Adam {
+    beta1: f32,
+    beta2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+    decoupled: bool,
+}
+
+impl Adam {
+    /// Parses `beta1`, `beta2`, `epsilon`, `weight_decay`, `decoupled`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let a = Args(&op.arg);
+        Ok(Box::new(Adam {
+            beta1: a.float("beta1", 0.9)?,
+            beta2: a.float("beta2", 0.999)?,
+            epsilon: a.float("epsilon", 1e-5)?,
+            weight_decay: a.float("weight_decay", 0.0)?,
+            decoupled: a.int("decoupled", 0)? != 0,
+        }))
+    }
+}
+
+/// The int64 iteration of input `i`.
+fn iteration(ctx: &OpContext<'_>, i: usize) -> Result<i64> {
+    match ctx.input_data::<i64>(i)? {
+        [v] => Ok(*v),
+        _ => Err(Error::value(
+            ctx.input_name(i),
+            "the iteration counter must hold one int64",
+        )),
+    }
+}
+
+impl Kernel for Adam {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0), (1, 1), (2, 2)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(6..=6)?;
+        ctx.expect_outputs(3..=3)?;
+        let lr = ctx.input_scalar(4)?;
+        let t = (iteration(ctx, 5)? + 1) as i32;
+        let (gt, g) = ctx.input_f32(3)?;
+        let n = ctx.output(0).numel();
+        if g.len() != n {
+            return Err(Error::shape(
+                ctx.input_name(3),
+                format!("{n} elements"),
+                gt.shape(),
+            ));
+        }
+        let names = ctx.def().output.clone();
+        let [p, m, v] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
+            unreachable!("arity checked")
+        };
+        let (b1, b2) = (self.beta1, self.beta2);
+        let correction = (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
+        let wd = self.weight_decay;
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = if self.decoupled { g } else { g + wd * *p };
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            if self.decoupled {
+                *p += lr * wd * *p;
+            }
+            *p += lr * correction * *m / (v.sqrt() + self.epsilon);
+        }
+        Ok(())
+    }
+}
+
+/// `RmsProp(grad, mean_squares, mom, lr) → (grad, mean_squares, mom)`, in place,
+/// as Caffe2's: `ms ← ms + (1−decay)(g² − ms); mom ← μ·mom + lr·g/√(ε + ms);
+/// grad ← mom` (then `param ← param + grad`, `lr` negative for descent).
+pub struct RmsProp {
+    decay: f32,
+    momentum: f32,
+    epsilon: f32,
+}
+
+impl RmsProp {
+    /// Parses `decay`, `momentum`, `epsilon`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let a = Args(&op.arg);
+        Ok(Box::new(RmsProp {
+            decay: a.float("decay", 0.9)?,
+            momentum: a.float("momentum", 0.0)?,
+            epsilon: a.float("epsilon", 1e-5)?,
+        }))
+    }
+}
+
+impl Kernel for RmsProp {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0), (1, 1), (2, 2)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(4..=4)?;
+        ctx.expect_outputs(3..=3)?;
+        let lr = ctx.input_scalar(3)?;
+        let names = ctx.def().output.clone();
+        let [g, ms, mom] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
+            unreachable!("arity checked")
+        };
+        for ((g, ms), mom) in g.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()) {
+            *ms += (1.0 - self.decay) * (*g * *g - *ms);
+            *mom = self.momentum * *mom + lr * *g / (self.epsilon + *ms).sqrt();
+            *g = *mom;
+        }
+        Ok(())
+    }
+}
+
+/// `Adagrad(param, moment, grad, lr) → (param, moment)`, in place, as Caffe2's:
+/// `m ← decay·m + g²; p ← p + lr·g/(√m + ε)` (`lr` negative for descent).
+pub struct Adagrad {
+    epsilon: f32,
+    decay: f32,
+}
+
+impl Adagrad {
+    /// Parses `epsilon`, `decay`.
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let a = Args(&op.arg);
+        Ok(Box::new(Adagrad {
+            epsilon: a.float("epsilon", 1e-5)?,
+            decay: a.float("decay", 1.0)?,
+        }))
+    }
+}
+
+impl Kernel for Adagrad {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0), (1, 1)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(4..=4)?;
+        ctx.expect_outputs(2..=2)?;
+        let lr = ctx.input_scalar(3)?;
+        let (gt, g) = ctx.input_f32(2)?;
+        let n = ctx.output(0).numel();
+        if g.len() != n {
+            return Err(Error::shape(
+                ctx.input_name(2),
+                format!("{n} elements"),
+                gt.shape(),
+            ));
+        }
+        let names = ctx.def().output.clone();
+        let [p, m] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
+            unreachable!("arity checked")
+        };
+        for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+            *m = self.decay * *m + g * g;
+            *p += lr * g / (m.sqrt() + self.epsilon);
+        }
+        Ok(())
+    }
 }
