@@ -147,7 +147,8 @@ fn rmsprop_and_adagrad_follow_their_formulas() {
 #[test]
 fn every_schedule_follows_its_formula_and_round_trips_through_its_arguments() {
     use std::f64::consts::PI;
-    let cases: Vec<(LrPolicy, Box<dyn Fn(f64) -> f64>)> = vec![
+    type Formula = Box<dyn Fn(f64) -> f64>;
+    let cases: Vec<(LrPolicy, Formula)> = vec![
         (LrPolicy::Fixed, Box::new(|_| 1.0)),
         (
             LrPolicy::Step {
