@@ -118,10 +118,12 @@ fn spatial_bn_normalises_and_tracks_running_statistics() {
         let m: f32 = raw.iter().sum::<f32>() / raw.len() as f32;
         let rm = ws.fetch("rm").unwrap().data::<f32>().unwrap()[ch];
         assert!((rm - 0.5 * m).abs() < 1e-5, "running mean {rm} vs {}", 0.5 * m);
-        // The running variance tracks the batch (population) variance the same way.
+        // The running variance tracks the unbiased batch variance (n / (n − 1)),
+        // as Caffe2's SpatialBN and PyTorch do; normalisation uses the biased one.
         let v: f32 = raw.iter().map(|x| (x - m).powi(2)).sum::<f32>() / raw.len() as f32;
         let rv = ws.fetch("rv").unwrap().data::<f32>().unwrap()[ch];
-        let want = 0.5 * 1.0 + 0.5 * v;
+        let n = raw.len() as f32;
+        let want = 0.5 * 1.0 + 0.5 * v * n / (n - 1.0);
         assert!((rv - want).abs() < 1e-4 * want, "running variance {rv} vs {want}");
         // The saved statistics are the batch's: mean and 1 / sqrt(var + epsilon).
         let sm = ws.fetch("sm").unwrap().data::<f32>().unwrap()[ch];

@@ -306,4 +306,4 @@ macro_rules! kernel_arg {
         }
     )*};
 }
-kernel_arg!(u64, i32, u32, f32);
+kernel_arg!(u64, i32, u32, f32, f64);

@@ -67,12 +67,13 @@ extern "C" __global__ void column_sums(u64 cols, const float* dy, float* db, u64
 }
 
 // SpatialBN running statistics from the batch's mean and 1/sqrt(var + eps):
-// r = momentum r + (1 - momentum) batch, with the biased variance (as the CPU kernel).
+// r = momentum r + (1 - momentum) batch, the variance unbiased by `unbias` =
+// n / (n - 1) (as the CPU kernel).
 extern "C" __global__ void bn_running(u64 c, float* running_mean, float* running_var, const float* mean,
-                                      const float* inv_std, float momentum, float eps) {
+                                      const float* inv_std, float momentum, float eps, double unbias) {
     EACH(i, c) {
         double inv = inv_std[i];
-        double var = fmax(1.0 / (inv * inv) - (double)eps, 0.0);
+        double var = fmax(1.0 / (inv * inv) - (double)eps, 0.0) * unbias;
         double mom = momentum;
         running_mean[i] = (float)(mom * running_mean[i] + (1.0 - mom) * mean[i]);
         running_var[i] = (float)(mom * running_var[i] + (1.0 - mom) * var);

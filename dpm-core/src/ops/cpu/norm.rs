@@ -2,7 +2,8 @@
 //!
 //! Training (`is_test = 0`): `(X, scale, bias, running_mean, running_var) →
 //! (Y, running_mean, running_var, saved_mean, saved_inv_std)`, the running
-//! statistics updated in place as `r ← momentum·r + (1 − momentum)·batch`.
+//! statistics updated in place as `r ← momentum·r + (1 − momentum)·batch` (the
+//! variance unbiased, `n / (n − 1)`, as in Caffe2 and PyTorch).
 //! Inference (`is_test = 1`): `(X, scale, bias, mean, var) → Y`.
 
 use crate::error::{Error, Result};
@@ -152,7 +153,11 @@ impl Kernel for SpatialBn {
                 .collect();
             let names = [ctx.output_name(1).to_owned(), ctx.output_name(2).to_owned()];
             let mom = f64::from(self.p.momentum);
-            for (o, stat) in [(1, &mean), (2, &var)] {
+            // The running variance is the unbiased estimate (n / (n − 1)), as in
+            // Caffe2 and PyTorch; the batch is normalised with the biased one.
+            let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
+            let unbiased: Vec<f64> = var.iter().map(|v| v * unbias).collect();
+            for (o, stat) in [(1, &mean), (2, &unbiased)] {
                 let r = ctx.output_data::<f32>(o)?;
                 if r.len() != c {
                     return Err(Error::value(

@@ -1,5 +1,5 @@
 //! `SpatialBN` and its gradient on cuDNN (spatial mode). The running statistics
-//! are updated by dpm's own kernel, with the CPU kernel's biased batch variance.
+//! are updated by dpm's own kernel, as the CPU kernel does (unbiased variance).
 
 use super::{in_place, input, op_gpu, output};
 use crate::cuda::args;
@@ -90,10 +90,12 @@ impl Kernel for SpatialBn {
                 invp,
             )?;
         }
+        let count = (n * hw) as f64;
+        let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
         gpu.launch_elementwise(
             "bn_running",
             c,
-            args![rmp, rvp, meanp, invp, self.p.momentum, self.p.epsilon],
+            args![rmp, rvp, meanp, invp, self.p.momentum, self.p.epsilon, unbias],
         )
     }
 }
