@@ -1,6 +1,8 @@
 //! `DeviceModel`, the per-device builder API: names, per-sample shapes, the ops
 //! and arguments each helper adds, and the errors for what cannot be built.
 
+mod common;
+
 use dpm::parallel::{DeviceModel, IntoLosses};
 use dpm::prelude::*;
 
@@ -187,4 +189,47 @@ fn losses_come_in_every_form_a_forward_function_may_return() {
     });
     let bn = writer(&test, "cpu_0/bn");
     assert_eq!((int_arg(bn, "is_test"), bn.output.len()), (Some(1), 1));
+}
+
+/// The layers beyond ResNet, through `DeviceModel`: an MLP with tanh, dropout,
+/// a broadcast scale and sigmoid trains on two devices.
+#[data_parallel]
+fn wide_mlp(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [8]);
+    let label = m.input("label");
+    let h = m.fc("fc1", data, 16)?;
+    let h = m.tanh("fc1_tanh", h);
+    let h = m.dropout("drop", h, 0.1)?;
+    let h = m.fc("fc2", h, 8)?;
+    let h = m.sigmoid("fc2_sigmoid", h);
+    let h = m.arith("Mul", "gated", h, data)?;
+    let logits = m.fc("fc3", h, 4)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+#[test]
+fn tanh_dropout_sigmoid_and_mul_layers_train_data_parallel() {
+    let mut t = Parallelize::new(ModelHelper::new("wide"))
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(common::cycling_source(16, 0))
+        .forward(wide_mlp)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.step().unwrap();
+    let first = t.loss().unwrap();
+    t.run(60).unwrap();
+    let last = t.loss().unwrap();
+    assert!(last < 0.7 * first, "loss {first} → {last}");
+    // Each replica draws its own dropout mask; the parameters stay identical.
+    for g in t.param_groups() {
+        let a = t.fetch(&g.name, Device::cpu(0)).unwrap();
+        assert!(
+            a.bitwise_eq(&t.fetch(&g.name, Device::cpu(1)).unwrap()),
+            "`{}`",
+            g.name
+        );
+    }
 }

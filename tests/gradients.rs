@@ -414,8 +414,98 @@ fn case(op: &str) -> Option<Case> {
             vec!["loss"],
             vec!["x"],
         ),
+        "Sigmoid" | "Tanh" => (
+            op_net(op, &["x"], &["y"], &[]),
+            vec![("x", r(&[3, 4], 119))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Softmax" => (
+            op_net("Softmax", &["x"], &["y"], &[]),
+            vec![("x", r(&[3, 5], 120))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Mul" | "Sub" | "Div" => {
+            // Caffe2 broadcasting: B over A's middle dimension.
+            let b = if op == "Div" {
+                random(&[3], 122, 0.5, 2.0, 0.0)
+            } else {
+                r(&[3], 122)
+            };
+            (
+                op_net(op, &["a", "b"], &["y"], &[("broadcast", 1), ("axis", 1)]),
+                vec![("a", r(&[2, 3, 2], 121)), ("b", b)],
+                vec!["y"],
+                vec!["a", "b"],
+            )
+        }
+        "Dropout" => {
+            // Ratio 0 keeps the mask fixed across the finite differences.
+            let mut n = Net::new("dropout");
+            n.op("Dropout")
+                .input("x")
+                .outputs(["y", "mask"])
+                .arg("ratio", 0.0f32)
+                .build();
+            (n, vec![("x", r(&[3, 4], 123))], vec!["y"], vec!["x"])
+        }
+        "MatMul" => (
+            op_net("MatMul", &["a", "b"], &["y"], &[("trans_a", 1), ("trans_b", 1)]),
+            vec![("a", r(&[4, 3], 124)), ("b", r(&[2, 4], 125))],
+            vec!["y"],
+            vec!["a", "b"],
+        ),
+        "Transpose" => {
+            let mut n = Net::new("transpose");
+            n.op("Transpose")
+                .input("x")
+                .output("y")
+                .arg("axes", vec![1i64, 2, 0])
+                .build();
+            (n, vec![("x", r(&[2, 3, 4], 126))], vec!["y"], vec!["x"])
+        }
         _ => return None,
     })
+}
+
+#[test]
+fn matmul_gradients_in_every_layout_and_dropout_masks() {
+    for (ta, tb) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        let (a, b) = (
+            if ta == 1 { [4, 3] } else { [3, 4] },
+            if tb == 1 { [2, 4] } else { [4, 2] },
+        );
+        let n = op_net("MatMul", &["a", "b"], &["y"], &[("trans_a", ta), ("trans_b", tb)]);
+        let feeds = [
+            ("a", random(&a, 130, -1.0, 1.0, 0.0)),
+            ("b", random(&b, 131, -1.0, 1.0, 0.0)),
+        ];
+        gradcheck(&n, &feeds, &["y"], &["a", "b"]);
+    }
+    // Dropout keeps about 1 − ratio of the elements, scaled by 1/(1 − ratio),
+    // draws a new mask each run, and its gradient is the mask.
+    let mut n = Net::new("dropout");
+    n.op("Dropout")
+        .input("x")
+        .outputs(["y", "mask"])
+        .arg("ratio", 0.25f32)
+        .arg("seed", 5i64)
+        .build();
+    let ws = Workspace::new();
+    ws.feed("x", Tensor::from_vec([4000], vec![1.0f32; 4000]).unwrap());
+    ws.create_net(n.proto()).unwrap();
+    ws.run_net("dropout").unwrap();
+    let first = ws.fetch("y").unwrap();
+    let kept = first.data::<f32>().unwrap().iter().filter(|&&v| v != 0.0).count();
+    assert!((2800..3200).contains(&kept), "kept {kept} of 4000");
+    assert!(first
+        .data::<f32>()
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    ws.run_net("dropout").unwrap();
+    assert!(!ws.fetch("y").unwrap().bitwise_eq(&first), "the same mask twice");
 }
 
 #[test]

@@ -48,10 +48,20 @@ pub(crate) fn register(r: &mut Registry) {
         ("Copy", pass_through),
         ("Scale", scale),
         ("SoftmaxWithLoss", softmax_with_loss),
+        ("Sigmoid", from_output),
+        ("Tanh", from_output),
+        ("Softmax", from_output),
+        ("Mul", binary),
+        ("Sub", binary),
+        ("Div", binary),
+        ("Dropout", dropout),
+        ("MatMul", matmul),
+        ("Transpose", transpose),
     ] {
         r.add(OpSchema::new(op).gradient(rule));
     }
     r.add(OpSchema::new("SpatialBN").non_differentiable_outputs(&[1, 2, 3, 4]));
+    r.add(OpSchema::new("Dropout").non_differentiable_outputs(&[1]));
     for op in [
         "ConstantFill",
         "GaussianFill",
@@ -334,6 +344,120 @@ fn reshape(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         vec![],
     );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Sigmoid`, `Tanh`, `Softmax`: `XGradient(Y, dY) → dX`, from the output.
+fn from_output(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        &format!("{}Gradient", c.op.op_type()),
+        vec![c.output(0), c.g_out(0)?],
+        vec![c.gi[0].clone()],
+        c.args(&["axis"]),
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Mul`, `Sub`, `Div(A, B) → C` → `XGradient(dC, A, B) → (dA, dB)`.
+fn binary(c: &GradCtx<'_>) -> Result<GradOps> {
+    let outs = (0..2)
+        .map(|i| {
+            if c.need[i] {
+                c.gi[i].clone()
+            } else {
+                format!("{}_unused", c.gi[i])
+            }
+        })
+        .collect();
+    let op = c.op(
+        &format!("{}Gradient", c.op.op_type()),
+        vec![c.g_out(0)?, c.input(0), c.input(1)],
+        outs,
+        c.args(&["broadcast", "axis"]),
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Dropout(X) → (Y, mask)` → `DropoutGradient(dY, mask) → dX`.
+fn dropout(c: &GradCtx<'_>) -> Result<GradOps> {
+    if c.op.output.len() < 2 {
+        return Err(Error::Autodiff(
+            "Dropout needs its mask output to be differentiated: give it two outputs".into(),
+        ));
+    }
+    let op = c.op(
+        "DropoutGradient",
+        vec![c.g_out(0)?, c.output(1)],
+        vec![c.gi[0].clone()],
+        vec![],
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `MatMul(A, B) → C`: `dA = dC·op(B)ᵀ` and `dB = op(A)ᵀ·dC`, as MatMuls (with the
+/// transposes each needs so dA and dB come out in A's and B's layouts).
+fn matmul(c: &GradCtx<'_>) -> Result<GradOps> {
+    let a = crate::graph::Args(&c.op.arg);
+    let (ta, tb) = (a.int("trans_a", 0)? != 0, a.int("trans_b", 0)? != 0);
+    let dc = c.g_out(0)?;
+    let mm = |x: String, y: String, out: String, t1: bool, t2: bool| {
+        let mut op = c.op("MatMul", vec![x, y], vec![out], vec![]);
+        op.arg
+            .push(crate::graph::ArgValue::Int(i64::from(t1)).to_proto("trans_a"));
+        op.arg
+            .push(crate::graph::ArgValue::Int(i64::from(t2)).to_proto("trans_b"));
+        op
+    };
+    let mut ops = Vec::new();
+    if c.need[0] {
+        // A = op⁻¹: C = A·B ⇒ dA = dC·Bᵀ; with trans_a, dA = (dC·op(B)ᵀ)ᵀ = op(B)·dCᵀ.
+        ops.push(if ta {
+            mm(c.input(1), dc.clone(), c.gi[0].clone(), tb, true)
+        } else {
+            mm(dc.clone(), c.input(1), c.gi[0].clone(), false, !tb)
+        });
+    }
+    if c.need[1] {
+        // dB = op(A)ᵀ·dC; with trans_b, dB = dCᵀ·op(A).
+        ops.push(if tb {
+            mm(dc.clone(), c.input(0), c.gi[1].clone(), true, ta)
+        } else {
+            mm(c.input(0), dc.clone(), c.gi[1].clone(), !ta, false)
+        });
+    }
+    Ok(GradOps {
+        ops,
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Transpose(X; axes) → Y` → `Transpose(dY; axes⁻¹) → dX`.
+fn transpose(c: &GradCtx<'_>) -> Result<GradOps> {
+    let mut op = c.op("Transpose", vec![c.g_out(0)?], vec![c.gi[0].clone()], vec![]);
+    if let Some(axes) = crate::graph::Args(&c.op.arg).ints("axes") {
+        let mut inverse = vec![0i64; axes.len()];
+        for (i, &a) in axes.iter().enumerate() {
+            let a = usize::try_from(a)
+                .ok()
+                .filter(|&a| a < axes.len())
+                .ok_or_else(|| Error::Autodiff(format!("Transpose axes {axes:?} are not a permutation")))?;
+            inverse[a] = i as i64;
+        }
+        op.arg
+            .push(crate::graph::ArgValue::Ints(inverse).to_proto("axes"));
+    }
     Ok(GradOps {
         ops: vec![op],
         g_in: c.g_in_needed(),

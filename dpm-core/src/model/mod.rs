@@ -102,6 +102,11 @@ impl ModelHelper {
         self
     }
 
+    /// The seed of random initialisers (and dropout masks).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.name

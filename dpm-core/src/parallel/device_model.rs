@@ -235,6 +235,86 @@ impl<'d> DeviceModel<'d> {
         Ok(self.push_blob(y, sa.or(sb)))
     }
 
+    /// A one-input op `op_type` of `x` into `name`, shaped like `x`.
+    fn unary(
+        &mut self,
+        op_type: &str,
+        name: &str,
+        x: Blob<'d>,
+        args: &[(&str, crate::graph::ArgValue)],
+    ) -> Blob<'d> {
+        let input = self.name(x).clone();
+        let out = self.model.blob(name);
+        let mut op = self.model.net_mut().op(op_type).input(&input).output(&out);
+        for (k, v) in args {
+            op = op.arg(k, v.clone());
+        }
+        op.build();
+        let shape = self.blobs[x.id].1.clone();
+        self.push_blob(out, shape)
+    }
+
+    /// `1/(1 + e^−x)` into `name`.
+    pub fn sigmoid(&mut self, name: &str, x: Blob<'d>) -> Blob<'d> {
+        self.unary("Sigmoid", name, x, &[])
+    }
+
+    /// `tanh x` into `name`.
+    pub fn tanh(&mut self, name: &str, x: Blob<'d>) -> Blob<'d> {
+        self.unary("Tanh", name, x, &[])
+    }
+
+    /// Softmax over each sample's values into `name` (no loss).
+    pub fn softmax(&mut self, name: &str, x: Blob<'d>) -> Blob<'d> {
+        self.unary("Softmax", name, x, &[])
+    }
+
+    /// Dropout of `x` with drop probability `ratio` into `name` (its mask into
+    /// `<name>_mask`); the identity in a test model. Each replica draws its own
+    /// mask from the model's seed.
+    pub fn dropout(&mut self, name: &str, x: Blob<'d>, ratio: f32) -> Result<Blob<'d>> {
+        if !(0.0..1.0).contains(&ratio) {
+            return Err(Error::Config(format!(
+                "dropout `{name}`: ratio {ratio} is not in [0, 1)"
+            )));
+        }
+        let input = self.name(x).clone();
+        let (out, mask) = (self.model.blob(name), self.model.blob(&format!("{name}_mask")));
+        let seed = self.model.seed() as i64;
+        let is_test = i64::from(self.model.is_test());
+        self.model
+            .net_mut()
+            .op("Dropout")
+            .input(&input)
+            .outputs([&out, &mask])
+            .arg("ratio", ratio)
+            .arg("is_test", is_test)
+            .arg("seed", seed)
+            .build();
+        let shape = self.blobs[x.id].1.clone();
+        Ok(self.push_blob(out, shape))
+    }
+
+    /// `a ⊙ b` (`Mul`), `a − b` (`Sub`) or `a / b` (`Div`), per `op_type`, into
+    /// `name`; `b` may be broadcast over `a` as Caffe2 does (its shape a run of
+    /// `a`'s trailing per-sample dimensions).
+    pub fn arith(&mut self, op_type: &str, name: &str, a: Blob<'d>, b: Blob<'d>) -> Result<Blob<'d>> {
+        if !matches!(op_type, "Mul" | "Sub" | "Div") {
+            return Err(Error::Config(format!(
+                "arith `{name}`: `{op_type}` is not Mul, Sub or Div"
+            )));
+        }
+        let (sa, sb) = (self.sample_shape(a).cloned(), self.sample_shape(b).cloned());
+        let (na, nb) = (self.name(a).clone(), self.name(b).clone());
+        let out = self.model.blob(name);
+        let mut op = self.model.net_mut().op(op_type).inputs([&na, &nb]).output(&out);
+        if sa != sb {
+            op = op.arg("broadcast", 1i64);
+        }
+        op.build();
+        Ok(self.push_blob(out, sa))
+    }
+
     /// Whether this replica is built for inference (a test model).
     pub fn is_test(&self) -> bool {
         self.model.is_test()

@@ -1,13 +1,17 @@
 //! CPU kernels, one file (or, for convolution, one folder) per family, and their
 //! registration.
 
+mod activation;
+mod arith;
 pub mod conv;
+mod dropout;
 pub(crate) mod elementwise;
 mod fill;
 pub mod gemm;
 pub(crate) mod linear;
 mod loss;
 mod lr;
+mod matmul;
 pub(crate) mod norm;
 pub(crate) mod optim;
 pub(crate) mod pool;
@@ -58,6 +62,30 @@ pub fn register(r: &mut Registry) {
     r.register("MaxPoolGradient", Cpu, pool::PoolingGradient::max);
     r.register("AveragePool", Cpu, pool::Pooling::average);
     r.register("AveragePoolGradient", Cpu, pool::PoolingGradient::average);
+    r.register("Sigmoid", Cpu, |_| {
+        Ok(Box::new(activation::Pointwise(activation::Act::Sigmoid)))
+    });
+    r.register("SigmoidGradient", Cpu, |_| {
+        Ok(Box::new(activation::PointwiseGradient(activation::Act::Sigmoid)))
+    });
+    r.register("Tanh", Cpu, |_| {
+        Ok(Box::new(activation::Pointwise(activation::Act::Tanh)))
+    });
+    r.register("TanhGradient", Cpu, |_| {
+        Ok(Box::new(activation::PointwiseGradient(activation::Act::Tanh)))
+    });
+    r.register("Softmax", Cpu, activation::Softmax::create);
+    r.register("SoftmaxGradient", Cpu, activation::SoftmaxGradient::create);
+    for op in ["Mul", "Sub", "Div"] {
+        r.register(op, Cpu, arith::Binary::create);
+    }
+    for op in ["MulGradient", "SubGradient", "DivGradient"] {
+        r.register(op, Cpu, arith::BinaryGradient::create);
+    }
+    r.register("Dropout", Cpu, dropout::Dropout::create);
+    r.register("DropoutGradient", Cpu, |_| Ok(Box::new(dropout::DropoutGradient)));
+    r.register("MatMul", Cpu, matmul::MatMul::create);
+    r.register("Transpose", Cpu, matmul::Transpose::create);
     r.register("Flatten", Cpu, shape::Reshape::flatten);
     r.register("Reshape", Cpu, shape::Reshape::reshape);
     r.register("ReshapeLike", Cpu, shape::Reshape::like);
