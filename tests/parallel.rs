@@ -809,3 +809,43 @@ fn a_trainer_that_was_not_initialised_says_so() {
     let e = t.mean_scalar("label").unwrap_err().to_string();
     assert!(e.contains("cpu_0/label") && e.contains("f32"), "{e}");
 }
+
+#[test]
+fn gradient_accumulation_of_k_batches_equals_one_batch_k_times_larger() {
+    // 2 devices × (2 micro-batches of 8) ≡ 2 devices × one batch of 16 (no batch
+    // norm): equal up to the order of the sums.
+    let build = |batch: usize, k: usize| {
+        let mut t = Parallelize::new(ModelHelper::new("mlp"))
+            .devices(cpus(2))
+            .input(cycling_source(batch, 0))
+            .forward(mlp_forward)
+            .update(Sgd::new(0.1).momentum(0.9).weight_decay(1e-4))
+            .gradient_accumulation(k)
+            .build()
+            .unwrap();
+        t.run_init().unwrap();
+        t
+    };
+    let (mut acc, mut big) = (build(8, 2), build(16, 1));
+    for _ in 0..4 {
+        acc.step().unwrap();
+        big.step().unwrap();
+    }
+    for ((name, a), (_, b)) in params(&acc, Device::cpu(0))
+        .iter()
+        .zip(params(&big, Device::cpu(0)).iter())
+    {
+        let d = max_rel_diff(a, b);
+        assert!(d < 1e-5, "`{name}`: {d:e}");
+    }
+    // One update per step: ITER counts steps, not micro-batches.
+    let it = acc.fetch("ITER", Device::cpu(0)).unwrap();
+    assert_eq!(it.data::<i64>().unwrap(), &[4]);
+    assert!(Parallelize::new(ModelHelper::new("m"))
+        .devices(cpus(1))
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1))
+        .gradient_accumulation(0)
+        .build()
+        .is_err());
+}

@@ -140,6 +140,7 @@ pub struct Parallelize {
     optimize_gradient_memory: bool,
     kernel_threads: Option<usize>,
     bucket_bytes: usize,
+    accumulate: usize,
 }
 
 /// Gradients sent across hosts together, at most (see [`Parallelize::bucket_bytes`]).
@@ -162,7 +163,19 @@ impl Parallelize {
             optimize_gradient_memory: false,
             kernel_threads: None,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
+            accumulate: 1,
         }
+    }
+
+    /// Gradient accumulation (PyTorch's `no_sync`, Horovod's
+    /// `backward_passes_per_step`): each step runs forward and backward on `k`
+    /// batches from the input source, sums their gradients, and all-reduces and
+    /// updates once: k batches of B train like one of k·B (without batch norm,
+    /// whose statistics are per micro-batch). Losses are scaled by 1/(devices ×
+    /// hosts × k).
+    pub fn gradient_accumulation(mut self, k: usize) -> Self {
+        self.accumulate = k;
+        self
     }
 
     /// The devices to replicate over; the first is the master.
@@ -338,7 +351,11 @@ impl Parallelize {
             optimize_gradient_memory,
             kernel_threads,
             bucket_bytes,
+            accumulate,
         } = self;
+        if accumulate == 0 {
+            return Err(Error::Config("gradient_accumulation(k) needs k ≥ 1".into()));
+        }
         let forward =
             forward.ok_or_else(|| Error::Config("no forward builder: call .forward(...)".into()))?;
         let num_shards = rendezvous.as_ref().map_or(1, |r| r.num_shards);
@@ -366,9 +383,12 @@ impl Parallelize {
 
         let mut grad_groups = Vec::new();
         let mut state_groups = Vec::new();
+        // Where the train net's forward and backward passes end (and the
+        // collectives and updates begin): the split of gradient accumulation.
+        let mut backward_end = 0;
         if let Some(update) = &update {
             // 2. Loss scaling.
-            let scale = 1.0 / (devices.len() * num_shards) as f32;
+            let scale = 1.0 / (devices.len() * num_shards * accumulate) as f32;
             let mut scaled = Vec::new();
             for (&d, ls) in devices.iter().zip(&losses) {
                 for l in ls {
@@ -386,6 +406,7 @@ impl Parallelize {
             }
             // 3. Autodiff.
             model.add_gradient_ops(&scaled)?;
+            backward_end = model.net().proto().op.len();
             // 4. Gradients grouped, in the order they complete (last layer first).
             let dp_params: HashSet<&BlobRef> = param_groups.iter().flat_map(|g| &g.blobs).collect();
             let ready_order: Vec<BlobRef> = model
@@ -469,6 +490,8 @@ impl Parallelize {
             gradient_blobs,
             kernel_threads,
             training: update.is_some(),
+            accumulate,
+            backward_end,
         }))
     }
 }

@@ -40,6 +40,10 @@ pub(super) struct Parts {
     pub gradient_blobs: Vec<String>,
     pub kernel_threads: usize,
     pub training: bool,
+    /// Batches per step (gradient accumulation).
+    pub accumulate: usize,
+    /// Ops of the train net up to the end of the backward pass.
+    pub backward_end: usize,
 }
 
 /// A data-parallel model ready to run: owns the model, its workspace and the
@@ -55,8 +59,11 @@ pub struct Trainer {
     snapshot: HashMap<String, Tensor>,
     atomic: bool,
     finite: FiniteCheck,
-    /// The batch of a failed step, fed again by the next.
-    pending: Option<Vec<(String, Tensor)>>,
+    /// The batches of a failed step, fed again by the next.
+    pending: Option<Vec<Vec<(String, Tensor)>>>,
+    /// With gradient accumulation: the nets of one micro-batch, of summing its
+    /// gradients, and of the all-reduce and update (see `accumulation_nets`).
+    accumulation: Vec<NetDef>,
 }
 
 /// What [`Trainer::step`] checks is finite after each step; a non-finite value
@@ -103,7 +110,48 @@ impl Trainer {
             atomic: true,
             finite: FiniteCheck::Off,
             pending: None,
+            accumulation: Vec::new(),
         }
+    }
+
+    /// Gradient accumulation's nets, from the train net: `micro` (forward and
+    /// backward), `start` (`g_accum ← g`), `add` (`g_accum += g`), `finish`
+    /// (`g ← g_accum`) and `apply` (collectives and updates).
+    fn accumulation_nets(&self) -> Vec<NetDef> {
+        let train = self.p.model.net().proto();
+        let part = |suffix: &str, ops: &[crate::proto::OperatorDef]| {
+            let mut n = train.clone();
+            n.name = Some(format!("{}_{suffix}", train.net_name()));
+            n.op = ops.to_vec();
+            n
+        };
+        let grads: Vec<BlobRef> = self.p.grad_groups.iter().flat_map(|g| g.blobs.clone()).collect();
+        let device = |g: &BlobRef| self.blob_device(g.name()).unwrap_or(self.p.devices[0]);
+        let copy_net = |suffix: &str, from_accum: bool| {
+            let mut n = Net::new(&format!("{}_{suffix}", train.net_name()));
+            for g in &grads {
+                let acc = g.with_suffix("_accum");
+                let (src, dst) = if from_accum { (&acc, g) } else { (g, &acc) };
+                n.op("Copy").input(src).output(dst).device(device(g)).build();
+            }
+            n.into_proto()
+        };
+        let mut add = Net::new(&format!("{}_accum_add", train.net_name()));
+        for g in &grads {
+            let acc = g.with_suffix("_accum");
+            add.op("Sum")
+                .inputs([&acc, g])
+                .output(&acc)
+                .device(device(g))
+                .build();
+        }
+        vec![
+            part("micro", &train.op[..self.p.backward_end]),
+            copy_net("accum_start", false),
+            add.into_proto(),
+            copy_net("accum_finish", true),
+            part("apply", &train.op[self.p.backward_end..]),
+        ]
     }
 
     /// Whether a failed step is undone (default on): before each step the
@@ -201,6 +249,12 @@ impl Trainer {
         self.ws.run_net_once(self.p.model.init_net().proto())?;
         self.ws.create_net(self.p.model.net().proto())?;
         self.ws.create_net(&self.sync_net)?;
+        if self.p.accumulate > 1 {
+            self.accumulation = self.accumulation_nets();
+            for n in &self.accumulation {
+                self.ws.create_net(n)?;
+            }
+        }
         self.initialized = true;
         Ok(())
     }
@@ -216,32 +270,47 @@ impl Trainer {
     /// Feeds the next batch (if there is an input source) and runs one step.
     pub fn step(&mut self) -> Result<()> {
         self.ensure_init()?;
-        let batch = match (self.pending.take(), self.p.source.as_mut()) {
-            (Some(b), _) => Some(b),
-            (None, Some(src)) => Some(src.next_batch()?),
-            (None, None) => None,
+        let k = self.p.accumulate;
+        let batches = match (self.pending.take(), self.p.source.as_mut()) {
+            (Some(b), _) => b,
+            (None, Some(src)) => (0..k).map(|_| src.next_batch()).collect::<Result<Vec<_>>>()?,
+            (None, None) => Vec::new(),
         };
-        if let Some(batch) = &batch {
-            if let Err(e) = self.feed_batch(batch) {
-                self.pending = Some(batch.clone());
-                return Err(e);
-            }
-        }
         if self.atomic {
             self.take_snapshot()?;
         }
-        let ran = self
-            .ws
-            .run_net(self.p.model.net().proto().net_name())
-            .and_then(|()| self.check_finite());
+        let ran = self.run_batches(&batches).and_then(|()| self.check_finite());
         if let Err(e) = ran {
             if self.atomic {
                 self.restore_snapshot()?;
-                self.pending = batch;
+                self.pending = Some(batches).filter(|b| !b.is_empty());
             }
             return Err(e);
         }
         Ok(())
+    }
+
+    /// One step over `batches` (one per micro-batch; none without a source).
+    fn run_batches(&self, batches: &[Vec<(String, Tensor)>]) -> Result<()> {
+        if self.accumulation.is_empty() {
+            if let Some(b) = batches.first() {
+                self.feed_batch(b)?;
+            }
+            return self.ws.run_net(self.p.model.net().proto().net_name());
+        }
+        let [micro, start, add, finish, apply] = &self.accumulation[..] else {
+            unreachable!("five accumulation nets")
+        };
+        for i in 0..self.p.accumulate {
+            if let Some(b) = batches.get(i) {
+                self.feed_batch(b)?;
+            }
+            self.ws.run_net(micro.net_name())?;
+            self.ws
+                .run_net(if i == 0 { start.net_name() } else { add.net_name() })?;
+        }
+        self.ws.run_net(finish.net_name())?;
+        self.ws.run_net(apply.net_name())
     }
 
     /// Feeds this rank's slices of a global batch: every rank draws the same
