@@ -39,7 +39,7 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::exec::Workspace;
     pub use crate::graph::{BlobRef, Device, DeviceType, Net};
-    pub use crate::model::{ConvSpec, Init, ModelHelper, Sgd};
+    pub use crate::model::{Adagrad, Adam, ConvSpec, Init, LrPolicy, ModelHelper, RmsProp, Sgd};
     pub use crate::parallel::{Blob, DeviceModel, Losses, Parallelize, Rendezvous, Trainer};
     pub use crate::proto::{NetDef, OperatorDef, TensorProto, TensorProtos, Wire};
     pub use crate::tensor::{DataType, Shape, Tensor};
