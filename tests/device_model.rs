@@ -233,3 +233,38 @@ fn tanh_dropout_sigmoid_and_mul_layers_train_data_parallel() {
         );
     }
 }
+
+#[data_parallel]
+fn relu_twice(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [8]);
+    let label = m.input("label");
+    let h = m.fc("fc1", data, 8)?;
+    let a = m.relu(h)?;
+    let b = m.relu(h)?;
+    let named = m.relu_named("mine", h)?;
+    assert_eq!(
+        [
+            m.name(a).short_name(),
+            m.name(b).short_name(),
+            m.name(named).short_name()
+        ],
+        ["fc1_relu", "fc1_relu_1", "mine"]
+    );
+    let s = m.add("both", a, b)?;
+    let logits = m.fc("fc2", s, 4)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+#[test]
+fn invented_names_never_collide() {
+    let mut t = Parallelize::new(ModelHelper::new("twice"))
+        .devices([Device::cpu(0)])
+        .input(common::cycling_source(8, 0))
+        .forward(relu_twice)
+        .update(Sgd::new(0.1))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.run(2).unwrap();
+}

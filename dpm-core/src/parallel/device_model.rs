@@ -207,7 +207,7 @@ impl<'d> DeviceModel<'d> {
             )));
         };
         let input = self.name(x).clone();
-        let out = format!("{}_maxpool", input.short_name());
+        let out = self.fresh_name(&format!("{}_maxpool", input.short_name()));
         let y = self.model.max_pool(&input, &out, kernel, stride, pad);
         let side = |n: usize| (n + 2 * pad).saturating_sub(kernel) / stride.max(1) + 1;
         Ok(self.push_blob(y, Some(Shape::from([c, side(h), side(w)]))))
@@ -217,7 +217,7 @@ impl<'d> DeviceModel<'d> {
     pub fn global_average_pool(&mut self, x: Blob<'d>) -> Result<Blob<'d>> {
         let shape = self.known_shape(x, "global_average_pool")?;
         let input = self.name(x).clone();
-        let out = format!("{}_gap", input.short_name());
+        let out = self.fresh_name(&format!("{}_gap", input.short_name()));
         let y = self.model.global_average_pool(&input, &out);
         Ok(self.push_blob(y, Some(Shape::from([shape.dims()[0], 1, 1]))))
     }
@@ -315,17 +315,41 @@ impl<'d> DeviceModel<'d> {
         Ok(self.push_blob(out, sa))
     }
 
+    /// `base`, or `base_1`, `base_2`, … if this replica already has a blob of that
+    /// name: the names the helpers invent never collide.
+    fn fresh_name(&self, base: &str) -> String {
+        let taken = |n: &str| {
+            let full = self.model.blob(n);
+            self.blobs.iter().any(|(b, _)| *b == full)
+        };
+        if !taken(base) {
+            return base.to_owned();
+        }
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !taken(n))
+            .expect("an unused name")
+    }
+
     /// Whether this replica is built for inference (a test model).
     pub fn is_test(&self) -> bool {
         self.model.is_test()
     }
 
     /// `max(x, 0)`, into `<x>_relu`.
+    ///
+    /// Called twice on one blob, the second output is `<x>_relu_1`, and so on:
+    /// invented names never collide (see [`DeviceModel::relu_named`]).
     pub fn relu(&mut self, x: Blob<'d>) -> Result<Blob<'d>> {
         let input = self.name(x).clone();
-        let out = format!("{}_relu", input.short_name());
-        let out = out.rsplit('/').next().unwrap_or(&out).to_owned();
-        let y = self.model.relu(&input, &out);
+        let out = self.fresh_name(&format!("{}_relu", input.short_name()));
+        self.relu_named(&out, x)
+    }
+
+    /// `max(x, 0)`, into `name`.
+    pub fn relu_named(&mut self, name: &str, x: Blob<'d>) -> Result<Blob<'d>> {
+        let input = self.name(x).clone();
+        let y = self.model.relu(&input, name);
         let shape = self.blobs[x.id].1.clone();
         Ok(self.push_blob(y, shape))
     }
