@@ -465,6 +465,32 @@ fn case(op: &str) -> Option<Case> {
                 .build();
             (n, vec![("x", r(&[2, 3, 4], 126))], vec!["y"], vec!["x"])
         }
+        "SquaredL2Distance" | "L1Distance" => {
+            // x − y kept away from 0, where |·| has its kink.
+            let x = r(&[3, 4], 127);
+            let y: Vec<f32> = x
+                .data::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + if i % 2 == 0 { 0.3 } else { -0.4 })
+                .collect();
+            (
+                op_net(op, &["x", "y"], &["d"], &[]),
+                vec![("x", x), ("y", Tensor::from_vec([3, 4], y).unwrap())],
+                vec!["d"],
+                vec!["x", "y"],
+            )
+        }
+        "LabelCrossEntropy" => (
+            op_net("LabelCrossEntropy", &["p", "label"], &["xent"], &[]),
+            vec![
+                ("p", random(&[3, 4], 128, 0.2, 1.0, 0.0)),
+                ("label", Tensor::from_vec([3], vec![1i32, 3, 0]).unwrap()),
+            ],
+            vec!["xent"],
+            vec!["p"],
+        ),
         _ => return None,
     })
 }

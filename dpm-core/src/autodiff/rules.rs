@@ -57,6 +57,9 @@ pub(crate) fn register(r: &mut Registry) {
         ("Dropout", dropout),
         ("MatMul", matmul),
         ("Transpose", transpose),
+        ("SquaredL2Distance", binary_loss),
+        ("L1Distance", binary_loss),
+        ("LabelCrossEntropy", label_cross_entropy),
     ] {
         r.add(OpSchema::new(op).gradient(rule));
     }
@@ -458,6 +461,43 @@ fn transpose(c: &GradCtx<'_>) -> Result<GradOps> {
         op.arg
             .push(crate::graph::ArgValue::Ints(inverse).to_proto("axes"));
     }
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `SquaredL2Distance` / `L1Distance(X, Y) → D` → `XGradient(X, Y, dD) → (dX, dY)`.
+fn binary_loss(c: &GradCtx<'_>) -> Result<GradOps> {
+    let outs = (0..2)
+        .map(|i| {
+            if c.need[i] {
+                c.gi[i].clone()
+            } else {
+                format!("{}_unused", c.gi[i])
+            }
+        })
+        .collect();
+    let op = c.op(
+        &format!("{}Gradient", c.op.op_type()),
+        vec![c.input(0), c.input(1), c.g_out(0)?],
+        outs,
+        vec![],
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `LabelCrossEntropy(X, label) → Y` → `LabelCrossEntropyGradient(X, label, dY) → dX`.
+fn label_cross_entropy(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        "LabelCrossEntropyGradient",
+        vec![c.input(0), c.input(1), c.g_out(0)?],
+        vec![c.gi[0].clone()],
+        vec![],
+    );
     Ok(GradOps {
         ops: vec![op],
         g_in: c.g_in_needed(),

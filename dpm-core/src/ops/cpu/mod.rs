@@ -4,6 +4,7 @@
 mod activation;
 mod arith;
 pub mod conv;
+mod distance;
 mod dropout;
 pub(crate) mod elementwise;
 mod fill;
@@ -82,6 +83,24 @@ pub fn register(r: &mut Registry) {
     for op in ["MulGradient", "SubGradient", "DivGradient"] {
         r.register(op, Cpu, arith::BinaryGradient::create);
     }
+    r.register("SquaredL2Distance", Cpu, |_| {
+        Ok(Box::new(distance::Distance(distance::Norm::L2)))
+    });
+    r.register("SquaredL2DistanceGradient", Cpu, |_| {
+        Ok(Box::new(distance::DistanceGradient(distance::Norm::L2)))
+    });
+    r.register("L1Distance", Cpu, |_| {
+        Ok(Box::new(distance::Distance(distance::Norm::L1)))
+    });
+    r.register("L1DistanceGradient", Cpu, |_| {
+        Ok(Box::new(distance::DistanceGradient(distance::Norm::L1)))
+    });
+    r.register("LabelCrossEntropy", Cpu, |_| {
+        Ok(Box::new(distance::LabelCrossEntropy))
+    });
+    r.register("LabelCrossEntropyGradient", Cpu, |_| {
+        Ok(Box::new(distance::LabelCrossEntropyGradient))
+    });
     r.register("Dropout", Cpu, dropout::Dropout::create);
     r.register("DropoutGradient", Cpu, |_| Ok(Box::new(dropout::DropoutGradient)));
     r.register("MatMul", Cpu, matmul::MatMul::create);
