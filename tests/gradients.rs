@@ -491,6 +491,22 @@ fn case(op: &str) -> Option<Case> {
             vec!["xent"],
             vec!["p"],
         ),
+        "Concat" => (
+            op_net("Concat", &["a", "b"], &["y", "info"], &[("axis", 1)]),
+            vec![("a", r(&[2, 3, 2], 129)), ("b", r(&[2, 1, 2], 132))],
+            vec!["y"],
+            vec!["a", "b"],
+        ),
+        "Split" => {
+            let mut n = Net::new("split");
+            n.op("Split")
+                .input("x")
+                .outputs(["y0", "y1"])
+                .arg("axis", 1i64)
+                .arg("split", vec![1i64, 3])
+                .build();
+            (n, vec![("x", r(&[2, 4, 2], 133))], vec!["y0", "y1"], vec!["x"])
+        }
         _ => return None,
     })
 }

@@ -60,11 +60,14 @@ pub(crate) fn register(r: &mut Registry) {
         ("SquaredL2Distance", binary_loss),
         ("L1Distance", binary_loss),
         ("LabelCrossEntropy", label_cross_entropy),
+        ("Concat", concat),
+        ("Split", split),
     ] {
         r.add(OpSchema::new(op).gradient(rule));
     }
     r.add(OpSchema::new("SpatialBN").non_differentiable_outputs(&[1, 2, 3, 4]));
     r.add(OpSchema::new("Dropout").non_differentiable_outputs(&[1]));
+    r.add(OpSchema::new("Concat").non_differentiable_outputs(&[1]));
     for op in [
         "ConstantFill",
         "GaussianFill",
@@ -502,4 +505,40 @@ fn label_cross_entropy(c: &GradCtx<'_>) -> Result<GradOps> {
         ops: vec![op],
         g_in: c.g_in_needed(),
     })
+}
+
+/// `Concat(X0, …) → (Y, split_info)` → `Split(dY, split_info) → (dX0, …)`.
+fn concat(c: &GradCtx<'_>) -> Result<GradOps> {
+    if c.op.output.len() < 2 {
+        return Err(Error::Autodiff(
+            "Concat needs its split_info output to be differentiated: give it two outputs".into(),
+        ));
+    }
+    let outs = (0..c.op.input.len())
+        .map(|i| {
+            if c.need[i] {
+                c.gi[i].clone()
+            } else {
+                format!("{}_unused", c.gi[i])
+            }
+        })
+        .collect();
+    let op = c.op("Split", vec![c.g_out(0)?, c.output(1)], outs, c.args(&["axis"]));
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Split(X) → (Y0, …)` → `Concat(dY0, …) → dX` (every output needs a gradient).
+fn split(c: &GradCtx<'_>) -> Result<GradOps> {
+    let dys = (0..c.op.output.len())
+        .map(|o| c.g_out(o))
+        .collect::<Result<Vec<_>>>()?;
+    let info = format!("{}_split_info", c.gi[0]);
+    let op = c.op("Concat", dys, vec![c.gi[0].clone(), info], c.args(&["axis"]));
+    let mut g_in = c.g_in_needed();
+    g_in.truncate(1);
+    g_in.resize(c.op.input.len(), None);
+    Ok(GradOps { ops: vec![op], g_in })
 }

@@ -3,6 +3,7 @@
 
 mod activation;
 mod arith;
+mod concat;
 pub mod conv;
 mod distance;
 mod dropout;
@@ -101,6 +102,8 @@ pub fn register(r: &mut Registry) {
     r.register("LabelCrossEntropyGradient", Cpu, |_| {
         Ok(Box::new(distance::LabelCrossEntropyGradient))
     });
+    r.register("Concat", Cpu, concat::Concat::create);
+    r.register("Split", Cpu, concat::Split::create);
     r.register("Dropout", Cpu, dropout::Dropout::create);
     r.register("DropoutGradient", Cpu, |_| Ok(Box::new(dropout::DropoutGradient)));
     r.register("MatMul", Cpu, matmul::MatMul::create);
