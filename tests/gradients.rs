@@ -507,6 +507,21 @@ fn case(op: &str) -> Option<Case> {
                 .build();
             (n, vec![("x", r(&[2, 4, 2], 133))], vec!["y0", "y1"], vec!["x"])
         }
+        "LayerNorm" => (
+            op_net("LayerNorm", &["x"], &["y", "mean", "std"], &[]),
+            vec![("x", r(&[3, 5], 134))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "Gather" => (
+            op_net("Gather", &["data", "idx"], &["y"], &[]),
+            vec![
+                ("data", r(&[5, 3], 135)),
+                ("idx", Tensor::from_vec([4], vec![4i32, 0, 4, 2]).unwrap()),
+            ],
+            vec!["y"],
+            vec!["data"],
+        ),
         _ => return None,
     })
 }

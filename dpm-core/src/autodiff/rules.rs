@@ -62,12 +62,15 @@ pub(crate) fn register(r: &mut Registry) {
         ("LabelCrossEntropy", label_cross_entropy),
         ("Concat", concat),
         ("Split", split),
+        ("LayerNorm", layer_norm),
+        ("Gather", gather),
     ] {
         r.add(OpSchema::new(op).gradient(rule));
     }
     r.add(OpSchema::new("SpatialBN").non_differentiable_outputs(&[1, 2, 3, 4]));
     r.add(OpSchema::new("Dropout").non_differentiable_outputs(&[1]));
     r.add(OpSchema::new("Concat").non_differentiable_outputs(&[1]));
+    r.add(OpSchema::new("LayerNorm").non_differentiable_outputs(&[1, 2]));
     for op in [
         "ConstantFill",
         "GaussianFill",
@@ -537,6 +540,34 @@ fn split(c: &GradCtx<'_>) -> Result<GradOps> {
         .collect::<Result<Vec<_>>>()?;
     let info = format!("{}_split_info", c.gi[0]);
     let op = c.op("Concat", dys, vec![c.gi[0].clone(), info], c.args(&["axis"]));
+    let mut g_in = c.g_in_needed();
+    g_in.truncate(1);
+    g_in.resize(c.op.input.len(), None);
+    Ok(GradOps { ops: vec![op], g_in })
+}
+
+/// `LayerNorm(X) → (Y, mean, std)` → `LayerNormGradient(dY, Y, mean, std, X) → dX`.
+fn layer_norm(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        "LayerNormGradient",
+        vec![c.g_out(0)?, c.output(0), c.output(1), c.output(2), c.input(0)],
+        vec![c.gi[0].clone()],
+        c.args(&["axis", "epsilon"]),
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `Gather(DATA, INDICES) → Y` → `GatherGradient(DATA, INDICES, dY) → dDATA`, dense.
+fn gather(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        "GatherGradient",
+        vec![c.input(0), c.input(1), c.g_out(0)?],
+        vec![c.gi[0].clone()],
+        vec![],
+    );
     let mut g_in = c.g_in_needed();
     g_in.truncate(1);
     g_in.resize(c.op.input.len(), None);

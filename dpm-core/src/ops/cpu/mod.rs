@@ -10,6 +10,7 @@ mod dropout;
 pub(crate) mod elementwise;
 mod fill;
 pub mod gemm;
+mod layernorm;
 pub(crate) mod linear;
 mod loss;
 mod lr;
@@ -102,6 +103,10 @@ pub fn register(r: &mut Registry) {
     r.register("LabelCrossEntropyGradient", Cpu, |_| {
         Ok(Box::new(distance::LabelCrossEntropyGradient))
     });
+    r.register("LayerNorm", Cpu, layernorm::LayerNorm::create);
+    r.register("LayerNormGradient", Cpu, layernorm::LayerNorm::create);
+    r.register("Gather", Cpu, layernorm::Gather::create);
+    r.register("GatherGradient", Cpu, layernorm::Gather::create);
     r.register("Concat", Cpu, concat::Concat::create);
     r.register("Split", Cpu, concat::Split::create);
     r.register("Dropout", Cpu, dropout::Dropout::create);
