@@ -332,3 +332,47 @@ fn the_trainer_reports_the_scheduled_learning_rate() {
         );
     }
 }
+
+#[test]
+fn weight_decay_can_skip_biases_and_norms() {
+    // The net says which parameters decay: the weights, and with the option not
+    // the biases (batch-norm parameters are marked the same way by spatial_bn).
+    let decays = |sgd: Sgd| -> Vec<(String, f32)> {
+        let t = trainer(sgd);
+        t.model()
+            .net()
+            .proto()
+            .op
+            .iter()
+            .filter(|o| o.op_type() == "MomentumSGDUpdate" && o.output[2].starts_with("cpu_0/"))
+            .map(|o| {
+                let wd = dpm::graph::Args(&o.arg).float("weight_decay", -1.0).unwrap();
+                (o.output[2].clone(), wd)
+            })
+            .collect()
+    };
+    let all = decays(Sgd::new(0.1).momentum(0.9).weight_decay(0.01));
+    assert!(all.iter().all(|(_, wd)| *wd == 0.01), "{all:?}");
+    let skip = decays(
+        Sgd::new(0.1)
+            .momentum(0.9)
+            .weight_decay(0.01)
+            .skip_decay_on_biases_and_norms(true),
+    );
+    for (p, wd) in &skip {
+        let want = if p.ends_with("_b") { 0.0 } else { 0.01 };
+        assert_eq!(*wd, want, "{p}");
+    }
+    assert_eq!(skip.len(), 4);
+    // The same holds for Adam, and the skipped biases train as without decay.
+    let mut a = trainer(
+        Adam::new(0.01)
+            .weight_decay(0.5)
+            .skip_decay_on_biases_and_norms(true),
+    );
+    let mut b = trainer(Adam::new(0.01).weight_decay(0.5));
+    a.run(3).unwrap();
+    b.run(3).unwrap();
+    let bias = |t: &Trainer| t.fetch("fc1_b", Device::cpu(0)).unwrap();
+    assert!(!bias(&a).bitwise_eq(&bias(&b)), "the option changed nothing");
+}

@@ -79,6 +79,7 @@ impl ModelHelper {
     pub fn fc(&mut self, name: &str, input: &BlobRef, dim_in: usize, dim_out: usize) -> Result<BlobRef> {
         let w = self.create_param(&format!("{name}_w"), [dim_out, dim_in], Init::Xavier)?;
         let b = self.create_param(&format!("{name}_b"), [dim_out], Init::Constant(0.0))?;
+        self.exempt_from_weight_decay(&b);
         Ok(self
             .net_mut()
             .op("FC")
@@ -141,9 +142,12 @@ impl ModelHelper {
         )?;
         let mut inputs = vec![input.clone(), w];
         if bias {
-            inputs.push(self.create_param(&format!("{name}_b"), [dim_out], Init::Constant(0.0))?);
+            let b = self.create_param(&format!("{name}_b"), [dim_out], Init::Constant(0.0))?;
+            self.exempt_from_weight_decay(&b);
+            inputs.push(b);
         }
-        Ok(self
+        let deterministic = self.is_deterministic();
+        let mut op = self
             .net_mut()
             .op("Conv")
             .inputs(&inputs)
@@ -151,8 +155,11 @@ impl ModelHelper {
             .arg("kernel", kernel)
             .arg("stride", stride)
             .arg("pad", pad)
-            .arg("group", groups)
-            .build_one())
+            .arg("group", groups);
+        if deterministic {
+            op = op.arg("deterministic", 1i64);
+        }
+        Ok(op.build_one())
     }
 
     /// Spatial batch normalisation `name` over `channels`: scale `<name>_s`, bias
@@ -168,6 +175,8 @@ impl ModelHelper {
     ) -> Result<BlobRef> {
         let s = self.create_param(&format!("{name}_s"), [channels], Init::Constant(1.0))?;
         let b = self.create_param(&format!("{name}_b"), [channels], Init::Constant(0.0))?;
+        self.exempt_from_weight_decay(&s);
+        self.exempt_from_weight_decay(&b);
         let rm = self.create_computed_param(&format!("{name}_rm"), [channels], 0.0);
         let rv = self.create_computed_param(&format!("{name}_riv"), [channels], 1.0);
         let is_test = self.is_test();

@@ -45,6 +45,11 @@ pub struct ModelHelper {
     seed: u64,
     init_params: bool,
     is_test: bool,
+    /// Parameters weight decay leaves alone when an optimiser is asked to
+    /// (biases, batch-norm scales and shifts).
+    decay_exempt: Vec<BlobRef>,
+    /// Convolutions added get `deterministic: 1`.
+    deterministic: bool,
     /// Blob names refused inside a replica (see `relative_name_error`), reported
     /// by `Parallelize::build`.
     bad_names: NameLog,
@@ -77,7 +82,38 @@ impl ModelHelper {
             init_params: true,
             is_test: false,
             bad_names: NameLog::default(),
+            decay_exempt: Vec::new(),
+            deterministic: false,
         }
+    }
+
+    /// Makes every convolution added from now on deterministic (Caffe2's
+    /// `deterministic` argument): on a GPU only cuDNN algorithms that give the
+    /// same bits on every run, so that a rerun, or a run resumed from a
+    /// checkpoint, reproduces the original to the bit. Some shapes are slower.
+    /// CPU kernels are deterministic either way.
+    pub fn set_deterministic(&mut self, on: bool) -> &mut Self {
+        self.deterministic = on;
+        self
+    }
+
+    /// Whether convolutions are added deterministic.
+    pub fn is_deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// Marks `param` as one that weight decay skips when the optimiser is built
+    /// with `skip_decay_on_biases_and_norms(true)` (the layers mark their biases
+    /// and batch-norm parameters).
+    pub fn exempt_from_weight_decay(&mut self, param: &BlobRef) {
+        if !self.decay_exempt.contains(param) {
+            self.decay_exempt.push(param.clone());
+        }
+    }
+
+    /// Whether `param` is marked by [`ModelHelper::exempt_from_weight_decay`].
+    pub fn is_exempt_from_weight_decay(&self, param: &BlobRef) -> bool {
+        self.decay_exempt.contains(param)
     }
 
     /// A model for evaluation: layers run in inference mode (batch norm uses its

@@ -18,6 +18,7 @@ pub struct Sgd {
     momentum: f32,
     nesterov: bool,
     weight_decay: f32,
+    skip_exempt: bool,
     policy: LrPolicy,
 }
 
@@ -29,8 +30,16 @@ impl Sgd {
             momentum: 0.0,
             nesterov: false,
             weight_decay: 0.0,
+            skip_exempt: false,
             policy: LrPolicy::Fixed,
         }
+    }
+
+    /// Whether weight decay skips biases and batch-norm parameters (the common
+    /// practice; Caffe2 decays everything, the default here too).
+    pub fn skip_decay_on_biases_and_norms(mut self, on: bool) -> Self {
+        self.skip_exempt = on;
+        self
     }
 
     /// Momentum coefficient (0 = none).
@@ -99,6 +108,7 @@ impl Sgd {
                     .arg("value", 0.0f32)
                     .build_one();
                 model.add_optimizer_state(m.clone());
+                let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
                 model
                     .net_mut()
                     .op("MomentumSGDUpdate")
@@ -106,13 +116,14 @@ impl Sgd {
                     .outputs([&g, &m, &p])
                     .arg("momentum", self.momentum)
                     .arg("nesterov", self.nesterov)
-                    .arg("weight_decay", self.weight_decay)
+                    .arg("weight_decay", wd)
                     .build();
             }
         } else {
             let one = one.expect("plain SGD makes ONE");
             for (p, g) in params {
-                if let Some(wd) = &wd {
+                let exempt = self.skip_exempt && model.is_exempt_from_weight_decay(&p);
+                if let Some(wd) = wd.as_ref().filter(|_| !exempt) {
                     model
                         .net_mut()
                         .op("WeightedSum")
@@ -200,6 +211,7 @@ pub struct Adam {
     epsilon: f32,
     weight_decay: f32,
     decoupled: bool,
+    skip_exempt: bool,
     policy: LrPolicy,
 }
 
@@ -212,8 +224,15 @@ impl Adam {
             epsilon: 1e-8,
             weight_decay: 0.0,
             decoupled: false,
+            skip_exempt: false,
             policy: LrPolicy::Fixed,
         }
+    }
+
+    /// Whether weight decay skips biases and batch-norm parameters.
+    pub fn skip_decay_on_biases_and_norms(mut self, on: bool) -> Self {
+        self.skip_exempt = on;
+        self
     }
 
     /// AdamW: Adam whose weight decay shrinks the parameters directly
@@ -272,6 +291,7 @@ impl Adam {
         for (p, g) in params {
             let m1 = state_like(model, &p, "_first_moment");
             let m2 = state_like(model, &p, "_second_moment");
+            let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
             model
                 .net_mut()
                 .op("Adam")
@@ -280,7 +300,7 @@ impl Adam {
                 .arg("beta1", b1)
                 .arg("beta2", b2)
                 .arg("epsilon", self.epsilon)
-                .arg("weight_decay", self.weight_decay)
+                .arg("weight_decay", wd)
                 .arg("decoupled", i64::from(self.decoupled))
                 .build();
         }
@@ -440,6 +460,15 @@ impl Adagrad {
         }
         count_step(model);
         Ok(())
+    }
+}
+
+/// The weight decay of `p`: none for biases and norms when they are skipped.
+fn decay(model: &ModelHelper, p: &BlobRef, wd: f32, skip_exempt: bool) -> f32 {
+    if skip_exempt && model.is_exempt_from_weight_decay(p) {
+        0.0
+    } else {
+        wd
     }
 }
 
