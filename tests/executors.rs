@@ -595,3 +595,50 @@ fn host_access_says_whether_the_type_or_the_place_is_wrong() {
         "{e:?}"
     );
 }
+
+/// `set_profiling` (Caffe2's `prof_dag`): while on, every op of every run is
+/// counted under its type, on both executors; off, nothing is; the results are
+/// the same bits either way.
+#[test]
+fn profiling_counts_every_op_by_type_and_changes_no_result() {
+    for net_type in ["simple", "dag"] {
+        let plain = train(net_type, 4, 3);
+        let (x, y) = blobs_dataset(128, 8, 4, 1.0, 11);
+        let model = mlp(8, 16, 4, Sgd::new(0.1).momentum(0.9));
+        let mut net = model.net().proto().clone();
+        net.r#type = Some(net_type.into());
+        net.num_workers = Some(4);
+        let ws = Workspace::new();
+        ws.run_net_once(model.init_net().proto()).unwrap();
+        ws.feed("data", x);
+        ws.feed("label", y);
+        ws.create_net(&net).unwrap();
+        ws.run_net("mlp").unwrap();
+        assert!(ws.op_times().is_empty(), "profiling is off by default");
+        ws.set_profiling(true);
+        ws.run_net("mlp").unwrap();
+        ws.run_net("mlp").unwrap();
+        ws.set_profiling(false);
+        let mut expected: HashMap<String, u64> = HashMap::new();
+        for op in &net.op {
+            *expected.entry(op.op_type().to_owned()).or_default() += 2;
+        }
+        let times = ws.op_times();
+        let got: HashMap<String, u64> = times.iter().map(|(k, t)| (k.clone(), t.runs)).collect();
+        assert_eq!(got, expected, "{net_type}");
+        assert!(
+            times.windows(2).all(|w| w[0].1.total >= w[1].1.total),
+            "costliest first"
+        );
+        assert!(
+            times.iter().all(|(_, t)| t.host == t.total),
+            "CPU ops: host time is their time"
+        );
+        for name in plain.blob_names() {
+            let (a, b) = (plain.fetch(&name).unwrap(), ws.fetch(&name).unwrap());
+            assert!(a.bitwise_eq(&b), "{net_type}: profiling changed `{name}`");
+        }
+        ws.reset_op_times();
+        assert!(ws.op_times().is_empty());
+    }
+}

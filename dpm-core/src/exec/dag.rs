@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::plan::Plan;
+use super::profile::Profile;
 use crate::error::Result;
 
 struct State {
@@ -18,6 +19,7 @@ struct State {
 struct Shared<'p> {
     plan: &'p Plan,
     threads: usize,
+    profile: Option<&'p Profile>,
     pending: Vec<AtomicUsize>,
     state: Mutex<State>,
     wake: Condvar,
@@ -47,7 +49,7 @@ impl Shared<'_> {
                     }
                 }
             };
-            let result = self.plan.steps[idx].run(self.threads);
+            let result = self.plan.steps[idx].run(self.threads, self.profile);
             let mut st = self.lock();
             if let Err(e) = result {
                 st.error.get_or_insert(e);
@@ -76,7 +78,7 @@ impl Shared<'_> {
     }
 }
 
-pub(super) fn run(plan: &Plan, workers: usize, threads: usize) -> Result<()> {
+pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&Profile>) -> Result<()> {
     let n = plan.steps.len();
     if n == 0 {
         return Ok(());
@@ -85,6 +87,7 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize) -> Result<()> {
     let shared = Shared {
         plan,
         threads,
+        profile,
         pending: plan.num_deps.iter().map(|&d| AtomicUsize::new(d)).collect(),
         state: Mutex::new(State {
             ready,

@@ -7,8 +7,10 @@
 
 mod dag;
 mod plan;
+mod profile;
 mod workspace;
 
+pub use profile::OpTime;
 pub use workspace::Workspace;
 
 /// Which executor runs a net, from `NetDef.type`.

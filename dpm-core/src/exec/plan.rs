@@ -6,6 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::profile::Profile;
 use super::{NetKind, Workspace};
 use crate::error::{Error, Result};
 use crate::graph::{Args, Device};
@@ -200,9 +201,14 @@ impl Step {
         crate::ops::cpu::gemm::with_threads(threads, || self.kernel.run(&mut ctx))
     }
 
-    /// Runs the op, turning errors and panics into an [`Error::Op`] that names it.
-    pub(crate) fn run(&self, threads: usize) -> Result<()> {
-        let result = match catch_unwind(AssertUnwindSafe(|| self.execute(threads))) {
+    /// Runs the op, turning errors and panics into an [`Error::Op`] that names it;
+    /// timed into `profile` when there is one.
+    pub(crate) fn run(&self, threads: usize, profile: Option<&Profile>) -> Result<()> {
+        let execute = || match profile {
+            Some(p) => p.time(self.def.op_type(), self.device, || self.execute(threads)),
+            None => self.execute(threads),
+        };
+        let result = match catch_unwind(AssertUnwindSafe(execute)) {
             Ok(r) => r,
             Err(payload) => Err(Error::KernelPanic(panic_message(payload.as_ref()))),
         };
@@ -305,22 +311,26 @@ impl Plan {
         })
     }
 
-    /// Runs every op; CPU kernels may use `threads` threads each. Work enqueued on
-    /// CUDA devices has finished when this returns, failed or not.
-    pub(crate) fn run(&self, threads: usize) -> Result<()> {
+    /// Runs every op; CPU kernels may use `threads` threads each; each op's time
+    /// goes into `profile` when there is one. Work enqueued on CUDA devices has
+    /// finished when this returns, failed or not.
+    pub(crate) fn run(&self, threads: usize, profile: Option<&Profile>) -> Result<()> {
         let first = self.runs.fetch_add(1, Ordering::Relaxed) == 0;
         let result = match self.kind {
-            NetKind::Simple => self.steps.iter().try_for_each(|s| s.run(threads)),
+            NetKind::Simple => self.steps.iter().try_for_each(|s| s.run(threads, profile)),
             NetKind::Dag => {
                 let workers = if first && self.first_iter_only_one_worker {
                     1
                 } else {
                     self.workers
                 };
-                super::dag::run(self, workers, threads)
+                super::dag::run(self, workers, threads, profile)
             }
         };
         let synced = self.synchronize();
+        if let Some(p) = profile {
+            p.settle();
+        }
         result.and(synced)
     }
 

@@ -1,10 +1,11 @@
 //! The workspace: named blobs, and nets compiled against them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::plan::{BlobCell, Plan};
+use super::profile::{OpTime, Profile};
 use crate::error::{Error, Result};
 use crate::proto::NetDef;
 use crate::tensor::Tensor;
@@ -16,6 +17,8 @@ pub struct Workspace {
     blobs: RwLock<HashMap<String, BlobCell>>,
     nets: Mutex<HashMap<String, Arc<Plan>>>,
     kernel_threads: AtomicUsize,
+    profiling: AtomicBool,
+    profile: Profile,
 }
 
 impl Default for Workspace {
@@ -24,6 +27,8 @@ impl Default for Workspace {
             blobs: RwLock::default(),
             nets: Mutex::default(),
             kernel_threads: AtomicUsize::new(1),
+            profiling: AtomicBool::new(false),
+            profile: Profile::default(),
         }
     }
 }
@@ -51,6 +56,42 @@ impl Workspace {
     /// Threads each CPU kernel of this workspace's nets may use.
     pub fn kernel_threads(&self) -> usize {
         self.kernel_threads.load(Ordering::Relaxed)
+    }
+
+    /// Switches per-op timing on or off for every net run in this workspace (the
+    /// `prof_dag` of Caffe2). While on, each op's wall time is added to its op
+    /// type's total, and an op on a GPU is waited for so that its time is the
+    /// device's: GPU work no longer overlaps, so profiled runs are slower.
+    ///
+    /// ```
+    /// # use dpm_core::prelude::*;
+    /// let ws = Workspace::new();
+    /// let mut net = Net::new("n");
+    /// net.op("ConstantFill").output("x").arg("shape", vec![2i64, 3]).arg("value", 1.0f32).build();
+    /// net.op("Relu").input("x").output("y").build();
+    /// ws.set_profiling(true);
+    /// ws.run_net_once(net.proto())?;
+    /// let times = ws.op_times();
+    /// assert_eq!(times.len(), 2);
+    /// assert!(times.iter().all(|(_, t)| t.runs == 1));
+    /// # Ok::<(), dpm_core::Error>(())
+    /// ```
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.store(on, Ordering::Relaxed);
+    }
+
+    /// Time per op type over the profiled runs so far, the costliest first.
+    pub fn op_times(&self) -> Vec<(String, OpTime)> {
+        self.profile.snapshot()
+    }
+
+    /// Forgets the times gathered so far (profiling stays as it is).
+    pub fn reset_op_times(&self) {
+        self.profile.clear();
+    }
+
+    fn profile(&self) -> Option<&Profile> {
+        self.profiling.load(Ordering::Relaxed).then_some(&self.profile)
     }
 
     /// The cell of `name`, created empty if absent.
@@ -142,11 +183,11 @@ impl Workspace {
                 net: name.to_owned(),
                 reason: "no net of this name was created in the workspace".into(),
             })?;
-        plan.run(self.kernel_threads())
+        plan.run(self.kernel_threads(), self.profile())
     }
 
     /// Compiles and runs `net` once, without keeping it.
     pub fn run_net_once(&self, net: &NetDef) -> Result<()> {
-        Plan::new(net, self)?.run(self.kernel_threads())
+        Plan::new(net, self)?.run(self.kernel_threads(), self.profile())
     }
 }
