@@ -40,6 +40,9 @@ pub(crate) struct ConvShape {
     pub groups: usize,
     pub oh: usize,
     pub ow: usize,
+    /// Only algorithms that give the same bits every run (Caffe2's
+    /// `deterministic` argument of `Conv`).
+    pub deterministic: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -218,17 +221,25 @@ fn set_math(conv: &ConvDesc, math: sys::cudnnMathType_t) -> Result<(), String> {
     )
 }
 
-/// The fastest algorithm that succeeded and fits [`MAX_WORKSPACE`].
+/// The fastest algorithm that succeeded and fits [`MAX_WORKSPACE`]; with
+/// `deterministic`, the fastest of those that give the same bits every run (some
+/// backward algorithms add with atomics, in an order that changes from run to
+/// run), if there is one.
 macro_rules! best {
-    ($perf:expr, $count:expr) => {
-        $perf[..$count as usize]
+    ($perf:expr, $count:expr, $deterministic:expr) => {{
+        let usable: Vec<_> = $perf[..$count as usize]
             .iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE)
+            .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= MAX_WORKSPACE)
+            .collect();
+        usable
+            .iter()
+            .find(|p| !$deterministic || p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+            .or(usable.first())
             .map(|p| Algo {
                 algo: p.algo,
                 workspace: p.memory,
             })
-    };
+    }};
 }
 
 fn p(ptr: u64) -> *const c_void {
@@ -339,7 +350,7 @@ impl Dnn {
             },
             "timing forward algorithms",
         )?;
-        let fwd = best!(fwd, count);
+        let fwd = best!(fwd, count, s.deterministic);
         let mut data: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
         check(
             unsafe {
@@ -356,7 +367,7 @@ impl Dnn {
             },
             "timing backward-data algorithms",
         )?;
-        let data = best!(data, count);
+        let data = best!(data, count, s.deterministic);
         let mut filter: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] = unsafe { std::mem::zeroed() };
         check(
             unsafe {
@@ -373,7 +384,7 @@ impl Dnn {
             },
             "timing backward-filter algorithms",
         )?;
-        let filter = best!(filter, count);
+        let filter = best!(filter, count, s.deterministic);
         let a = ConvAlgos { fwd, data, filter };
         self.algos.insert(*s, a);
         Ok(a)

@@ -22,7 +22,7 @@ fn symmetric_pad(win: &Window, blob: &str) -> Result<(usize, usize)> {
     Ok((t, l))
 }
 
-fn conv_shape(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<ConvShape> {
+fn conv_shape(ctx: &OpContext<'_>, win: &Window, groups: usize, deterministic: bool) -> Result<ConvShape> {
     let d = cpu_conv::dims(ctx, win, groups)?;
     Ok(ConvShape {
         n: d.n,
@@ -36,6 +36,7 @@ fn conv_shape(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<ConvSh
         groups: d.groups,
         oh: d.oh,
         ow: d.ow,
+        deterministic,
     })
 }
 
@@ -43,6 +44,7 @@ fn conv_shape(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<ConvSh
 pub struct Conv {
     win: Window,
     groups: usize,
+    deterministic: bool,
 }
 
 /// `ConvGradient(X, W, dY) → (dW[, db][, dX])`.
@@ -50,27 +52,38 @@ pub struct ConvGradient {
     win: Window,
     groups: usize,
     bias: bool,
+    deterministic: bool,
 }
 
 impl Conv {
-    /// Parses the window and `group`.
+    /// Parses the window, `group` and `deterministic`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Conv {
             win: Window::parse(op, true)?,
             groups: cpu_conv::groups(op)?,
+            deterministic: deterministic(op)?,
         }))
     }
 }
 
 impl ConvGradient {
-    /// Parses the window, `group` and `no_bias`.
+    /// Parses the window, `group`, `no_bias` and `deterministic`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(ConvGradient {
             win: Window::parse(op, true)?,
             groups: cpu_conv::groups(op)?,
             bias: Args(&op.arg).int("no_bias", 0)? == 0,
+            deterministic: deterministic(op)?,
         }))
     }
+}
+
+/// Caffe2's `deterministic` argument: only cuDNN algorithms that give the same
+/// bits on every run (slower for some shapes). Off by default, as in Caffe2 and
+/// PyTorch; [`ModelHelper::set_deterministic`](crate::model::ModelHelper::set_deterministic)
+/// sets it on every convolution of a model.
+fn deterministic(op: &OperatorDef) -> Result<bool> {
+    Ok(Args(&op.arg).int("deterministic", 0)? != 0)
 }
 
 fn with_dnn<R>(gpu: &Gpu, f: impl FnOnce(&mut crate::cuda::Dnn) -> Result<R>) -> Result<R> {
@@ -83,7 +96,7 @@ impl Kernel for Conv {
         ctx.expect_inputs(2..=3)?;
         ctx.expect_outputs(1..=1)?;
         let gpu = op_gpu(ctx)?;
-        let s = conv_shape(ctx, &self.win, self.groups)?;
+        let s = conv_shape(ctx, &self.win, self.groups, self.deterministic)?;
         let (_, xp) = input(ctx, 0, &gpu)?;
         let (_, wp) = input(ctx, 1, &gpu)?;
         let bp = if ctx.num_inputs() == 3 {
@@ -115,7 +128,7 @@ impl Kernel for ConvGradient {
         let with_dx = ctx.num_outputs() == 2 + usize::from(self.bias);
         ctx.expect_outputs((1 + usize::from(self.bias))..=(2 + usize::from(self.bias)))?;
         let gpu = op_gpu(ctx)?;
-        let s = conv_shape(ctx, &self.win, self.groups)?;
+        let s = conv_shape(ctx, &self.win, self.groups, self.deterministic)?;
         let (x, xp) = input(ctx, 0, &gpu)?;
         let (w, wp) = input(ctx, 1, &gpu)?;
         let (dy, dyp) = input(ctx, 2, &gpu)?;
