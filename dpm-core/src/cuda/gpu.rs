@@ -57,6 +57,9 @@ pub struct Gpu {
     ordinal: u32,
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
+    /// Uploads made ahead of their use (the next batch, while a step computes):
+    /// each ends with an event the compute stream waits on before reading.
+    pub(crate) copy_stream: Arc<CudaStream>,
     blas: Mutex<Option<CudaBlas>>,
     dnn: Mutex<Option<Dnn>>,
     module: Mutex<Option<Arc<CudaModule>>>,
@@ -90,10 +93,14 @@ pub fn gpu(ordinal: u32) -> Result<Arc<Gpu>> {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error(&device, "creating a stream", e))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error(&device, "creating a copy stream", e))?;
         Ok(Gpu {
             ordinal,
             ctx,
             stream,
+            copy_stream,
             blas: Mutex::default(),
             dnn: Mutex::default(),
             module: Mutex::default(),
@@ -177,6 +184,15 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(|e| self.error("finishing the enqueued work", e))
+    }
+
+    /// An event recorded now on the device's stream, with timing (for the
+    /// profiler: the time between two is the device's work between them).
+    pub(crate) fn timing_event(&self) -> Result<cudarc::driver::CudaEvent> {
+        self.bind()?;
+        self.stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| self.error("recording a timing event", e))
     }
 
     /// The cuBLAS handle (created on first use), bound to the device's stream.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use cudarc::driver::result as drv;
 use cudarc::driver::sys::CUresult;
+use cudarc::driver::CudaStream;
 
 use super::gpu::Gpu;
 use crate::error::{Error, Result};
@@ -18,7 +19,18 @@ pub struct CudaStorage {
     /// Room, in elements of `dtype`.
     capacity: usize,
     dtype: DataType,
+    /// The elements as they came from the host, while nothing on the device has
+    /// written them since (integer tensors of up to [`MIRROR_MAX`] elements:
+    /// labels, indices). Kernels that check labels on the host read this instead
+    /// of copying back, which would make the host wait for the device mid-step.
+    mirror: Option<Arc<CpuStorage>>,
+    /// Set by an upload on the copy stream: the compute stream must wait for it
+    /// before the elements are read ([`CudaStorage::settle`]).
+    ready: Option<cudarc::driver::CudaEvent>,
 }
+
+/// Most elements an uploaded integer tensor keeps a host mirror of.
+const MIRROR_MAX: usize = 1 << 20;
 
 impl std::fmt::Debug for CudaStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,6 +48,8 @@ impl Drop for CudaStorage {
     fn drop(&mut self) {
         // Errors here mean the context is already broken; the next call reports it.
         if self.gpu.bind().is_ok() {
+            // Freed in the compute stream's order: after an unfinished upload.
+            let _ = self.settle();
             let _ = unsafe { drv::free_async(self.ptr, self.gpu.stream.cu_stream()) };
         }
     }
@@ -53,10 +67,15 @@ impl Clone for CudaStorage {
 impl CudaStorage {
     /// Room for `len` elements of `dtype` on `gpu`, contents unspecified.
     pub(crate) fn alloc(gpu: &Arc<Gpu>, dtype: DataType, len: usize) -> Result<CudaStorage> {
+        Self::alloc_on(gpu, &gpu.stream, dtype, len)
+    }
+
+    /// Room for `len` elements, allocated in `stream`'s order.
+    fn alloc_on(gpu: &Arc<Gpu>, stream: &CudaStream, dtype: DataType, len: usize) -> Result<CudaStorage> {
         gpu.bind()?;
         // Never zero bytes: a null pointer would be indistinguishable from "none".
         let bytes = (len * dtype.size()).max(4);
-        let ptr = unsafe { drv::malloc_async(gpu.stream.cu_stream(), bytes) }.map_err(|e| {
+        let ptr = unsafe { drv::malloc_async(stream.cu_stream(), bytes) }.map_err(|e| {
             if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
                 Error::OutOfDeviceMemory {
                     device: gpu.device().to_string(),
@@ -72,6 +91,8 @@ impl CudaStorage {
             ptr,
             capacity: len,
             dtype,
+            mirror: None,
+            ready: None,
         })
     }
 
@@ -106,7 +127,10 @@ impl CudaStorage {
 
     /// Copies host elements into new device memory on `gpu`.
     pub(crate) fn upload(gpu: &Arc<Gpu>, src: &CpuStorage) -> Result<CudaStorage> {
-        let s = CudaStorage::alloc(gpu, src.dtype(), src.len())?;
+        let mut s = CudaStorage::alloc(gpu, src.dtype(), src.len())?;
+        if src.dtype() != DataType::F32 && src.len() <= MIRROR_MAX {
+            s.mirror = Some(Arc::new(src.clone()));
+        }
         let stream = gpu.stream.cu_stream();
         // Pageable host memory: the driver stages the elements before returning,
         // so the source may change right after.
@@ -121,11 +145,54 @@ impl CudaStorage {
         Ok(s)
     }
 
+    /// Copies elements `range` of `src` into new memory of `gpu` on its copy
+    /// stream, so that the copy overlaps the compute stream's work;
+    /// [`CudaStorage::settle`] orders it before later work.
+    pub(crate) fn upload_ahead(
+        gpu: &Arc<Gpu>,
+        src: &CpuStorage,
+        range: std::ops::Range<usize>,
+    ) -> Result<CudaStorage> {
+        let mut s = Self::alloc_on(gpu, &gpu.copy_stream, src.dtype(), range.len())?;
+        let copy = gpu.copy_stream.cu_stream();
+        let r = unsafe {
+            match src {
+                CpuStorage::F32(v) => drv::memcpy_htod_async(s.ptr, &v[range.clone()], copy),
+                CpuStorage::I32(v) => drv::memcpy_htod_async(s.ptr, &v[range.clone()], copy),
+                CpuStorage::I64(v) => drv::memcpy_htod_async(s.ptr, &v[range.clone()], copy),
+            }
+        };
+        r.map_err(|e| gpu.error("copying to the device", e))?;
+        if src.dtype() != DataType::F32 && range.len() <= MIRROR_MAX {
+            s.mirror = Some(Arc::new(src.slice_copy(range)));
+        }
+        let done = gpu
+            .copy_stream
+            .record_event(None)
+            .map_err(|e| gpu.error("recording the end of an upload", e))?;
+        s.ready = Some(done);
+        Ok(s)
+    }
+
+    /// Makes the compute stream wait for an upload made ahead, if one is pending.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        if let Some(done) = self.ready.take() {
+            self.gpu
+                .stream
+                .wait(&done)
+                .map_err(|e| self.gpu.error("waiting for an upload", e))?;
+        }
+        Ok(())
+    }
+
     /// The first `len` elements, copied to the host (after the work enqueued
     /// before it has finished).
     pub(crate) fn download(&self, len: usize) -> Result<CpuStorage> {
-        self.gpu.bind()?;
         let len = len.min(self.capacity);
+        if let Some(m) = self.mirror.as_deref().filter(|m| m.len() == len) {
+            return Ok(m.clone());
+        }
+        self.gpu.bind()?;
         let stream = self.gpu.stream.cu_stream();
         fn get<T: Default + Clone>(
             ptr: u64,
@@ -169,6 +236,7 @@ impl CudaStorage {
             unsafe { drv::memcpy_dtod_async(self.ptr, src.ptr, bytes, self.gpu.stream.cu_stream()) }
                 .map_err(|e| self.gpu.error("copying on the device", e))?;
         }
+        self.mirror = src.mirror.clone().filter(|m| m.len() == len);
         Ok(())
     }
 }
@@ -178,6 +246,18 @@ impl Tensor {
     pub(crate) fn cuda_on(&self, gpu: &Gpu) -> Option<&CudaStorage> {
         match &self.storage {
             Storage::Cuda(s) if s.device() == gpu.device() => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The device storage, if the tensor lives on `gpu`, for a kernel to write:
+    /// its host mirror is dropped.
+    pub(crate) fn cuda_on_mut(&mut self, gpu: &Gpu) -> Option<&mut CudaStorage> {
+        match &mut self.storage {
+            Storage::Cuda(s) if s.device() == gpu.device() => {
+                s.mirror = None;
+                Some(s)
+            }
             _ => None,
         }
     }
@@ -197,6 +277,8 @@ impl Tensor {
             if s.device() == gpu.device() && s.dtype() == dtype && s.capacity() >= n);
         if !reuse {
             self.storage = Storage::Cuda(CudaStorage::alloc(gpu, dtype, n)?);
+        } else if let Storage::Cuda(s) = &mut self.storage {
+            s.mirror = None;
         }
         self.shape = shape;
         match &self.storage {

@@ -11,7 +11,7 @@ use crate::exec::Workspace;
 use crate::graph::{BlobRef, Device, Net};
 use crate::model::ModelHelper;
 use crate::proto::NetDef;
-use crate::tensor::{Element, Tensor};
+use crate::tensor::Tensor;
 
 /// A source of whole batches shared by all devices: each call returns
 /// `(short blob name, tensor)` pairs whose first dimension is the global batch,
@@ -61,6 +61,9 @@ pub struct Trainer {
     finite: FiniteCheck,
     /// The batches of a failed step, fed again by the next.
     pending: Option<Vec<Vec<(String, Tensor)>>>,
+    /// The next step's batches, drawn and sent to the devices while the
+    /// current step computed.
+    ahead: Option<Result<Ahead>>,
     /// With gradient accumulation: the nets of one micro-batch, of summing its
     /// gradients, and of the all-reduce and update (see `accumulation_nets`).
     accumulation: Vec<NetDef>,
@@ -110,6 +113,7 @@ impl Trainer {
             atomic: true,
             finite: FiniteCheck::Off,
             pending: None,
+            ahead: None,
             accumulation: Vec::new(),
         }
     }
@@ -268,18 +272,60 @@ impl Trainer {
     }
 
     /// Feeds the next batch (if there is an input source) and runs one step.
+    ///
+    /// The batches of the next step are drawn from the source before this step
+    /// runs, then split and copied to the devices (to GPUs on a copy stream)
+    /// while it computes, so that a step does not wait for its input.
     pub fn step(&mut self) -> Result<()> {
         self.ensure_init()?;
         let k = self.p.accumulate;
-        let batches = match (self.pending.take(), self.p.source.as_mut()) {
-            (Some(b), _) => b,
-            (None, Some(src)) => (0..k).map(|_| src.next_batch()).collect::<Result<Vec<_>>>()?,
-            (None, None) => Vec::new(),
+        // A failed step's batches first, then those drawn ahead, then new ones.
+        let (batches, mut parts) = if let Some(b) = self.pending.take() {
+            (b, None)
+        } else if let Some(ahead) = self.ahead.take() {
+            let a = ahead?;
+            (a.host, Some(a.parts))
+        } else if let Some(src) = self.p.source.as_mut() {
+            (
+                (0..k).map(|_| src.next_batch()).collect::<Result<Vec<_>>>()?,
+                None,
+            )
+        } else {
+            (Vec::new(), None)
         };
         if self.atomic {
             self.take_snapshot()?;
         }
-        let ran = self.run_batches(&batches).and_then(|()| self.check_finite());
+        // The next batches are drawn here (sources need not be `Send`), then
+        // split and sent to the devices by a helper thread while this step runs.
+        let prefetch = self.ahead.is_none();
+        let next_host = match self.p.source.as_mut() {
+            Some(src) if prefetch => Some((0..k).map(|_| src.next_batch()).collect::<Result<Vec<_>>>()),
+            _ => None,
+        };
+        let split = (self.p.devices.clone(), self.shard_id(), self.num_shards());
+        let ran = std::thread::scope(|scope| {
+            let next = next_host.map(|host| {
+                scope.spawn(move || -> Result<Ahead> {
+                    let host = host?;
+                    let parts = host
+                        .iter()
+                        .map(|b| split_to_devices(b, &split.0, split.1, split.2))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(Ahead { host, parts })
+                })
+            });
+            let ran = self
+                .run_batches(&batches, parts.as_mut())
+                .and_then(|()| self.check_finite());
+            if let Some(h) = next {
+                self.ahead = Some(
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Config("the input source panicked".into()))),
+                );
+            }
+            ran
+        });
         if let Err(e) = ran {
             if self.atomic {
                 self.restore_snapshot()?;
@@ -290,21 +336,29 @@ impl Trainer {
         Ok(())
     }
 
-    /// One step over `batches` (one per micro-batch; none without a source).
-    fn run_batches(&self, batches: &[Vec<(String, Tensor)>]) -> Result<()> {
-        if self.accumulation.is_empty() {
-            if let Some(b) = batches.first() {
-                self.feed_batch(b)?;
+    /// One step over `batches` (one per micro-batch; none without a source),
+    /// fed from `parts` (each micro-batch already split and on its devices)
+    /// when given.
+    fn run_batches(
+        &self,
+        batches: &[Vec<(String, Tensor)>],
+        mut parts: Option<&mut Vec<DeviceParts>>,
+    ) -> Result<()> {
+        let mut feed = |i: usize| -> Result<()> {
+            match parts.as_deref_mut().and_then(|p| p.get_mut(i)) {
+                Some(p) => self.feed_parts(std::mem::take(p)),
+                None => batches.get(i).map_or(Ok(()), |b| self.feed_batch(b)),
             }
+        };
+        if self.accumulation.is_empty() {
+            feed(0)?;
             return self.ws.run_net(self.p.model.net().proto().net_name());
         }
         let [micro, start, add, finish, apply] = &self.accumulation[..] else {
             unreachable!("five accumulation nets")
         };
         for i in 0..self.p.accumulate {
-            if let Some(b) = batches.get(i) {
-                self.feed_batch(b)?;
-            }
+            feed(i)?;
             self.ws.run_net(micro.net_name())?;
             self.ws
                 .run_net(if i == 0 { start.net_name() } else { add.net_name() })?;
@@ -316,13 +370,15 @@ impl Trainer {
     /// Feeds this rank's slices of a global batch: every rank draws the same
     /// batch, and rank r's devices get parts r·n … r·n + n − 1.
     fn feed_batch(&self, batch: &[(String, Tensor)]) -> Result<()> {
-        let n = self.p.devices.len();
-        let (shard, shards) = (self.shard_id(), self.num_shards());
-        for (name, t) in batch {
-            let parts = split_batch(name, t, n * shards)?;
-            for (&d, part) in self.p.devices.iter().zip(parts.into_iter().skip(shard * n)) {
-                self.feed(name, d, part)?;
-            }
+        let parts = split_to_devices(batch, &self.p.devices, self.shard_id(), self.num_shards())?;
+        self.feed_parts(parts)
+    }
+
+    /// Feeds parts made by [`split_to_devices`], after their uploads.
+    fn feed_parts(&self, parts: DeviceParts) -> Result<()> {
+        for (name, d, mut t) in parts {
+            t.settle()?;
+            self.ws.feed(format!("{}/{name}", d.namescope()), t);
         }
         Ok(())
     }
@@ -331,6 +387,7 @@ impl Trainer {
     /// starts at the restored iteration).
     pub fn set_input(&mut self, source: impl InputSource + 'static) {
         self.p.source = Some(Box::new(source));
+        self.ahead = None;
     }
 
     /// Runs `iterations` steps.
@@ -686,33 +743,44 @@ impl Trainer {
     }
 }
 
-/// Splits `t` along its first dimension into `n` equal parts.
-fn split_batch(name: &str, t: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-    let dims = t.dims();
-    let Some(&batch) = dims.first() else {
-        return Err(Error::shape(name, "a batch dimension", t.shape()));
-    };
-    if batch % n != 0 {
-        return Err(Error::shape(
-            name,
-            format!("a batch divisible by the {n} devices"),
-            t.shape(),
-        ));
+/// One micro-batch as fed: (blob, device, that device's part).
+type DeviceParts = Vec<(String, Device, Tensor)>;
+
+/// A step's batches drawn ahead: as the source gave them (kept to feed again
+/// if the step fails) and split onto the devices.
+struct Ahead {
+    host: Vec<Vec<(String, Tensor)>>,
+    parts: Vec<DeviceParts>,
+}
+
+/// This rank's parts of a global batch: each tensor split along its first
+/// dimension into devices × shards equal parts, rank r's devices getting parts
+/// r·n … r·n + n − 1, each copied to its device (to a GPU through its copy
+/// stream: settle before use).
+fn split_to_devices(
+    batch: &[(String, Tensor)],
+    devices: &[Device],
+    shard: usize,
+    shards: usize,
+) -> Result<DeviceParts> {
+    let n = devices.len();
+    let total = n * shards;
+    let mut out = Vec::with_capacity(batch.len() * n);
+    for (name, t) in batch {
+        let Some(&rows) = t.dims().first() else {
+            return Err(Error::shape(name, "a batch dimension", t.shape()));
+        };
+        if rows % total != 0 {
+            return Err(Error::shape(
+                name,
+                format!("a batch divisible by the {total} devices"),
+                t.shape(),
+            ));
+        }
+        let per = rows / total;
+        for (i, &d) in devices.iter().enumerate() {
+            out.push((name.clone(), d, t.rows_to_device((shard * n + i) * per, per, d)?));
+        }
     }
-    let mut part_dims = dims.to_vec();
-    part_dims[0] = batch / n;
-    let per = t.numel() / n;
-    fn parts<T: Element>(t: &Tensor, dims: &[usize], per: usize, n: usize) -> Vec<Tensor> {
-        let d = t.data::<T>().unwrap_or_default();
-        (0..n)
-            .map(|i| {
-                Tensor::from_vec(dims.to_vec(), d[i * per..(i + 1) * per].to_vec()).expect("exact split")
-            })
-            .collect()
-    }
-    Ok(match t.dtype() {
-        crate::tensor::DataType::F32 => parts::<f32>(t, &part_dims, per, n),
-        crate::tensor::DataType::I32 => parts::<i32>(t, &part_dims, per, n),
-        crate::tensor::DataType::I64 => parts::<i64>(t, &part_dims, per, n),
-    })
+    Ok(out)
 }

@@ -355,6 +355,47 @@ impl Tensor {
         }
     }
 
+    /// Rows `first .. first + count` of the first dimension (a device's part of
+    /// a batch), on `device`. A GPU gets them through its copy stream, so that
+    /// the copy overlaps the computation running meanwhile; such a tensor must
+    /// be [settled](Tensor::settle) before a net reads it. `first + count` must
+    /// not pass the first dimension.
+    pub(crate) fn rows_to_device(&self, first: usize, count: usize, device: Device) -> Result<Tensor> {
+        let mut dims = self.dims().to_vec();
+        let per_row = self.numel() / dims.first().copied().unwrap_or(1).max(1);
+        if let Some(d) = dims.first_mut() {
+            *d = count;
+        }
+        let shape = Shape::from(dims);
+        let range = first * per_row..(first + count) * per_row;
+        match (&self.storage, device) {
+            #[cfg(feature = "cuda")]
+            (Storage::Cpu(s), Device::Cuda(n)) => Ok(Tensor {
+                shape,
+                storage: Storage::Cuda(crate::cuda::CudaStorage::upload_ahead(
+                    &crate::cuda::gpu(n)?,
+                    s,
+                    range,
+                )?),
+            }),
+            (Storage::Cpu(s), Device::Cpu(_)) => Ok(Tensor {
+                shape,
+                storage: Storage::Cpu(s.slice_copy(range)),
+            }),
+            _ => self.to_host()?.rows_to_device(first, count, device),
+        }
+    }
+
+    /// Orders an upload made by [`Tensor::rows_to_device`] before any later
+    /// work on its GPU (nothing to do otherwise).
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        match &mut self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => s.settle(),
+            _ => Ok(()),
+        }
+    }
+
     /// Bitwise equality of shape, type and elements (NaNs compare by bits); device
     /// tensors are compared through host copies.
     pub fn bitwise_eq(&self, other: &Tensor) -> bool {

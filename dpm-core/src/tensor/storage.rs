@@ -92,6 +92,15 @@ impl CpuStorage {
         }
     }
 
+    /// A copy of elements `range`.
+    pub(crate) fn slice_copy(&self, range: std::ops::Range<usize>) -> CpuStorage {
+        match self {
+            CpuStorage::F32(v) => CpuStorage::F32(v[range].to_vec()),
+            CpuStorage::I32(v) => CpuStorage::I32(v[range].to_vec()),
+            CpuStorage::I64(v) => CpuStorage::I64(v[range].to_vec()),
+        }
+    }
+
     /// Whether there are no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

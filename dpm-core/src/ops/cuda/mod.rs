@@ -108,7 +108,7 @@ fn output(ctx: &mut OpContext<'_>, o: usize, gpu: &Arc<Gpu>, shape: impl Into<Sh
 /// Output `o`, which already holds its input's value (an in-place pair), on `gpu`.
 fn in_place(ctx: &mut OpContext<'_>, o: usize, gpu: &Gpu) -> Result<(Shape, u64)> {
     let name = ctx.output_name(o).to_owned();
-    let t = &*ctx.output(o);
+    let t = ctx.output(o);
     if t.dtype() != DataType::F32 {
         return Err(Error::DataTypeMismatch {
             blob: name,
@@ -116,13 +116,18 @@ fn in_place(ctx: &mut OpContext<'_>, o: usize, gpu: &Gpu) -> Result<(Shape, u64)
             got: t.dtype(),
         });
     }
-    let s = t.cuda_on(gpu).ok_or_else(|| misplaced(&name, t, gpu))?;
-    Ok((t.shape().clone(), s.ptr()))
+    let shape = t.shape().clone();
+    if t.cuda_on(gpu).is_none() {
+        return Err(misplaced(&name, t, gpu));
+    }
+    let s = t.cuda_on_mut(gpu).expect("checked above");
+    Ok((shape, s.ptr()))
 }
 
 /// Integer labels of input `label`, checked against `classes` on the host (as the
 /// CPU kernel does: a bad label is an error, never a silent read out of bounds)
-/// and put on `gpu` as i32. The copy back waits for the device once per op.
+/// and put on `gpu` as i32. Labels fed from the host are read from the mirror
+/// their upload kept; others are copied back, which waits for the device.
 fn labels(
     ctx: &OpContext<'_>,
     label: usize,
