@@ -86,6 +86,15 @@ pub struct Args {
     /// No progress bar (logs and tests).
     #[arg(long, default_value_t = false)]
     pub quiet: bool,
+    /// Only convolution algorithms that give the same bits every run, so that a
+    /// rerun or a resumed run reproduces this one exactly (on a GPU; some shapes
+    /// are slower).
+    #[arg(long, default_value_t = false)]
+    pub deterministic: bool,
+    /// Time every op after the warm-up and print the costliest op types (GPU ops
+    /// are then waited for one by one, so throughput drops).
+    #[arg(long, default_value_t = false)]
+    pub profile: bool,
 }
 
 /// The network, as one `#[data_parallel]` forward function's configuration.
@@ -418,7 +427,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     let global_batch = args.batch_per_device * devices.len() * ranks;
 
     let mut model = ModelHelper::new("resnet");
-    model.set_seed(args.seed);
+    model.set_seed(args.seed).set_deterministic(args.deterministic);
     let stepsize = args.lr_decay_at.unwrap_or(args.iters * 3 / 4).max(1);
     let mut builder = Parallelize::new(model);
     if let Some(t) = args.kernel_threads {
@@ -486,6 +495,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     for i in 0..todo {
         if i == warmup {
             steady_start = Some(Instant::now());
+            trainer.workspace().set_profiling(args.profile);
         }
         trainer.step().map_err(|e| match e {
             Error::NonFinite { what } => Error::Config(format!(
@@ -502,10 +512,15 @@ pub fn run(args: &Args) -> Result<Summary> {
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let images_per_sec = match steady_start {
-        Some(t) => (todo - warmup) as f64 * global_batch as f64 / t.elapsed().as_secs_f64(),
+    let steady = steady_start.map(|t| t.elapsed());
+    let images_per_sec = match steady {
+        Some(t) => (todo - warmup) as f64 * global_batch as f64 / t.as_secs_f64(),
         None => todo as f64 * global_batch as f64 / start.elapsed().as_secs_f64().max(1e-9),
     };
+    if let (true, Some(t)) = (args.profile, steady) {
+        trainer.workspace().set_profiling(false);
+        print_profile(&trainer.workspace().op_times(), todo - warmup, t);
+    }
     if let Some(path) = &args.save {
         trainer.save(path)?;
     }
@@ -561,6 +576,35 @@ fn comm_seconds() -> f64 {
 }
 
 #[allow(dead_code)] // the tests include this file as a module and call `run`
+/// The op types that took the most time per step, and what ran outside ops.
+fn print_profile(times: &[(String, dpm::exec::OpTime)], steps: u64, wall: std::time::Duration) {
+    let per_step = |d: std::time::Duration| 1e3 * d.as_secs_f64() / steps.max(1) as f64;
+    let total: std::time::Duration = times.iter().map(|(_, t)| t.total).sum();
+    eprintln!(
+        "per step over {steps} profiled steps: {:.2} ms, {:.2} ms of it in ops",
+        per_step(wall),
+        per_step(total)
+    );
+    let host: std::time::Duration = times.iter().map(|(_, t)| t.host).sum();
+    eprintln!(
+        "host time in ops (for GPU ops: enqueueing): {:.2} ms",
+        per_step(host)
+    );
+    eprintln!(
+        "{:<28} {:>6} {:>10} {:>7} {:>10}",
+        "op type", "runs", "ms", "share", "host ms"
+    );
+    for (op, t) in times.iter().take(20) {
+        eprintln!(
+            "{op:<28} {:>6} {:>10.3} {:>6.1}% {:>10.3}",
+            t.runs / steps.max(1),
+            per_step(t.total),
+            100.0 * t.total.as_secs_f64() / total.as_secs_f64().max(1e-12),
+            per_step(t.host)
+        );
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let t = Instant::now();

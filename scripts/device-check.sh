@@ -37,20 +37,21 @@ exec > >(tee "$out/device-check.log") 2>&1
 # cuBLAS, cuDNN and NVRTC as the machine's PyTorch ships them, plus the toolkit.
 site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 libs=$(find "$site/nvidia" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-    -maxdepth 3 -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+    -maxdepth 3 -name 'lib*.so*' -not -path '*stubs*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 export RUST_BACKTRACE=1
 
 echo "== machine"
+uname -r
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
 status=0
 
 echo "== 1. tests/cuda.rs"
-DPM_REQUIRE_NVRTC=1 timeout 200 .device/cuda-tests --test-threads 1 2>&1 || status=1
+DPM_REQUIRE_NVRTC=1 timeout 150 .device/cuda-tests --test-threads 1 2>&1 || status=1
 
 echo "== 2. the example on cuda:0"
-timeout 150 .device/resnet --devices cuda:0 --batch-per-device 64 --iters 1000 --quiet \
+timeout 80 .device/resnet --devices cuda:0 --batch-per-device 64 --iters 1000 --quiet \
     --summary-json "$out/example.json" || status=1
 python3 - "$out/example.json" <<'PY' || status=1
 import json, sys
@@ -59,8 +60,22 @@ print(f"held-out accuracy {100 * s['heldout_accuracy']:.1f}%, {s['images_per_sec
 assert s["heldout_accuracy"] >= 0.90, "held-out accuracy below 90%"
 PY
 
+echo "== 2b. where a ResNet-50 step goes (--profile)"
+timeout 60 .device/resnet --devices cuda:0 --depth 50 --image-size 224 --batch-per-device 64 --classes 10 \
+    --iters 23 --train-images 128 --heldout-images 0 --quiet --profile || status=1
+
+echo "== 2c. ResNet-20 (batch 128) profiled, and ResNet-50 with --deterministic"
+timeout 30 .device/resnet --devices cuda:0 --depth 20 --batch-per-device 128 --iters 33 --train-images 256 \
+    --heldout-images 0 --quiet --profile >"$out/profile20.txt" 2>&1 || status=1
+head -14 "$out/profile20.txt"
+timeout 60 .device/resnet --devices cuda:0 --depth 50 --image-size 224 --batch-per-device 64 --classes 10 \
+    --iters 33 --train-images 128 --heldout-images 0 --quiet --deterministic || status=1
+
 echo "== 3. dpm vs PyTorch (FP32, cudnn.benchmark)"
-timeout 200 python3 benches/gpu_vs_torch.py .device/resnet 30 2 || status=1
+timeout 150 python3 benches/gpu_vs_torch.py .device/resnet 30 2 || status=1
+
+echo "== 4. where PyTorch's ResNet-50 step goes"
+timeout 90 python3 benches/torch_gpu_profile.py 5 || status=1
 
 echo "== device-check: $([[ $status == 0 ]] && echo PASSED || echo FAILED)"
 exit $status
