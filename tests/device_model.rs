@@ -268,3 +268,138 @@ fn invented_names_never_collide() {
     t.run_init().unwrap();
     t.run(2).unwrap();
 }
+
+/// Split, Concat, LayerNorm, Softmax, LabelCrossEntropy and AveragedLoss, all
+/// through `DeviceModel` helpers.
+#[data_parallel]
+fn split_join_norm(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [8]);
+    let label = m.input("label");
+    let h = m.fc("fc1", data, 12)?;
+    let parts = m.split("parts", h, 0, &[5, 7])?;
+    let joined = m.concat("joined", &[parts[1], parts[0]], 0)?;
+    assert_eq!(m.sample_shape(joined), Some(&Shape::from([12])));
+    let n = m.layer_norm("ln", joined, 1e-5)?;
+    let h = m.tanh("ln_tanh", n);
+    let logits = m.fc("fc2", h, 4)?;
+    let p = m.softmax("p", logits);
+    let xent = m.label_cross_entropy("xent", p, label);
+    Ok(m.averaged_loss("loss", xent).into())
+}
+
+fn split_join_norm_trainer(devices: &[Device], batch: usize) -> Trainer {
+    let mut t = Parallelize::new(ModelHelper::new("sjn"))
+        .devices(devices.to_vec())
+        .input(common::cycling_source(batch, 0))
+        .forward(split_join_norm)
+        .update(Sgd::new(0.2).momentum(0.9))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t
+}
+
+#[test]
+fn split_concat_layer_norm_and_averaged_loss_train_and_match_one_big_batch() {
+    let mut two = split_join_norm_trainer(&[Device::cpu(0), Device::cpu(1)], 16);
+    let mut one = split_join_norm_trainer(&[Device::cpu(0)], 16);
+    two.step().unwrap();
+    let first = two.loss().unwrap();
+    one.step().unwrap();
+    two.run(40).unwrap();
+    one.run(40).unwrap();
+    let last = two.loss().unwrap();
+    assert!(last < 0.7 * first, "loss {first} → {last}");
+    for g in two.param_groups() {
+        let (a, b) = (
+            two.fetch(&g.name, Device::cpu(1)).unwrap(),
+            one.fetch(&g.name, Device::cpu(0)).unwrap(),
+        );
+        let (a, b) = (a.data::<f32>().unwrap(), b.data::<f32>().unwrap());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "`{}`: 2 × 8 differs from 1 × 16 by {worst}",
+            g.name
+        );
+    }
+}
+
+#[test]
+fn image_sequence_and_loss_helpers_add_caffe2_ops_with_per_sample_shapes() {
+    let mut model = ModelHelper::new("m");
+    DeviceModel::scope(&mut model, Device::cpu(0), |m| {
+        let img = m.input_with_shape("img", [3, 8, 8]);
+        let bn = m.spatial_bn_with("bn", img, 0.99, 1e-3).unwrap();
+        let pooled = m.average_pool(bn, 3, 2, 1).unwrap();
+        assert_eq!(m.sample_shape(pooled), Some(&Shape::from([3, 4, 4])));
+        let flat = m.flatten(pooled);
+        assert_eq!(m.sample_shape(flat), Some(&Shape::from([48])));
+        let seq = m.input_with_shape("seq", [4, 6]);
+        let t = m.transpose("seq_t", seq, &[1, 0]).unwrap();
+        assert_eq!(m.sample_shape(t), Some(&Shape::from([6, 4])));
+        let att = m.batch_matmul("att", seq, seq, false, true).unwrap();
+        assert_eq!(m.sample_shape(att), Some(&Shape::from([4, 4])));
+        let ids = m.input_with_shape("ids", [5]);
+        let e = m.embedding("emb", ids, 100, 16).unwrap();
+        assert_eq!(m.sample_shape(e), Some(&Shape::from([5, 16])));
+        let target = m.input_with_shape("target", [48]);
+        for (name, b) in [
+            ("l2", m.squared_l2_distance("l2", flat, target)),
+            ("l1", m.l1_distance("l1", flat, target)),
+        ] {
+            assert_eq!(m.sample_shape(b), Some(&Shape::from([])), "{name}");
+        }
+        // What cannot be built says why.
+        let bad = [
+            m.transpose("x", seq, &[0, 0]).unwrap_err().to_string(),
+            m.batch_matmul("y", seq, seq, false, false)
+                .unwrap_err()
+                .to_string(),
+            m.split("z", seq, 1, &[2, 2]).unwrap_err().to_string(),
+            m.concat("w", &[seq, t], 0).unwrap_err().to_string(),
+            m.average_pool(seq, 2, 2, 0).unwrap_err().to_string(),
+            m.spatial_bn_with("v", img, 1.5, 1e-5).unwrap_err().to_string(),
+        ];
+        for (e, want) in bad.iter().zip([
+            "permutation",
+            "do not multiply",
+            "add up",
+            "differ",
+            "[C, H, W]",
+            "momentum",
+        ]) {
+            assert!(e.contains(want), "{e}");
+        }
+    });
+    let op = |out: &str| writer(&model, out);
+    let bn = op("cpu_0/bn");
+    assert_eq!(bn.find_arg("momentum").and_then(|a| a.f), Some(0.99));
+    assert_eq!(bn.find_arg("epsilon").and_then(|a| a.f), Some(1e-3));
+    let pool = op("cpu_0/bn_avgpool");
+    assert_eq!(
+        (
+            pool.op_type(),
+            int_arg(pool, "kernel"),
+            int_arg(pool, "stride"),
+            int_arg(pool, "pad")
+        ),
+        ("AveragePool", Some(3), Some(2), Some(1))
+    );
+    assert_eq!(op("cpu_0/bn_avgpool_flat").op_type(), "Flatten");
+    assert_eq!(
+        op("cpu_0/seq_t").find_arg("axes").map(|a| a.ints.clone()),
+        Some(vec![0, 2, 1])
+    );
+    let att = op("cpu_0/att");
+    assert_eq!((att.op_type(), int_arg(att, "trans_b")), ("BatchMatMul", Some(1)));
+    let emb = op("cpu_0/emb");
+    assert_eq!(
+        (emb.op_type(), emb.input.clone()),
+        ("Gather", vec!["cpu_0/emb_w".to_owned(), "cpu_0/ids".to_owned()])
+    );
+    assert!(model.params().iter().any(|p| p.name() == "cpu_0/emb_w"));
+    assert_eq!(op("cpu_0/l2").op_type(), "SquaredL2Distance");
+    assert_eq!(op("cpu_0/l1").op_type(), "L1Distance");
+}

@@ -456,6 +456,23 @@ fn case(op: &str) -> Option<Case> {
             vec!["y"],
             vec!["a", "b"],
         ),
+        "AveragedLoss" => (
+            op_net("AveragedLoss", &["x"], &["y"], &[]),
+            vec![("x", r(&[3, 4], 138))],
+            vec!["y"],
+            vec!["x"],
+        ),
+        "BatchMatMul" => (
+            op_net(
+                "BatchMatMul",
+                &["a", "b"],
+                &["y"],
+                &[("trans_a", 1), ("trans_b", 0)],
+            ),
+            vec![("a", r(&[2, 3, 4, 3], 132)), ("b", r(&[2, 3, 4, 2], 133))],
+            vec!["y"],
+            vec!["a", "b"],
+        ),
         "Transpose" => {
             let mut n = Net::new("transpose");
             n.op("Transpose")
@@ -540,6 +557,50 @@ fn matmul_gradients_in_every_layout_and_dropout_masks() {
         ];
         gradcheck(&n, &feeds, &["y"], &["a", "b"]);
     }
+    // BatchMatMul is MatMul on each matrix of the batch, to the bit, in every layout.
+    for (ta, tb) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        let (ad, bd) = (
+            if ta == 1 { [4, 3] } else { [3, 4] },
+            if tb == 1 { [2, 4] } else { [4, 2] },
+        );
+        let a = random(&[2, 3, ad[0], ad[1]], 134, -1.0, 1.0, 0.0);
+        let b = random(&[2, 3, bd[0], bd[1]], 135, -1.0, 1.0, 0.0);
+        let ws = Workspace::new();
+        ws.feed("a", a.clone());
+        ws.feed("b", b.clone());
+        let args = [("trans_a", ta), ("trans_b", tb)];
+        ws.run_net_once(op_net("BatchMatMul", &["a", "b"], &["y"], &args).proto())
+            .unwrap();
+        let y = ws.fetch("y").unwrap();
+        assert_eq!(y.dims(), [2, 3, 3, 2]);
+        for i in 0..6 {
+            let slice = |t: &Tensor, d: [usize; 2]| {
+                let v = t.data::<f32>().unwrap()[i * d[0] * d[1]..][..d[0] * d[1]].to_vec();
+                Tensor::from_vec(d.to_vec(), v).unwrap()
+            };
+            let one = Workspace::new();
+            one.feed("a", slice(&a, ad));
+            one.feed("b", slice(&b, bd));
+            one.run_net_once(op_net("MatMul", &["a", "b"], &["y"], &args).proto())
+                .unwrap();
+            assert!(
+                one.fetch("y").unwrap().bitwise_eq(&slice(&y, [3, 2])),
+                "matrix {i}, layout {ta}{tb}"
+            );
+        }
+    }
+    // Batches that differ, and broadcast, are clear errors.
+    let ws = Workspace::new();
+    ws.feed("a", random(&[2, 3, 4], 136, -1.0, 1.0, 0.0));
+    ws.feed("b", random(&[3, 4, 2], 137, -1.0, 1.0, 0.0));
+    let e = ws
+        .run_net_once(op_net("BatchMatMul", &["a", "b"], &["y"], &[]).proto())
+        .unwrap_err();
+    assert!(e.to_string().contains("`b`"), "{e}");
+    let e = ws
+        .run_net_once(op_net("BatchMatMul", &["a", "b"], &["y"], &[("broadcast", 1)]).proto())
+        .unwrap_err();
+    assert!(e.to_string().contains("broadcast"), "{e}");
     // Dropout keeps about 1 − ratio of the elements, scaled by 1/(1 − ratio),
     // draws a new mask each run, and its gradient is the mask.
     let mut n = Net::new("dropout");

@@ -56,10 +56,12 @@ pub(crate) fn register(r: &mut Registry) {
         ("Div", binary),
         ("Dropout", dropout),
         ("MatMul", matmul),
+        ("BatchMatMul", matmul),
         ("Transpose", transpose),
         ("SquaredL2Distance", binary_loss),
         ("L1Distance", binary_loss),
         ("LabelCrossEntropy", label_cross_entropy),
+        ("AveragedLoss", averaged_loss),
         ("Concat", concat),
         ("Split", split),
         ("LayerNorm", layer_norm),
@@ -422,7 +424,8 @@ fn matmul(c: &GradCtx<'_>) -> Result<GradOps> {
     let (ta, tb) = (a.int("trans_a", 0)? != 0, a.int("trans_b", 0)? != 0);
     let dc = c.g_out(0)?;
     let mm = |x: String, y: String, out: String, t1: bool, t2: bool| {
-        let mut op = c.op("MatMul", vec![x, y], vec![out], vec![]);
+        // The same per matrix of a batch: BatchMatMul differentiates into itself.
+        let mut op = c.op(c.op.op_type(), vec![x, y], vec![out], vec![]);
         op.arg
             .push(crate::graph::ArgValue::Int(i64::from(t1)).to_proto("trans_a"));
         op.arg
@@ -501,6 +504,20 @@ fn label_cross_entropy(c: &GradCtx<'_>) -> Result<GradOps> {
     let op = c.op(
         "LabelCrossEntropyGradient",
         vec![c.input(0), c.input(1), c.g_out(0)?],
+        vec![c.gi[0].clone()],
+        vec![],
+    );
+    Ok(GradOps {
+        ops: vec![op],
+        g_in: c.g_in_needed(),
+    })
+}
+
+/// `AveragedLoss(X) → Y` → `AveragedLossGradient(X, dY) → dX`.
+fn averaged_loss(c: &GradCtx<'_>) -> Result<GradOps> {
+    let op = c.op(
+        "AveragedLossGradient",
+        vec![c.input(0), c.g_out(0)?],
         vec![c.gi[0].clone()],
         vec![],
     );

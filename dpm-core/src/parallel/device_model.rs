@@ -102,7 +102,7 @@ impl<'d> DeviceModel<'d> {
         f(&mut dm)
     }
 
-    fn push_blob(&mut self, name: BlobRef, shape: Option<Shape>) -> Blob<'d> {
+    pub(super) fn push_blob(&mut self, name: BlobRef, shape: Option<Shape>) -> Blob<'d> {
         self.blobs.push((name, shape));
         Blob {
             id: self.blobs.len() - 1,
@@ -150,7 +150,7 @@ impl<'d> DeviceModel<'d> {
         self.push_blob(b, Some(shape.into()))
     }
 
-    fn known_shape(&self, b: Blob<'d>, layer: &str) -> Result<Shape> {
+    pub(super) fn known_shape(&self, b: Blob<'d>, layer: &str) -> Result<Shape> {
         self.sample_shape(b).cloned().ok_or_else(|| {
             Error::Config(format!(
                 "{layer}: the per-sample shape of `{}` is unknown; declare it with input_with_shape",
@@ -317,7 +317,7 @@ impl<'d> DeviceModel<'d> {
 
     /// `base`, or `base_1`, `base_2`, … if this replica already has a blob of that
     /// name: the names the helpers invent never collide.
-    fn fresh_name(&self, base: &str) -> String {
+    pub(super) fn fresh_name(&self, base: &str) -> String {
         let taken = |n: &str| {
             let full = self.model.blob(n);
             self.blobs.iter().any(|(b, _)| *b == full)

@@ -17,6 +17,7 @@
 mod analysis;
 mod device_model;
 mod group;
+mod layers;
 mod memory;
 mod trainer;
 

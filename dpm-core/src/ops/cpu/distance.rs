@@ -142,3 +142,39 @@ impl Kernel for LabelCrossEntropyGradient {
         Ok(())
     }
 }
+
+/// `AveragedLoss(X) → mean of X` (a scalar): per-row losses into the one
+/// number a loss is. Its gradient `AveragedLossGradient(X, dY) → dX` is
+/// `dY / numel(X)` everywhere.
+pub struct AveragedLoss;
+
+/// `AveragedLossGradient`.
+pub struct AveragedLossGradient;
+
+impl Kernel for AveragedLoss {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(1..=1)?;
+        let (_, xd) = ctx.input_f32(0)?;
+        // In f64, then rounded once: the mean of many rows stays exact to f32.
+        let mean = if xd.is_empty() {
+            0.0
+        } else {
+            (xd.iter().map(|&v| f64::from(v)).sum::<f64>() / xd.len() as f64) as f32
+        };
+        ctx.resize_output::<f32>(0, [])?[0] = mean;
+        Ok(())
+    }
+}
+
+impl Kernel for AveragedLossGradient {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(2..=2)?;
+        ctx.expect_outputs(1..=1)?;
+        let dy = ctx.input_scalar(1)?;
+        let x = ctx.input(0)?.shape().clone();
+        let n = x.numel().max(1) as f32;
+        ctx.resize_output::<f32>(0, x)?.fill(dy / n);
+        Ok(())
+    }
+}

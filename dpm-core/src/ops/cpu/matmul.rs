@@ -1,4 +1,5 @@
-//! `MatMul(A, B) → op(A)·op(B)` for matrices (`trans_a`, `trans_b`), and
+//! `MatMul(A, B) → op(A)·op(B)` for matrices (`trans_a`, `trans_b`),
+//! `BatchMatMul` the same for each matrix of a batch (equal leading dimensions), and
 //! `Transpose(X) → X` with its dimensions permuted by `axes` (default: reversed).
 //! Both differentiate into themselves.
 
@@ -8,19 +9,37 @@ use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
-/// `MatMul`.
+/// `MatMul`, or `BatchMatMul` when `batched`.
 pub struct MatMul {
     trans_a: bool,
     trans_b: bool,
+    batched: bool,
 }
 
 impl MatMul {
     /// Parses `trans_a`, `trans_b`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::parse(op, false)
+    }
+
+    /// `BatchMatMul`: parses `trans_a`, `trans_b`; `broadcast` (batches of
+    /// different shapes) is refused.
+    pub fn create_batched(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        if Args(&op.arg).int("broadcast", 0)? != 0 {
+            return Err(Error::arg(
+                "broadcast",
+                "BatchMatMul with broadcast is not supported: give A and B the same batch dimensions",
+            ));
+        }
+        Self::parse(op, true)
+    }
+
+    fn parse(op: &OperatorDef, batched: bool) -> Result<Box<dyn Kernel>> {
         let a = Args(&op.arg);
         Ok(Box::new(MatMul {
             trans_a: a.int("trans_a", 0)? != 0,
             trans_b: a.int("trans_b", 0)? != 0,
+            batched,
         }))
     }
 }
@@ -31,9 +50,24 @@ impl Kernel for MatMul {
         ctx.expect_outputs(1..=1)?;
         let (a, ad) = ctx.input_f32(0)?;
         let (b, bd) = ctx.input_f32(1)?;
-        let (&[ar, ac], &[br, bc]) = (a.dims(), b.dims()) else {
-            return Err(Error::shape(ctx.input_name(0), "two matrices", a.shape()));
-        };
+        let (da, db) = (a.dims(), b.dims());
+        let rank = if self.batched { da.len().max(2) } else { 2 };
+        if da.len() != rank || db.len() != rank || (self.batched && da[..rank - 2] != db[..rank - 2]) {
+            let want = if self.batched {
+                format!("a batch of matrices like `{}` ({})", ctx.input_name(0), a.shape())
+            } else {
+                "a matrix".into()
+            };
+            let (bad, shape) = if da.len() != rank {
+                (0, a.shape())
+            } else {
+                (1, b.shape())
+            };
+            return Err(Error::shape(ctx.input_name(bad), want, shape));
+        }
+        let lead = &da[..rank - 2];
+        let batch: usize = lead.iter().product();
+        let (ar, ac, br, bc) = (da[rank - 2], da[rank - 1], db[rank - 2], db[rank - 1]);
         let (m, k) = if self.trans_a { (ac, ar) } else { (ar, ac) };
         let (kb, n) = if self.trans_b { (bc, br) } else { (br, bc) };
         if k != kb {
@@ -44,8 +78,16 @@ impl Kernel for MatMul {
             ));
         }
         let mat = |d, t| if t { Mat::t(d) } else { Mat::n(d) };
-        let c = ctx.resize_output::<f32>(0, [m, n])?;
-        sgemm(m, n, k, mat(ad, self.trans_a), mat(bd, self.trans_b), 0.0, c);
+        let mut out = lead.to_vec();
+        out.extend([m, n]);
+        let c = ctx.resize_output::<f32>(0, out)?;
+        if m * n == 0 {
+            return Ok(());
+        }
+        for (i, c) in c.chunks_exact_mut(m * n).enumerate().take(batch) {
+            let (a, b) = (&ad[i * ar * ac..][..ar * ac], &bd[i * br * bc..][..br * bc]);
+            sgemm(m, n, k, mat(a, self.trans_a), mat(b, self.trans_b), 0.0, c);
+        }
         Ok(())
     }
 }

@@ -103,6 +103,10 @@ pub fn register(r: &mut Registry) {
     r.register("LabelCrossEntropyGradient", Cpu, |_| {
         Ok(Box::new(distance::LabelCrossEntropyGradient))
     });
+    r.register("AveragedLoss", Cpu, |_| Ok(Box::new(distance::AveragedLoss)));
+    r.register("AveragedLossGradient", Cpu, |_| {
+        Ok(Box::new(distance::AveragedLossGradient))
+    });
     r.register("LayerNorm", Cpu, layernorm::LayerNorm::create);
     r.register("LayerNormGradient", Cpu, layernorm::LayerNorm::create);
     r.register("Gather", Cpu, layernorm::Gather::create);
@@ -112,6 +116,7 @@ pub fn register(r: &mut Registry) {
     r.register("Dropout", Cpu, dropout::Dropout::create);
     r.register("DropoutGradient", Cpu, |_| Ok(Box::new(dropout::DropoutGradient)));
     r.register("MatMul", Cpu, matmul::MatMul::create);
+    r.register("BatchMatMul", Cpu, matmul::MatMul::create_batched);
     r.register("Transpose", Cpu, matmul::Transpose::create);
     r.register("Flatten", Cpu, shape::Reshape::flatten);
     r.register("Reshape", Cpu, shape::Reshape::reshape);
