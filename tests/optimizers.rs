@@ -376,3 +376,85 @@ fn weight_decay_can_skip_biases_and_norms() {
     let bias = |t: &Trainer| t.fetch("fc1_b", Device::cpu(0)).unwrap();
     assert!(!bias(&a).bitwise_eq(&bias(&b)), "the option changed nothing");
 }
+
+fn trainer_with(model: ModelHelper, update: impl dpm::parallel::UpdateBuilder + 'static) -> Result<Trainer> {
+    let mut t = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(cycling_source(16, 0))
+        .forward(mlp_forward)
+        .update(update)
+        .build()?;
+    t.run_init()?;
+    Ok(t)
+}
+
+/// Per-parameter learning-rate multipliers (Caffe2's `lr_mult`): the first
+/// momentum-SGD step moves a parameter by lr·m·g, so its update is m times the
+/// update without the multiplier; 0 freezes a parameter under every optimiser;
+/// the others train as without multipliers; a name no parameter has is an error.
+#[test]
+fn learning_rate_multipliers_scale_each_parameters_update() {
+    let mut plain = trainer(Sgd::new(0.1).momentum(0.9));
+    let mut model = ModelHelper::new("mlp");
+    model
+        .set_lr_multiplier("fc2_w", 0.25)
+        .set_lr_multiplier("fc1_b", 0.0);
+    let mut scaled = trainer_with(model.clone(), Sgd::new(0.1).momentum(0.9)).unwrap();
+    let before = |t: &Trainer, n: &str| t.fetch(n, Device::cpu(1)).unwrap();
+    let w0 = before(&plain, "fc2_w");
+    let b0 = before(&plain, "fc1_b");
+    plain.step().unwrap();
+    scaled.step().unwrap();
+    let delta = |t: &Trainer, n: &str, x0: &Tensor| -> Vec<f32> {
+        let x = t.fetch(n, Device::cpu(1)).unwrap();
+        x.data::<f32>()
+            .unwrap()
+            .iter()
+            .zip(x0.data::<f32>().unwrap())
+            .map(|(a, b)| a - b)
+            .collect()
+    };
+    let (dp, ds) = (delta(&plain, "fc2_w", &w0), delta(&scaled, "fc2_w", &w0));
+    assert!(dp.iter().any(|v| *v != 0.0));
+    // Updates are differences of parameters: exact to a few of their ulps.
+    let ulp = w0.data::<f32>().unwrap().iter().fold(0f32, |m, v| m.max(v.abs())) * f32::EPSILON;
+    for (p, s) in dp.iter().zip(&ds) {
+        assert!((0.25 * p - s).abs() <= 4.0 * ulp, "{s} is not a quarter of {p}");
+    }
+    assert!(
+        before(&scaled, "fc1_b").bitwise_eq(&b0),
+        "a 0 multiplier froze nothing"
+    );
+    // Parameters without a multiplier took the same first step.
+    assert!(before(&scaled, "fc1_w").bitwise_eq(&before(&plain, "fc1_w")));
+    // Every optimiser honours it, on every replica.
+    let mut frozen = ModelHelper::new("mlp");
+    frozen.set_lr_multiplier("fc1_w", 0.0);
+    for opt in 0..3 {
+        let mut t = match opt {
+            0 => trainer_with(frozen.clone(), Adam::new(0.01)),
+            1 => trainer_with(frozen.clone(), RmsProp::new(0.01)),
+            _ => trainer_with(frozen.clone(), Adagrad::new(0.1)),
+        }
+        .unwrap();
+        let w = t.fetch("fc1_w", Device::cpu(0)).unwrap();
+        t.run(3).unwrap();
+        for d in [Device::cpu(0), Device::cpu(1)] {
+            assert!(
+                t.fetch("fc1_w", d).unwrap().bitwise_eq(&w),
+                "optimiser {opt}, {d}"
+            );
+        }
+        assert!(!t
+            .fetch("fc2_w", Device::cpu(0))
+            .unwrap()
+            .bitwise_eq(&before(&plain, "fc2_w")));
+    }
+    let mut typo = ModelHelper::new("mlp");
+    typo.set_lr_multiplier("fc9_w", 0.5);
+    let e = trainer_with(typo, Sgd::new(0.1))
+        .err()
+        .expect("an unknown name is an error")
+        .to_string();
+    assert!(e.contains("`fc9_w`"), "{e}");
+}

@@ -48,6 +48,8 @@ pub struct ModelHelper {
     /// Parameters weight decay leaves alone when an optimiser is asked to
     /// (biases, batch-norm scales and shifts).
     decay_exempt: Vec<BlobRef>,
+    /// Learning-rate multipliers by parameter name relative to the device scope.
+    lr_multipliers: std::collections::BTreeMap<String, f32>,
     /// Convolutions added get `deterministic: 1`.
     deterministic: bool,
     /// Blob names refused inside a replica (see `relative_name_error`), reported
@@ -83,8 +85,31 @@ impl ModelHelper {
             is_test: false,
             bad_names: NameLog::default(),
             decay_exempt: Vec::new(),
+            lr_multipliers: Default::default(),
             deterministic: false,
         }
+    }
+
+    /// Scales the learning rate of parameter `name` (relative to the device
+    /// scope, e.g. `"fc1_w"`: every replica's copy) by `multiplier`, for every
+    /// optimiser (Caffe2's `lr_mult`); 0 freezes it. A name that no parameter has
+    /// is an error when the optimiser is built.
+    pub fn set_lr_multiplier(&mut self, name: &str, multiplier: f32) -> &mut Self {
+        self.lr_multipliers.insert(name.to_owned(), multiplier);
+        self
+    }
+
+    /// The learning-rate multipliers set, by parameter name.
+    pub fn lr_multipliers(&self) -> &std::collections::BTreeMap<String, f32> {
+        &self.lr_multipliers
+    }
+
+    /// The learning-rate multiplier of `param` (1 unless set).
+    pub fn lr_multiplier(&self, param: &BlobRef) -> f32 {
+        self.lr_multipliers
+            .get(param.short_name())
+            .copied()
+            .unwrap_or(1.0)
     }
 
     /// Makes every convolution added from now on deterministic (Caffe2's

@@ -109,6 +109,7 @@ impl Sgd {
                     .build_one();
                 model.add_optimizer_state(m.clone());
                 let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
+                let lr = lr_for(model, &p, &lr);
                 model
                     .net_mut()
                     .op("MomentumSGDUpdate")
@@ -131,6 +132,7 @@ impl Sgd {
                         .output(&g)
                         .build();
                 }
+                let lr = lr_for(model, &p, &lr);
                 model
                     .net_mut()
                     .op("WeightedSum")
@@ -172,7 +174,47 @@ fn params_with_gradients(model: &ModelHelper) -> Result<Vec<(BlobRef, BlobRef)>>
             model.net().scope().prefix()
         )));
     }
+    for (name, &m) in model.lr_multipliers() {
+        if !params.iter().any(|(p, _)| p.short_name() == name) {
+            return Err(Error::Config(format!(
+                "a learning-rate multiplier is set for `{name}`, but no parameter with a gradient has that name"
+            )));
+        }
+        if !m.is_finite() || m < 0.0 {
+            return Err(Error::Config(format!(
+                "the learning-rate multiplier of `{name}` must be finite and ≥ 0, got {m}"
+            )));
+        }
+    }
     Ok(params)
+}
+
+/// The learning rate of `p`: `lr`, or `lr` scaled by `p`'s multiplier (one
+/// `Scale` on the host per multiplier, shared by the parameters that have it).
+fn lr_for(model: &mut ModelHelper, p: &BlobRef, lr: &BlobRef) -> BlobRef {
+    let m = model.lr_multiplier(p);
+    if m == 1.0 {
+        return lr.clone();
+    }
+    let name = format!("{}_x{m}", lr.name());
+    let scaled = BlobRef::new(&name);
+    let exists = model
+        .net()
+        .ops()
+        .iter()
+        .any(|o| o.output.iter().any(|b| *b == name));
+    if !exists {
+        model.device_scope(Device::Cpu(0), |model| {
+            model
+                .net_mut()
+                .op("Scale")
+                .input(lr)
+                .output(&scaled)
+                .arg("scale", m)
+                .build();
+        });
+    }
+    scaled
 }
 
 /// Optimiser state shaped like `p`, zero at the start, checkpointed and
@@ -292,10 +334,11 @@ impl Adam {
             let m1 = state_like(model, &p, "_first_moment");
             let m2 = state_like(model, &p, "_second_moment");
             let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
+            let plr = lr_for(model, &p, &lr);
             model
                 .net_mut()
                 .op("Adam")
-                .inputs([&p, &m1, &m2, &g, &lr, &iter])
+                .inputs([&p, &m1, &m2, &g, &plr, &iter])
                 .outputs([&p, &m1, &m2])
                 .arg("beta1", b1)
                 .arg("beta2", b2)
@@ -378,10 +421,11 @@ impl RmsProp {
         for (p, g) in params {
             let ms = state_like(model, &p, "_mean_squares");
             let mom = state_like(model, &p, "_momentum");
+            let plr = lr_for(model, &p, &lr);
             model
                 .net_mut()
                 .op("RmsProp")
-                .inputs([&g, &ms, &mom, &lr])
+                .inputs([&g, &ms, &mom, &plr])
                 .outputs([&g, &ms, &mom])
                 .arg("decay", self.decay)
                 .arg("momentum", self.momentum)
@@ -449,10 +493,11 @@ impl Adagrad {
         let lr = model.device_scope(Device::Cpu(0), |m| counter_and_lr(m, -self.lr, &self.policy));
         for (p, g) in params {
             let acc = state_like(model, &p, "_moment");
+            let plr = lr_for(model, &p, &lr);
             model
                 .net_mut()
                 .op("Adagrad")
-                .inputs([&p, &acc, &g, &lr])
+                .inputs([&p, &acc, &g, &plr])
                 .outputs([&p, &acc])
                 .arg("epsilon", self.epsilon)
                 .arg("decay", self.decay)
