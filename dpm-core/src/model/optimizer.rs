@@ -198,11 +198,7 @@ fn lr_for(model: &mut ModelHelper, p: &BlobRef, lr: &BlobRef) -> BlobRef {
     }
     let name = format!("{}_x{m}", lr.name());
     let scaled = BlobRef::new(&name);
-    let exists = model
-        .net()
-        .ops()
-        .iter()
-        .any(|o| o.output.iter().any(|b| *b == name));
+    let exists = model.net().ops().iter().any(|o| o.output.contains(&name));
     if !exists {
         model.device_scope(Device::Cpu(0), |model| {
             model
