@@ -1,12 +1,16 @@
 //! Training data: an in-memory image [`Dataset`], the CIFAR-10 binary reader
-//! (`cifar.rs`), a learnable synthetic image set (`synthetic.rs`), and a
-//! prefetching [`Loader`] that feeds a trainer (`loader.rs`).
+//! (`cifar.rs`), a learnable synthetic image set (`synthetic.rs`), a
+//! prefetching image [`Loader`] that feeds a trainer (`loader.rs`), and
+//! [`InMemory`], the general batch source over any samples held in memory
+//! (`in_memory.rs`).
 
 mod cifar;
+mod in_memory;
 mod loader;
 mod synthetic;
 
 pub use cifar::{read_cifar10, read_cifar10_file, CIFAR10_RECORD};
+pub use in_memory::{InMemory, LastBatch};
 pub use loader::{batch_tensors, Loader, LoaderConfig};
 pub use synthetic::Synthetic;
 
