@@ -849,3 +849,91 @@ fn gradient_accumulation_of_k_batches_equals_one_batch_k_times_larger() {
         .build()
         .is_err());
 }
+
+/// A conv → batch norm → relu → pool → fc model for the sync-BN equivalence.
+#[dpm::data_parallel]
+fn conv_bn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [3, 6, 6]);
+    let label = m.input("label");
+    let c = m.conv("c1", data, 4, 3).pad(1).no_bias().build()?;
+    let b = m.spatial_bn("bn1", c)?;
+    let r = m.relu(b)?;
+    let c2 = m.conv("c2", r, 4, 3).pad(1).no_bias().build()?;
+    let b2 = m.spatial_bn("bn2", c2)?;
+    let r2 = m.relu(b2)?;
+    let p = m.global_average_pool(r2)?;
+    let logits = m.fc("fc", p, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+fn conv_bn_trainer(devices: &[Device], sync: bool, net_type: &str) -> Trainer {
+    let mut step = 0u64;
+    let source = move || {
+        step += 1;
+        let x = common::random(&[16, 3, 6, 6], 100 + step % 3, -1.0, 2.0, 0.0);
+        let y: Vec<i32> = (0..16).map(|i| (i * 7 + step as i32) % 3).collect();
+        Ok(vec![
+            ("data".to_owned(), x),
+            ("label".to_owned(), Tensor::from_vec([16], y).unwrap()),
+        ])
+    };
+    let mut model = ModelHelper::new("cbn");
+    model.set_seed(3);
+    let mut t = Parallelize::new(model)
+        .devices(devices.to_vec())
+        .input(source)
+        .forward(conv_bn)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .sync_batch_norm(sync)
+        .net_type(net_type)
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t
+}
+
+/// Largest |a − b| over the tensor, against its largest |b|.
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.data::<f32>().unwrap(), b.data::<f32>().unwrap());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn sync_batch_norm_makes_n_devices_train_like_one_device_with_the_whole_batch() {
+    let mut one = conv_bn_trainer(&[Device::cpu(0)], false, "dag");
+    one.run(5).unwrap();
+    let devices = [Device::cpu(0), Device::cpu(1)];
+    for net_type in ["dag", "simple"] {
+        let mut synced = conv_bn_trainer(&devices, true, net_type);
+        let mut local = conv_bn_trainer(&devices, false, net_type);
+        synced.run(5).unwrap();
+        local.run(5).unwrap();
+        let mut local_off = 0f32;
+        for g in one.param_groups().iter().chain(one.computed_param_groups()) {
+            let want = one.fetch(&g.name, Device::cpu(0)).unwrap();
+            for d in devices {
+                let e = max_rel(&synced.fetch(&g.name, d).unwrap(), &want);
+                assert!(
+                    e <= 1e-4,
+                    "{net_type}: `{}` on {d} is {e:.1e} off one device with the whole batch",
+                    g.name
+                );
+            }
+            local_off = local_off.max(max_rel(&local.fetch(&g.name, Device::cpu(0)).unwrap(), &want));
+        }
+        // Without it, each device normalises its own half: visibly different.
+        assert!(
+            local_off > 1e-3,
+            "{net_type}: per-device batch norm matched too ({local_off:.1e})"
+        );
+        // The net holds the statistics ops and their all-reduces, two of each per batch norm and direction.
+        let ops = synced.model().net().proto().op.clone();
+        let count = |t: &str| ops.iter().filter(|o| o.op_type() == t).count();
+        assert_eq!(
+            (count("ChannelStats"), count("ChannelBackpropStats")),
+            (4, 2 * 2 - 2 + 2)
+        );
+    }
+}

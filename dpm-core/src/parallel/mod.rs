@@ -19,6 +19,7 @@ mod device_model;
 mod group;
 mod layers;
 mod memory;
+mod sync_bn;
 mod trainer;
 
 pub use analysis::{check_namescopes, infer_blob_devices};
@@ -142,6 +143,7 @@ pub struct Parallelize {
     kernel_threads: Option<usize>,
     bucket_bytes: usize,
     accumulate: usize,
+    sync_bn: bool,
 }
 
 /// Gradients sent across hosts together, at most (see [`Parallelize::bucket_bytes`]).
@@ -165,7 +167,19 @@ impl Parallelize {
             kernel_threads: None,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             accumulate: 1,
+            sync_bn: false,
         }
+    }
+
+    /// Synchronous batch norm (Caffe2's `combine_spatial_bn`, PyTorch's
+    /// `SyncBatchNorm`): every training `SpatialBN` normalises with the
+    /// statistics of the global batch over all devices, and its scale and bias
+    /// gradients are the global batch's, so N devices train like one device with
+    /// the whole batch. Costs two small all-reduces per batch norm forward and
+    /// two backward. Within one process (several devices of one host).
+    pub fn sync_batch_norm(mut self, on: bool) -> Self {
+        self.sync_bn = on;
+        self
     }
 
     /// Gradient accumulation (PyTorch's `no_sync`, Horovod's
@@ -353,7 +367,13 @@ impl Parallelize {
             kernel_threads,
             bucket_bytes,
             accumulate,
+            sync_bn,
         } = self;
+        if sync_bn && num_shards_of(rendezvous.as_ref()) > 1 {
+            return Err(Error::Config(
+                "sync_batch_norm works within one process: with several hosts, each host's devices would need their collectives in the one cross-host order, which is not done yet".into(),
+            ));
+        }
         if accumulate == 0 {
             return Err(Error::Config("gradient_accumulation(k) needs k ≥ 1".into()));
         }
@@ -407,6 +427,9 @@ impl Parallelize {
             }
             // 3. Autodiff.
             model.add_gradient_ops(&scaled)?;
+            if sync_bn {
+                sync_bn::synchronize_batch_norm(model.net_mut().proto_mut(), &devices)?;
+            }
             backward_end = model.net().proto().op.len();
             // 4. Gradients grouped, in the order they complete (last layer first).
             let dp_params: HashSet<&BlobRef> = param_groups.iter().flat_map(|g| &g.blobs).collect();
@@ -495,6 +518,10 @@ impl Parallelize {
             backward_end,
         }))
     }
+}
+
+fn num_shards_of(r: Option<&Rendezvous>) -> usize {
+    r.map_or(1, |r| r.num_shards)
 }
 
 /// Runs `f` inside device `d`'s device scope and name scope; a blob name it gave

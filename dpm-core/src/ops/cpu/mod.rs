@@ -61,6 +61,10 @@ pub fn register(r: &mut Registry) {
     r.register("ConvGradient", Cpu, conv::ConvGradient::create);
     r.register("SpatialBN", Cpu, norm::SpatialBn::create);
     r.register("SpatialBNGradient", Cpu, norm::SpatialBnGradient::create);
+    r.register("ChannelStats", Cpu, |_| Ok(Box::new(norm::ChannelStats)));
+    r.register("ChannelBackpropStats", Cpu, |_| {
+        Ok(Box::new(norm::ChannelBackpropStats))
+    });
     r.register("MaxPool", Cpu, pool::Pooling::max);
     r.register("MaxPoolGradient", Cpu, pool::PoolingGradient::max);
     r.register("AveragePool", Cpu, pool::Pooling::average);

@@ -5,6 +5,13 @@
 //! statistics updated in place as `r ← momentum·r + (1 − momentum)·batch` (the
 //! variance unbiased, `n / (n − 1)`, as in Caffe2 and PyTorch).
 //! Inference (`is_test = 1`): `(X, scale, bias, mean, var) → Y`.
+//!
+//! Synchronous batch norm (Caffe2's `num_batches`): training with two more
+//! inputs, the per-channel `Σx` and `Σx²` summed over `num_batches` equal
+//! batches (`ChannelStats` on each, then an all-reduce), normalises with the
+//! statistics of all of them; its gradient likewise takes `Σ dY·x̂` and `Σ dY`
+//! over all batches (`ChannelBackpropStats`, then an all-reduce) and returns its
+//! share, `1 / num_batches`, of the scale and bias gradients.
 
 use crate::error::{Error, Result};
 use crate::graph::Args;
@@ -44,6 +51,8 @@ pub(crate) struct Params {
     pub is_test: bool,
     pub epsilon: f32,
     pub momentum: f32,
+    /// Batches whose statistics are combined (1: this one alone).
+    pub num_batches: usize,
 }
 
 impl Params {
@@ -53,7 +62,11 @@ impl Params {
             is_test: a.int("is_test", 0)? != 0,
             epsilon: a.float("epsilon", 1e-5)?,
             momentum: a.float("momentum", 0.9)?,
+            num_batches: a.usize("num_batches", 1)?,
         };
+        if p.num_batches == 0 {
+            return Err(Error::arg("num_batches", "must be ≥ 1"));
+        }
         if p.epsilon <= 0.0 {
             return Err(Error::arg("epsilon", "must be > 0"));
         }
@@ -107,17 +120,27 @@ impl Kernel for SpatialBn {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        ctx.expect_inputs(5..=5)?;
+        let synced = !self.p.is_test && self.p.num_batches > 1;
+        if synced {
+            ctx.expect_inputs(7..=7)?;
+        } else {
+            ctx.expect_inputs(5..=5)?;
+        }
         if self.p.is_test {
             ctx.expect_outputs(1..=1)?;
         } else {
             ctx.expect_outputs(5..=5)?;
         }
-        let (n, c, hw) = dims(ctx, if self.p.is_test { &[1, 2, 3, 4] } else { &[1, 2] })?;
+        let per_channel: &[usize] = match (self.p.is_test, synced) {
+            (true, _) => &[1, 2, 3, 4],
+            (false, true) => &[1, 2, 5, 6],
+            (false, false) => &[1, 2],
+        };
+        let (n, c, hw) = dims(ctx, per_channel)?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
         let (_, bias) = ctx.input_f32(2)?;
-        let count = (n * hw) as f64;
+        let count = (self.p.num_batches * n * hw) as f64;
         let (mean, inv_std): (Vec<f32>, Vec<f32>) = if self.p.is_test {
             let (_, m) = ctx.input_f32(3)?;
             let (_, v) = ctx.input_f32(4)?;
@@ -129,17 +152,26 @@ impl Kernel for SpatialBn {
             if count == 0.0 {
                 return Err(Error::shape(ctx.input_name(0), "a non-empty batch", x.shape()));
             }
-            // One pass for the moments of x − shift, shift = the channel's first
-            // sample: no cancellation however large the mean is against the spread.
-            let shift: Vec<f32> = (0..c).map(|ch| xd[ch * hw]).collect();
-            let mut sum = vec![0.0f64; c];
-            let mut sq = vec![0.0f64; c];
-            for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
-                let sh = shift[i % c];
-                let (s, q) = plane_sums(plane, plane, sh, sh);
-                sum[i % c] += s;
-                sq[i % c] += q;
-            }
+            let (shift, sum, sq) = if synced {
+                // Σx and Σx² of every batch: the moments about 0.
+                let (_, s) = ctx.input_f32(5)?;
+                let (_, q) = ctx.input_f32(6)?;
+                let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+                (vec![0.0f32; c], wide(s), wide(q))
+            } else {
+                // One pass for the moments of x − shift, shift = the channel's first
+                // sample: no cancellation however large the mean is against the spread.
+                let shift: Vec<f32> = (0..c).map(|ch| xd[ch * hw]).collect();
+                let mut sum = vec![0.0f64; c];
+                let mut sq = vec![0.0f64; c];
+                for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
+                    let sh = shift[i % c];
+                    let (s, q) = plane_sums(plane, plane, sh, sh);
+                    sum[i % c] += s;
+                    sq[i % c] += q;
+                }
+                (shift, sum, sq)
+            };
             let shifted: Vec<f64> = sum.iter().map(|s| s / count).collect();
             let var: Vec<f64> = sq
                 .iter()
@@ -212,9 +244,14 @@ impl SpatialBnGradient {
 
 impl Kernel for SpatialBnGradient {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        ctx.expect_inputs(5..=5)?;
+        let synced = !self.p.is_test && self.p.num_batches > 1;
+        if synced {
+            ctx.expect_inputs(7..=7)?;
+        } else {
+            ctx.expect_inputs(5..=5)?;
+        }
         ctx.expect_outputs(3..=3)?;
-        let (n, c, hw) = dims(ctx, &[1, 3, 4])?;
+        let (n, c, hw) = dims(ctx, if synced { &[1, 3, 4, 5, 6] } else { &[1, 3, 4] })?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
         let (dy, dyd) = ctx.input_f32(2)?;
@@ -228,20 +265,16 @@ impl Kernel for SpatialBnGradient {
         } else {
             s.to_vec()
         };
-        // dbias = Σ dY, dscale = Σ dY·x̂ per channel.
-        let mut dbias = vec![0.0f64; c];
-        let mut dscale = vec![0.0f64; c];
-        for (i, (gp, xp)) in dyd
-            .chunks_exact(hw.max(1))
-            .zip(xd.chunks_exact(hw.max(1)))
-            .enumerate()
-        {
-            let ch = i % c;
-            let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
-            dbias[ch] += sb;
-            dscale[ch] += f64::from(inv_std[ch]) * sgx;
-        }
-        let count = (n * hw) as f32;
+        // dbias = Σ dY, dscale = Σ dY·x̂ per channel (over every batch when synced).
+        let (dscale, dbias) = if synced {
+            let (_, ds) = ctx.input_f32(5)?;
+            let (_, db) = ctx.input_f32(6)?;
+            let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            (wide(ds), wide(db))
+        } else {
+            backprop_stats(xd, dyd, mean, &inv_std, c, hw)
+        };
+        let count = (self.p.num_batches * n * hw) as f32;
         let names = &ctx.def().output;
         let outs = ctx.outputs();
         let dx = outs[0]
@@ -267,7 +300,10 @@ impl Kernel for SpatialBnGradient {
                 }
             }
         }
-        let to32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        // Synced: this batch's share; the all-reduce of parameter gradients adds
+        // the shares of every batch back into the whole.
+        let share = 1.0 / self.p.num_batches as f64;
+        let to32 = |v: &[f64]| v.iter().map(|&x| (x * share) as f32).collect::<Vec<_>>();
         outs[1]
             .resize::<f32>(Shape::from([c]))
             .map_err(|e| e.with_blob(&names[1]))?
@@ -276,6 +312,84 @@ impl Kernel for SpatialBnGradient {
             .resize::<f32>(Shape::from([c]))
             .map_err(|e| e.with_blob(&names[2]))?
             .copy_from_slice(&to32(&dbias));
+        Ok(())
+    }
+}
+
+/// Per channel `(Σ dY·x̂, Σ dY)` of one batch, `x̂ = (x − mean)·inv_std`.
+fn backprop_stats(
+    xd: &[f32],
+    dyd: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    c: usize,
+    hw: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut dbias = vec![0.0f64; c];
+    let mut dscale = vec![0.0f64; c];
+    for (i, (gp, xp)) in dyd
+        .chunks_exact(hw.max(1))
+        .zip(xd.chunks_exact(hw.max(1)))
+        .enumerate()
+    {
+        let ch = i % c;
+        let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
+        dbias[ch] += sb;
+        dscale[ch] += f64::from(inv_std[ch]) * sgx;
+    }
+    (dscale, dbias)
+}
+
+/// `ChannelStats(X) → (Σx, Σx²)` per channel of an `[N, C, …]` tensor: one
+/// batch's part of a synchronous batch norm's statistics.
+pub struct ChannelStats;
+
+impl Kernel for ChannelStats {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=1)?;
+        ctx.expect_outputs(2..=2)?;
+        let (_, c, hw) = dims(ctx, &[])?;
+        let (_, xd) = ctx.input_f32(0)?;
+        let mut sum = vec![0.0f64; c];
+        let mut sq = vec![0.0f64; c];
+        for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
+            let (s, q) = plane_sums(plane, plane, 0.0, 0.0);
+            sum[i % c] += s;
+            sq[i % c] += q;
+        }
+        for (o, v) in [(0, &sum), (1, &sq)] {
+            let out = ctx.resize_output::<f32>(o, [c])?;
+            for (o, &s) in out.iter_mut().zip(v.iter()) {
+                *o = s as f32;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ChannelBackpropStats(X, mean, inv_std, dY) → (Σ dY·x̂, Σ dY)` per channel:
+/// one batch's part of a synchronous batch norm's scale and bias gradients.
+pub struct ChannelBackpropStats;
+
+impl Kernel for ChannelBackpropStats {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(4..=4)?;
+        ctx.expect_outputs(2..=2)?;
+        let (_, c, hw) = dims(ctx, &[1, 2])?;
+        let (x, xd) = ctx.input_f32(0)?;
+        let (_, mean) = ctx.input_f32(1)?;
+        let (_, inv_std) = ctx.input_f32(2)?;
+        let (dy, dyd) = ctx.input_f32(3)?;
+        if dy.shape() != x.shape() {
+            return Err(Error::shape(ctx.input_name(3), x.shape().to_string(), dy.shape()));
+        }
+        let (dscale, dbias) = backprop_stats(xd, dyd, mean, inv_std, c, hw);
+        for (o, v) in [(0, &dscale), (1, &dbias)] {
+            let out = ctx.resize_output::<f32>(o, [c])?;
+            for (o, &s) in out.iter_mut().zip(v.iter()) {
+                *o = s as f32;
+            }
+        }
         Ok(())
     }
 }
