@@ -403,3 +403,17 @@ fn image_sequence_and_loss_helpers_add_caffe2_ops_with_per_sample_shapes() {
     assert_eq!(op("cpu_0/l2").op_type(), "SquaredL2Distance");
     assert_eq!(op("cpu_0/l1").op_type(), "L1Distance");
 }
+
+#[test]
+fn max_pool_names_never_collide_and_can_be_given() {
+    let mut model = ModelHelper::new("m");
+    DeviceModel::scope(&mut model, Device::cpu(0), |m| {
+        let img = m.input_with_shape("img", [2, 8, 8]);
+        let a = m.max_pool(img, 2, 2, 0).unwrap();
+        let b = m.max_pool(img, 2, 2, 0).unwrap();
+        let c = m.max_pool_named("pooled", img, 3, 1, 1).unwrap();
+        let names = [a, b, c].map(|x| m.name(x).short_name().to_owned());
+        assert_eq!(names, ["img_maxpool", "img_maxpool_1", "pooled"]);
+        assert_eq!(m.sample_shape(c), Some(&Shape::from([2, 8, 8])));
+    });
+}

@@ -197,8 +197,23 @@ impl<'d> DeviceModel<'d> {
         Ok(self.push_blob(y, Some(shape)))
     }
 
-    /// Max pooling over `kernel × kernel` windows, into `<x>_maxpool`.
+    /// Max pooling over `kernel × kernel` windows, into `<x>_maxpool` (or
+    /// `<x>_maxpool_1`, … if taken).
     pub fn max_pool(&mut self, x: Blob<'d>, kernel: usize, stride: usize, pad: usize) -> Result<Blob<'d>> {
+        let base = format!("{}_maxpool", self.name(x).short_name());
+        let out = self.fresh_name(&base);
+        self.max_pool_named(&out, x, kernel, stride, pad)
+    }
+
+    /// Max pooling over `kernel × kernel` windows, into `name`.
+    pub fn max_pool_named(
+        &mut self,
+        name: &str,
+        x: Blob<'d>,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Blob<'d>> {
         let shape = self.known_shape(x, "max_pool")?;
         let &[c, h, w] = shape.dims() else {
             return Err(Error::Config(format!(
@@ -207,8 +222,7 @@ impl<'d> DeviceModel<'d> {
             )));
         };
         let input = self.name(x).clone();
-        let out = self.fresh_name(&format!("{}_maxpool", input.short_name()));
-        let y = self.model.max_pool(&input, &out, kernel, stride, pad);
+        let y = self.model.max_pool(&input, name, kernel, stride, pad);
         let side = |n: usize| (n + 2 * pad).saturating_sub(kernel) / stride.max(1) + 1;
         Ok(self.push_blob(y, Some(Shape::from([c, side(h), side(w)]))))
     }
