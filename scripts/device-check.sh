@@ -38,7 +38,10 @@ exec > >(tee "$out/device-check.log") 2>&1
 site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 libs=$(find "$site/nvidia" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
     -maxdepth 3 -name 'lib*.so*' -not -path '*stubs*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
-export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+# cudarc loads NCCL as libnccl.so; the wheel ships libnccl.so.2.
+nccl=$(find "$site/nvidia" -name 'libnccl.so*' 2>/dev/null | head -1)
+mkdir -p /tmp/dpm-lib && [[ -n "$nccl" ]] && ln -sf "$nccl" /tmp/dpm-lib/libnccl.so
+export LD_LIBRARY_PATH="/tmp/dpm-lib:$libs:${LD_LIBRARY_PATH:-}"
 export RUST_BACKTRACE=1
 
 echo "== machine"

@@ -651,6 +651,48 @@ mod on_a_gpu {
         }
     }
 
+    /// NCCL with one GPU is a real communicator of world size 1: the all-reduce
+    /// (sum and mean) and the broadcast leave the values as they are, through the
+    /// communication stream and its events, and the result reads back correctly.
+    #[test]
+    fn nccl_collectives_run_on_one_gpu() {
+        if !gpu("nccl_collectives_run_on_one_gpu") {
+            return;
+        }
+        let x = r(&[1000, 3], 140);
+        for (op, avg) in [
+            ("NCCLAllreduce", 0i64),
+            ("NCCLAllreduce", 1),
+            ("NCCLBroadcast", 0),
+        ] {
+            let ws = Workspace::new();
+            ws.feed("gpu_0/x", x.to_device(GPU).unwrap());
+            let mut net = Net::new("nccl");
+            let mut b = net.op(op).input("gpu_0/x").output("gpu_0/x").device(GPU);
+            if op == "NCCLAllreduce" {
+                b = b.arg("average", avg);
+            }
+            b.build();
+            ws.create_net(net.proto()).unwrap();
+            for _ in 0..3 {
+                ws.run_net("nccl").unwrap();
+            }
+            let back = ws.fetch("gpu_0/x").unwrap();
+            assert!(back.bitwise_eq(&x), "{op} average={avg} changed the values");
+        }
+        // An NCCL op over a host blob is an error naming it.
+        let ws = Workspace::new();
+        ws.feed("gpu_0/h", x.clone());
+        let mut net = Net::new("bad");
+        net.op("NCCLAllreduce")
+            .input("gpu_0/h")
+            .output("gpu_0/h")
+            .device(GPU)
+            .build();
+        let e = ws.run_net_once(net.proto()).unwrap_err().to_string();
+        assert!(e.contains("gpu_0/h") && e.contains("to_device"), "{e}");
+    }
+
     #[test]
     fn fills_give_the_cpu_bits_and_host_counters_stay_on_the_host() {
         if !gpu("fills_give_the_cpu_bits_and_host_counters_stay_on_the_host") {

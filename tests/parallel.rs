@@ -937,3 +937,84 @@ fn sync_batch_norm_makes_n_devices_train_like_one_device_with_the_whole_batch() 
         );
     }
 }
+
+/// Several GPUs, checked on any machine: the nets for `[cuda:0, cuda:1]` built
+/// without touching a device hold one `NCCLAllreduce` per gradient, last layer
+/// first, chained by `control_input`, on GPU 0's DeviceOption, over `gpu_0/…` and
+/// `gpu_1/…`; the init net broadcasts with `NCCLBroadcast`; the bytes round-trip.
+#[test]
+fn multi_gpu_nets_use_nccl_ops_in_reverse_order_chained_by_control_inputs() {
+    let (init, net) = Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(1)])
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build_nets()
+        .unwrap();
+    let ops: Vec<_> = net
+        .op
+        .iter()
+        .filter(|o| o.op_type().contains("Allreduce"))
+        .collect();
+    assert!(ops.iter().all(|o| o.op_type() == "NCCLAllreduce"));
+    let order: Vec<&str> = ops.iter().map(|o| o.input[0].as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "gpu_0/fc2_w_grad",
+            "gpu_0/fc2_b_grad",
+            "gpu_0/fc1_w_grad",
+            "gpu_0/fc1_b_grad"
+        ]
+    );
+    assert_eq!(ops[0].input, ["gpu_0/fc2_w_grad", "gpu_1/fc2_w_grad"]);
+    assert_eq!(ops[0].output, ops[0].input);
+    assert!(ops[0].control_input.is_empty());
+    for w in ops.windows(2) {
+        assert_eq!(w[1].control_input, [w[0].input[0].clone()]);
+    }
+    for o in &ops {
+        let d = o.device_option.as_ref().unwrap();
+        assert_eq!((d.device_type, d.cuda_gpu_id), (Some(1), Some(0)), "{o:?}");
+    }
+    // Every other op of a replica runs on that replica's GPU, but the host
+    // counters and learning rate (on the CPU, as in Caffe2).
+    let mut on_gpu1 = 0;
+    for o in net
+        .op
+        .iter()
+        .filter(|o| o.output.iter().all(|b| b.starts_with("gpu_1/")) && !o.op_type().starts_with("NCCL"))
+    {
+        let d = o.device_option.as_ref().unwrap();
+        if d.device_type == Some(1) {
+            assert_eq!(d.cuda_gpu_id, Some(1), "{}", o.op_type());
+            on_gpu1 += 1;
+        } else {
+            assert!(
+                matches!(o.op_type(), "Iter" | "LearningRate" | "ConstantFill"),
+                "{} on the host",
+                o.op_type()
+            );
+        }
+    }
+    assert!(on_gpu1 > 10);
+    let bcast: Vec<_> = init
+        .op
+        .iter()
+        .filter(|o| o.op_type() == "NCCLBroadcast")
+        .collect();
+    assert!(!bcast.is_empty());
+    assert!(bcast
+        .iter()
+        .all(|o| o.input.iter().any(|b| b.starts_with("gpu_0/"))
+            && o.input.iter().any(|b| b.starts_with("gpu_1/"))));
+    assert!(!net
+        .op
+        .iter()
+        .chain(&init.op)
+        .any(|o| matches!(o.op_type(), "Allreduce" | "Broadcast")));
+    for n in [&init, &net] {
+        let bytes = prost::Message::encode_to_vec(n);
+        let back: NetDef = prost::Message::decode(bytes.as_slice()).unwrap();
+        assert_eq!(&back, n);
+    }
+}

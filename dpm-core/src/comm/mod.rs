@@ -8,6 +8,8 @@
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use crate::graph::DeviceType;
 use crate::ops::Registry;
@@ -34,7 +36,20 @@ pub fn finalize() {
 
 /// Op types that move data between devices: exempt from the namescope analysis.
 pub fn is_collective(op_type: &str) -> bool {
-    matches!(op_type, "Allreduce" | "Broadcast" | "Copy")
+    matches!(
+        op_type,
+        "Allreduce" | "Broadcast" | "Copy" | "NCCLAllreduce" | "NCCLBroadcast"
+    )
+}
+
+/// The op type of a collective over replicas whose master is `master`: Caffe2's
+/// `NCCLAllreduce` / `NCCLBroadcast` for CUDA replicas, dpm's in-process
+/// `Allreduce` / `Broadcast` for CPU ones.
+pub fn collective_type(base: &str, master: crate::graph::Device) -> String {
+    match master {
+        crate::graph::Device::Cuda(_) => format!("NCCL{base}"),
+        crate::graph::Device::Cpu(_) => base.to_owned(),
+    }
 }
 
 /// Registers the in-process collectives for CPU devices.
@@ -43,4 +58,6 @@ pub fn register(r: &mut Registry) {
     r.register("Broadcast", DeviceType::Cpu, local::Broadcast::create);
     #[cfg(feature = "mpi")]
     mpi::register(r);
+    #[cfg(feature = "cuda")]
+    nccl::register(r);
 }

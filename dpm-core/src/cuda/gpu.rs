@@ -60,6 +60,9 @@ pub struct Gpu {
     /// Uploads made ahead of their use (the next batch, while a step computes):
     /// each ends with an event the compute stream waits on before reading.
     pub(crate) copy_stream: Arc<CudaStream>,
+    /// NCCL collectives: they overlap the compute stream's work, each after an
+    /// event of it and each leaving an event on the buffers it writes.
+    pub(crate) comm_stream: Arc<CudaStream>,
     blas: Mutex<Option<CudaBlas>>,
     dnn: Mutex<Option<Dnn>>,
     module: Mutex<Option<Arc<CudaModule>>>,
@@ -96,11 +99,15 @@ pub fn gpu(ordinal: u32) -> Result<Arc<Gpu>> {
         let copy_stream = ctx
             .new_stream()
             .map_err(|e| driver_error(&device, "creating a copy stream", e))?;
+        let comm_stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error(&device, "creating a communication stream", e))?;
         Ok(Gpu {
             ordinal,
             ctx,
             stream,
             copy_stream,
+            comm_stream,
             blas: Mutex::default(),
             dnn: Mutex::default(),
             module: Mutex::default(),
@@ -183,6 +190,7 @@ impl Gpu {
         self.bind()?;
         self.stream
             .synchronize()
+            .and_then(|()| self.comm_stream.synchronize())
             .map_err(|e| self.error("finishing the enqueued work", e))
     }
 

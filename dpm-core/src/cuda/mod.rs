@@ -36,6 +36,8 @@ mod storage;
 #[cfg(feature = "cuda")]
 pub(crate) use dnn::{ConvShape, Dnn, PoolMode, PoolShape};
 #[cfg(feature = "cuda")]
+pub(crate) use gpu::guarded;
+#[cfg(feature = "cuda")]
 pub use gpu::{gpu, Gpu, KernelArg};
 #[cfg(feature = "cuda")]
 pub use storage::CudaStorage;

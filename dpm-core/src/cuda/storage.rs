@@ -24,9 +24,10 @@ pub struct CudaStorage {
     /// labels, indices). Kernels that check labels on the host read this instead
     /// of copying back, which would make the host wait for the device mid-step.
     mirror: Option<Arc<CpuStorage>>,
-    /// Set by an upload on the copy stream: the compute stream must wait for it
-    /// before the elements are read ([`CudaStorage::settle`]).
-    ready: Option<cudarc::driver::CudaEvent>,
+    /// Set by work on another stream of the GPU (an upload on the copy stream,
+    /// an NCCL collective on the communication stream): the compute stream must
+    /// wait for it before the elements are used ([`CudaStorage::settle`]).
+    ready: std::sync::Mutex<Option<Arc<cudarc::driver::CudaEvent>>>,
 }
 
 /// Most elements an uploaded integer tensor keeps a host mirror of.
@@ -92,7 +93,7 @@ impl CudaStorage {
             capacity: len,
             dtype,
             mirror: None,
-            ready: None,
+            ready: Default::default(),
         })
     }
 
@@ -170,17 +171,25 @@ impl CudaStorage {
             .copy_stream
             .record_event(None)
             .map_err(|e| gpu.error("recording the end of an upload", e))?;
-        s.ready = Some(done);
+        s.set_ready(Arc::new(done));
         Ok(s)
     }
 
-    /// Makes the compute stream wait for an upload made ahead, if one is pending.
-    pub(crate) fn settle(&mut self) -> Result<()> {
-        if let Some(done) = self.ready.take() {
+    /// Marks the elements as being written by work on another stream, which
+    /// `done` follows.
+    pub(crate) fn set_ready(&self, done: Arc<cudarc::driver::CudaEvent>) {
+        *self.ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(done);
+    }
+
+    /// Makes the compute stream wait for work on another stream that writes
+    /// these elements (an upload made ahead, a collective), if any is pending.
+    pub(crate) fn settle(&self) -> Result<()> {
+        let pending = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(done) = pending {
             self.gpu
                 .stream
                 .wait(&done)
-                .map_err(|e| self.gpu.error("waiting for an upload", e))?;
+                .map_err(|e| self.gpu.error("waiting for work on another stream", e))?;
         }
         Ok(())
     }
@@ -193,6 +202,7 @@ impl CudaStorage {
             return Ok(m.clone());
         }
         self.gpu.bind()?;
+        self.settle()?;
         let stream = self.gpu.stream.cu_stream();
         fn get<T: Default + Clone>(
             ptr: u64,
@@ -231,6 +241,8 @@ impl CudaStorage {
             *self = CudaStorage::alloc(&src.gpu, src.dtype, len)?;
         }
         let bytes = len * src.dtype.size();
+        src.settle()?;
+        self.settle()?;
         if bytes > 0 && self.ptr != src.ptr {
             self.gpu.bind()?;
             unsafe { drv::memcpy_dtod_async(self.ptr, src.ptr, bytes, self.gpu.stream.cu_stream()) }
@@ -278,6 +290,8 @@ impl Tensor {
         if !reuse {
             self.storage = Storage::Cuda(CudaStorage::alloc(gpu, dtype, n)?);
         } else if let Storage::Cuda(s) = &mut self.storage {
+            // Written after anything another stream still does with it.
+            s.settle()?;
             s.mirror = None;
         }
         self.shape = shape;

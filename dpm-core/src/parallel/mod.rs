@@ -30,6 +30,7 @@ pub use trainer::{FiniteCheck, InputSource, Trainer};
 
 use std::collections::{HashMap, HashSet};
 
+use crate::comm::collective_type;
 use crate::error::{Error, Result};
 use crate::graph::{is_device_scope, BlobRef, Device};
 use crate::model::{ModelHelper, Sgd};
@@ -281,7 +282,7 @@ impl Parallelize {
         self
     }
 
-    fn check_devices(&self) -> Result<()> {
+    fn check_devices(&self, probe: bool) -> Result<()> {
         if self.devices.is_empty() {
             return Err(Error::Config(
                 "no devices: call .devices([...]) with at least one".into(),
@@ -291,7 +292,7 @@ impl Parallelize {
             if self.devices[..i].contains(d) {
                 return Err(Error::Config(format!("device {d} is listed twice")));
             }
-            if let Device::Cuda(n) = d {
+            if let (Device::Cuda(n), true) = (d, probe) {
                 crate::cuda::check_device(*n)?;
             }
         }
@@ -304,12 +305,6 @@ impl Parallelize {
             return Err(Error::Config(
                 "devices mix CPU and CUDA replicas; use one kind (their gradients are reduced by one backend)".into(),
             ));
-        }
-        if gpus > 1 {
-            return Err(Error::Config(format!(
-                "{gpus} CUDA devices need the NCCL all-reduce, which this build of dpm does not have yet; \
-                 train on one GPU (cuda:0) or on CPU devices"
-            )));
         }
         if let Some(r) = &self.rendezvous {
             if r.num_shards == 0 || r.shard_id >= r.num_shards {
@@ -333,7 +328,7 @@ impl Parallelize {
                 }
                 if gpus > 0 {
                     return Err(Error::Config(
-                        "training across hosts on CUDA devices needs NCCL, which this build does not have yet; \
+                        "training across hosts on CUDA devices (NCCL across MPI ranks) is not supported yet; \
                          use cpu devices with MPI"
                             .into(),
                     ));
@@ -351,7 +346,23 @@ impl Parallelize {
 
     /// Builds the per-device graphs and returns the trainer.
     pub fn build(self) -> Result<Trainer> {
-        self.check_devices()?;
+        self.check_devices(true)?;
+        self.assemble()
+    }
+
+    /// The init net and train net that [`Parallelize::build`] would make, built
+    /// without touching any device (no GPU or driver needed): to inspect them,
+    /// or to check a multi-GPU configuration on a machine without those GPUs.
+    pub fn build_nets(self) -> Result<(NetDef, NetDef)> {
+        self.check_devices(false)?;
+        let t = self.assemble()?;
+        Ok((
+            t.model().init_net().proto().clone(),
+            t.model().net().proto().clone(),
+        ))
+    }
+
+    fn assemble(self) -> Result<Trainer> {
         let Parallelize {
             mut model,
             devices,
@@ -476,9 +487,13 @@ impl Parallelize {
         let engine = Rendezvous::collective_engine(rendezvous.as_ref());
         if devices.len() > 1 || engine.is_some() {
             for g in bundles(&sync_groups, engine) {
-                collective(model.init_net_mut().op("Broadcast"), devices[0], engine)
-                    .tensors(g)
-                    .build();
+                collective(
+                    model.init_net_mut().op(&collective_type("Broadcast", devices[0])),
+                    devices[0],
+                    engine,
+                )
+                .tensors(g)
+                .build();
             }
         }
 
@@ -582,7 +597,12 @@ fn add_allreduces(
         return;
     }
     for b in buckets {
-        let mut op = collective(model.net_mut().op("Allreduce"), devices[0], engine).tensors(b);
+        let mut op = collective(
+            model.net_mut().op(&collective_type("Allreduce", devices[0])),
+            devices[0],
+            engine,
+        )
+        .tensors(b);
         if let Some(p) = &previous {
             op = op.control_input(p);
         }
@@ -609,8 +629,11 @@ fn add_computed_param_sync(
     for g in bundles(groups, engine) {
         let op = match mode {
             ComputedParams::Keep => continue,
-            ComputedParams::Broadcast => model.net_mut().op("Broadcast"),
-            ComputedParams::Average => model.net_mut().op("Allreduce").arg("average", 1i64),
+            ComputedParams::Broadcast => model.net_mut().op(&collective_type("Broadcast", devices[0])),
+            ComputedParams::Average => model
+                .net_mut()
+                .op(&collective_type("Allreduce", devices[0]))
+                .arg("average", 1i64),
         };
         collective(op, devices[0], engine).tensors(g).build();
         last = engine.map(|_| g[0].blobs[0].clone());

@@ -118,7 +118,7 @@ fn collect_stats(
     for k in 0..2 {
         let blobs: Vec<String> = ops.iter().map(|o| stats(o)[k].clone()).collect();
         let mut op = scratch
-            .op("Allreduce")
+            .op(&crate::comm::collective_type("Allreduce", devices[0]))
             .inputs(blobs.iter().map(String::as_str))
             .outputs(blobs.iter().map(String::as_str))
             .device(devices[0]);

@@ -95,9 +95,13 @@ impl Trainer {
                 .cloned()
                 .collect();
             for g in super::bundles(&groups, engine) {
-                super::collective(sync.op("Broadcast"), p.devices[0], engine)
-                    .tensors(g)
-                    .build();
+                super::collective(
+                    sync.op(&crate::comm::collective_type("Broadcast", p.devices[0])),
+                    p.devices[0],
+                    engine,
+                )
+                .tensors(g)
+                .build();
             }
         }
         let blob_devices =

@@ -97,6 +97,7 @@ fn input<'a>(ctx: &OpContext<'a>, i: usize, gpu: &Gpu) -> Result<(&'a Tensor, u6
         });
     }
     let s = t.cuda_on(gpu).ok_or_else(|| misplaced(name, t, gpu))?;
+    s.settle()?;
     Ok((t, s.ptr()))
 }
 
@@ -121,6 +122,7 @@ fn in_place(ctx: &mut OpContext<'_>, o: usize, gpu: &Gpu) -> Result<(Shape, u64)
         return Err(misplaced(&name, t, gpu));
     }
     let s = t.cuda_on_mut(gpu).expect("checked above");
+    s.settle()?;
     Ok((shape, s.ptr()))
 }
 
