@@ -168,6 +168,27 @@ impl Net {
         }
         b
     }
+
+    /// Declares as external inputs every blob an op reads before any op of the
+    /// net writes it (parameters, fed data, state), in the order first read, as
+    /// a Caffe2 runtime expects them listed.
+    pub fn declare_external_inputs(&mut self) {
+        let mut written = std::collections::HashSet::new();
+        let mut reads = Vec::new();
+        for op in &self.def.op {
+            for i in &op.input {
+                if !written.contains(i.as_str()) && !reads.contains(i) {
+                    reads.push(i.clone());
+                }
+            }
+            written.extend(op.output.iter().map(String::as_str));
+        }
+        for r in reads {
+            if !self.def.external_input.contains(&r) {
+                self.def.external_input.push(r);
+            }
+        }
+    }
 }
 
 pub(crate) fn set_argument(args: &mut Vec<Argument>, a: Argument) {

@@ -155,7 +155,8 @@ impl ModelHelper {
             .arg("kernel", kernel)
             .arg("stride", stride)
             .arg("pad", pad)
-            .arg("group", groups);
+            .arg("group", groups)
+            .arg("order", "NCHW");
         if deterministic {
             op = op.arg("deterministic", 1i64);
         }
@@ -187,7 +188,8 @@ impl ModelHelper {
             .output(name)
             .arg("epsilon", epsilon)
             .arg("momentum", momentum)
-            .arg("is_test", is_test);
+            .arg("is_test", is_test)
+            .arg("order", "NCHW");
         let op = if is_test {
             op
         } else {
@@ -214,6 +216,7 @@ impl ModelHelper {
             .arg("kernel", kernel)
             .arg("stride", stride)
             .arg("pad", pad)
+            .arg("order", "NCHW")
             .build_one()
     }
 
@@ -225,6 +228,7 @@ impl ModelHelper {
             .output(output)
             .arg("kernel", kernel)
             .arg("stride", stride)
+            .arg("order", "NCHW")
             .build_one()
     }
 
@@ -235,6 +239,7 @@ impl ModelHelper {
             .input(input)
             .output(output)
             .arg("global_pooling", 1i64)
+            .arg("order", "NCHW")
             .build_one()
     }
 

@@ -523,7 +523,7 @@ fn counter_and_lr(model: &mut ModelHelper, base_lr: f32, policy: &LrPolicy) -> B
         .op("ConstantFill")
         .output("ITER")
         .arg("shape", vec![1i64])
-        .arg("value", 0.0f32)
+        .arg("value", 0i64)
         .arg("dtype", TensorDataType::Int64 as i64)
         .build_one();
     model.add_optimizer_state(iter.clone());

@@ -53,6 +53,7 @@ impl<'d> DeviceModel<'d> {
             .arg("kernel", kernel)
             .arg("stride", stride)
             .arg("pad", pad)
+            .arg("order", "NCHW")
             .build_one();
         let side = |n: usize| (n + 2 * pad).saturating_sub(kernel) / stride.max(1) + 1;
         Ok(self.push_blob(y, Some(Shape::from([c, side(h), side(w)]))))

@@ -497,6 +497,21 @@ impl Parallelize {
             }
         }
 
+        // Caffe2 runtimes read what a net needs and gives from these lists.
+        model.net_mut().declare_external_inputs();
+        for l in losses.iter().flatten() {
+            model.net_mut().add_external_output(l);
+        }
+        let init_outputs: Vec<String> = model
+            .init_net()
+            .proto()
+            .op
+            .iter()
+            .flat_map(|o| o.output.clone())
+            .collect();
+        for o in init_outputs {
+            model.init_net_mut().add_external_output(BlobRef::new(&o));
+        }
         let net = model.net_mut();
         net.set_type(&net_type);
         net.set_num_workers(num_workers.unwrap_or(devices.len() * 4));

@@ -35,9 +35,12 @@ fn fill_shape(shape: &Option<Shape>, ctx: &OpContext<'_>) -> Result<Shape> {
 }
 
 /// `ConstantFill`: every element = `value`, of type `dtype` (FLOAT, INT32, INT64).
+/// As in Caffe2, an integer `value` is read from the argument's int field (a
+/// float one is accepted too).
 pub struct ConstantFill {
     shape: Option<Shape>,
     value: f32,
+    int_value: i64,
     dtype: TensorDataType,
 }
 
@@ -55,9 +58,15 @@ impl ConstantFill {
                 ))
             }
         };
+        let value = args.float("value", 0.0)?;
+        let int_value = match op.arg.iter().find(|a| a.name.as_deref() == Some("value")) {
+            Some(a) => a.i.unwrap_or(value as i64),
+            None => 0,
+        };
         Ok(Box::new(ConstantFill {
             shape: shape_arg(op)?,
-            value: args.float("value", 0.0)?,
+            value,
+            int_value,
             dtype,
         }))
     }
@@ -69,8 +78,8 @@ impl Kernel for ConstantFill {
         ctx.expect_outputs(1..=1)?;
         let shape = fill_shape(&self.shape, ctx)?;
         match self.dtype {
-            TensorDataType::Int32 => ctx.resize_output::<i32>(0, shape)?.fill(self.value as i32),
-            TensorDataType::Int64 => ctx.resize_output::<i64>(0, shape)?.fill(self.value as i64),
+            TensorDataType::Int32 => ctx.resize_output::<i32>(0, shape)?.fill(self.int_value as i32),
+            TensorDataType::Int64 => ctx.resize_output::<i64>(0, shape)?.fill(self.int_value),
             _ => ctx.resize_output::<f32>(0, shape)?.fill(self.value),
         }
         Ok(())

@@ -64,6 +64,9 @@ impl Params {
             momentum: a.float("momentum", 0.9)?,
             num_batches: a.usize("num_batches", 1)?,
         };
+        if a.string("order", "NCHW")? != "NCHW" {
+            return Err(Error::arg("order", "only NCHW is supported"));
+        }
         if p.num_batches == 0 {
             return Err(Error::arg("num_batches", "must be ≥ 1"));
         }
