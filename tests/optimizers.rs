@@ -324,7 +324,8 @@ fn the_trainer_reports_the_scheduled_learning_rate() {
     let mut t = trainer(Sgd::new(0.4).momentum(0.9).lr_policy(policy.clone()));
     for step in 0..5 {
         t.step().unwrap();
-        let want = 0.4 * policy.multiplier(step);
+        // As in Caffe2, `Iter` runs first: step k (from 0) reads ITER = k + 1.
+        let want = 0.4 * policy.multiplier(step + 1);
         assert!(
             (t.lr().unwrap() - want).abs() < 1e-7,
             "step {step}: {} vs {want}",
@@ -337,33 +338,38 @@ fn the_trainer_reports_the_scheduled_learning_rate() {
 fn weight_decay_can_skip_biases_and_norms() {
     // The net says which parameters decay: the weights, and with the option not
     // the biases (batch-norm parameters are marked the same way by spatial_bn).
-    let decays = |sgd: Sgd| -> Vec<(String, f32)> {
+    // Decay is Caffe2's `WeightedSum(grad, ONE, param, WD) → grad` before the
+    // update (MomentumSGDUpdate itself carries none).
+    let decays = |sgd: Sgd| -> Vec<String> {
         let t = trainer(sgd);
-        t.model()
-            .net()
-            .proto()
-            .op
+        let ops = &t.model().net().proto().op;
+        assert!(ops
             .iter()
-            .filter(|o| o.op_type() == "MomentumSGDUpdate" && o.output[2].starts_with("cpu_0/"))
+            .filter(|o| o.op_type() == "MomentumSGDUpdate")
+            .all(|o| o.find_arg("weight_decay").is_none()));
+        ops.iter()
+            .filter(|o| {
+                o.op_type() == "WeightedSum"
+                    && o.output[0].starts_with("cpu_0/")
+                    && o.output[0].ends_with("_grad")
+            })
             .map(|o| {
-                let wd = dpm::graph::Args(&o.arg).float("weight_decay", -1.0).unwrap();
-                (o.output[2].clone(), wd)
+                assert_eq!(o.input[0], o.output[0]);
+                assert!(o.input[3].ends_with("WD"), "{o:?}");
+                o.input[2].clone()
             })
             .collect()
     };
     let all = decays(Sgd::new(0.1).momentum(0.9).weight_decay(0.01));
-    assert!(all.iter().all(|(_, wd)| *wd == 0.01), "{all:?}");
+    assert_eq!(all, ["cpu_0/fc1_w", "cpu_0/fc1_b", "cpu_0/fc2_w", "cpu_0/fc2_b"]);
     let skip = decays(
         Sgd::new(0.1)
             .momentum(0.9)
             .weight_decay(0.01)
             .skip_decay_on_biases_and_norms(true),
     );
-    for (p, wd) in &skip {
-        let want = if p.ends_with("_b") { 0.0 } else { 0.01 };
-        assert_eq!(*wd, want, "{p}");
-    }
-    assert_eq!(skip.len(), 4);
+    assert_eq!(skip, ["cpu_0/fc1_w", "cpu_0/fc2_w"]);
+    assert!(decays(Sgd::new(0.1).momentum(0.9)).is_empty());
     // The same holds for Adam, and the skipped biases train as without decay.
     let mut a = trainer(
         Adam::new(0.01)

@@ -108,7 +108,17 @@ impl Sgd {
                     .arg("value", 0.0f32)
                     .build_one();
                 model.add_optimizer_state(m.clone());
-                let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
+                // Weight decay as Caffe2's optimizer adds it: g ← g + wd·p before
+                // the update (Caffe2's MomentumSGDUpdate has no decay argument).
+                let exempt = self.skip_exempt && model.is_exempt_from_weight_decay(&p);
+                if let (Some(one), Some(wd)) = (one.as_ref(), wd.as_ref().filter(|_| !exempt)) {
+                    model
+                        .net_mut()
+                        .op("WeightedSum")
+                        .inputs([&g, one, &p, wd])
+                        .output(&g)
+                        .build();
+                }
                 let lr = lr_for(model, &p, &lr);
                 model
                     .net_mut()
@@ -117,7 +127,6 @@ impl Sgd {
                     .outputs([&g, &m, &p])
                     .arg("momentum", self.momentum)
                     .arg("nesterov", self.nesterov)
-                    .arg("weight_decay", wd)
                     .build();
             }
         } else {
@@ -141,7 +150,6 @@ impl Sgd {
                     .build();
             }
         }
-        count_step(model);
         Ok(())
     }
 
@@ -152,7 +160,7 @@ impl Sgd {
         let signed_lr = if self.momentum > 0.0 { self.lr } else { -self.lr };
         let lr = counter_and_lr(model, signed_lr, &self.policy);
 
-        if self.momentum > 0.0 {
+        if self.momentum > 0.0 && self.weight_decay == 0.0 {
             return (lr, None, None);
         }
         let one = scalar_const(model, "ONE", 1.0);
@@ -343,7 +351,6 @@ impl Adam {
                 .arg("decoupled", i64::from(self.decoupled))
                 .build();
         }
-        count_step(model);
         Ok(())
     }
 }
@@ -434,7 +441,6 @@ impl RmsProp {
                 .output(&p)
                 .build();
         }
-        count_step(model);
         Ok(())
     }
 }
@@ -499,7 +505,6 @@ impl Adagrad {
                 .arg("decay", self.decay)
                 .build();
         }
-        count_step(model);
         Ok(())
     }
 }
@@ -527,6 +532,9 @@ fn counter_and_lr(model: &mut ModelHelper, base_lr: f32, policy: &LrPolicy) -> B
         .arg("dtype", TensorDataType::Int64 as i64)
         .build_one();
     model.add_optimizer_state(iter.clone());
+    // As Caffe2's optimizers: `Iter` first, so this step's rate (and Adam's
+    // bias correction) reads the incremented count, 1 at the first step.
+    model.net_mut().op("Iter").input(&iter).output(&iter).build();
     let lr = model
         .net_mut()
         .op("LearningRate")
@@ -536,15 +544,6 @@ fn counter_and_lr(model: &mut ModelHelper, base_lr: f32, policy: &LrPolicy) -> B
         .raw_args(policy.to_args(""))
         .build_one();
     lr
-}
-
-/// The `Iter` op, after the updates in the net: the DAG runs a write after the
-/// reads before it, so every update of this step sees the same `ITER`.
-fn count_step(model: &mut ModelHelper) {
-    model.device_scope(Device::Cpu(0), |m| {
-        let iter = m.blob("ITER");
-        m.net_mut().op("Iter").input(&iter).output(&iter).build();
-    });
 }
 
 /// A schedule that cannot run is a build error, not a run-time one.
