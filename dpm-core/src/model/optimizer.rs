@@ -518,10 +518,10 @@ fn decay(model: &ModelHelper, p: &BlobRef, wd: f32, skip_exempt: bool) -> f32 {
     }
 }
 
-/// `ITER` (0 in the init net, +1 by an `Iter` op after this step's updates) and
+/// `ITER` (0 in the init net, +1 by an `Iter` op at the start of each step) and
 /// the learning rate `lr` = `base_lr · policy(ITER)`, in the current (host)
-/// scope: every optimizer's. Updates read `ITER` before its increment, so the
-/// first step is iteration 0 (Adam's `t = ITER + 1` is 1).
+/// scope: every optimizer's. As in Caffe2, the first step reads `ITER` = 1
+/// (and Adam's `t = ITER + 1` is 2).
 fn counter_and_lr(model: &mut ModelHelper, base_lr: f32, policy: &LrPolicy) -> BlobRef {
     let iter = model
         .init_net_mut()
