@@ -79,6 +79,13 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String,
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file of its own beside
+/// it, flushed to disk, then renamed over `path`, so readers see the old file or
+/// the new one, never a part; on an error the temporary file is removed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -100,7 +107,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String,
             .create_new(true)
             .open(&tmp)
             .map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))?;
         // Make the rename itself durable.

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod cuda;
 pub mod data;
+pub mod deploy;
 pub mod error;
 pub mod exec;
 pub mod graph;

@@ -75,6 +75,10 @@ pub(crate) fn register(r: &mut Registry) {
     r.add(OpSchema::new("LayerNorm").non_differentiable_outputs(&[1, 2]));
     for op in [
         "ConstantFill",
+        "GivenTensorFill",
+        "GivenTensorIntFill",
+        "GivenTensorInt64Fill",
+        "GivenTensorBoolFill",
         "GaussianFill",
         "UniformFill",
         "XavierFill",

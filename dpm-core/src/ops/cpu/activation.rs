@@ -103,16 +103,25 @@ impl Kernel for Softmax {
         let (x, xd) = ctx.input_f32(0)?;
         let y = ctx.resize_output::<f32>(0, x.shape())?;
         for (yr, xr) in y.chunks_exact_mut(d.max(1)).zip(xd.chunks_exact(d.max(1))) {
-            let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut s = 0.0f32;
-            for (y, &x) in yr.iter_mut().zip(xr) {
-                *y = (x - m).exp();
-                s += *y;
-            }
-            yr.iter_mut().for_each(|y| *y /= s);
+            softmax_row(xr, yr);
         }
         Ok(())
     }
+}
+
+/// `y = softmax(x)` for one row; returns `(max x, Σ exp(x − max))` for the
+/// log-softmax. `Softmax` and `SoftmaxWithLoss` share it, so a predictor's
+/// probabilities have the training net's bits.
+pub(crate) fn softmax_row(x: &[f32], y: &mut [f32]) -> (f32, f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = (x - max).exp();
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    y.iter_mut().for_each(|y| *y *= inv);
+    (max, sum)
 }
 
 impl Kernel for SoftmaxGradient {

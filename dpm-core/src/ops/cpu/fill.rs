@@ -197,3 +197,62 @@ impl Kernel for RandomFill {
         Ok(())
     }
 }
+
+/// `GivenTensorFill` (f32 `values`), `GivenTensorIntFill` (int32),
+/// `GivenTensorInt64Fill` and `GivenTensorBoolFill` (int32 0/1: dpm has no bool
+/// tensors): a tensor of `shape` holding exactly `values`, as in a Caffe2
+/// model's `init_net.pb`.
+pub struct GivenTensorFill {
+    shape: Shape,
+    values: Given,
+}
+
+enum Given {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl GivenTensorFill {
+    /// Parses `shape` and `values` (floats for `GivenTensorFill`, ints otherwise).
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        let shape = shape_arg(op)?.ok_or_else(|| Error::arg("shape", "required"))?;
+        let a = op.arg.iter().find(|a| a.name.as_deref() == Some("values"));
+        let (floats, ints) = a.map_or((&[][..], &[][..]), |a| (&a.floats[..], &a.ints[..]));
+        let values = match op.op_type() {
+            "GivenTensorFill" => Given::F32(floats.to_vec()),
+            "GivenTensorInt64Fill" => Given::I64(ints.to_vec()),
+            "GivenTensorBoolFill" => Given::I32(ints.iter().map(|&v| i32::from(v != 0)).collect()),
+            _ => Given::I32(
+                ints.iter()
+                    .map(|&v| {
+                        i32::try_from(v).map_err(|_| Error::arg("values", format!("{v} is not an int32")))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        };
+        let n = match &values {
+            Given::F32(v) => v.len(),
+            Given::I32(v) => v.len(),
+            Given::I64(v) => v.len(),
+        };
+        if Some(n) != shape.checked_numel() {
+            return Err(Error::arg("values", format!("{n} values for shape {shape}")));
+        }
+        Ok(Box::new(GivenTensorFill { shape, values }))
+    }
+}
+
+impl Kernel for GivenTensorFill {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(0..=0)?;
+        ctx.expect_outputs(1..=1)?;
+        let s = self.shape.clone();
+        match &self.values {
+            Given::F32(v) => ctx.resize_output::<f32>(0, s)?.copy_from_slice(v),
+            Given::I32(v) => ctx.resize_output::<i32>(0, s)?.copy_from_slice(v),
+            Given::I64(v) => ctx.resize_output::<i64>(0, s)?.copy_from_slice(v),
+        }
+        Ok(())
+    }
+}

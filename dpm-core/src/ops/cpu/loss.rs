@@ -47,14 +47,7 @@ impl Kernel for SoftmaxWithLoss {
         let _ = x;
         let mut total = 0.0f64;
         for ((row, prow), &l) in xd.chunks_exact(d).zip(p.chunks_exact_mut(d)).zip(&labels) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for (p, &x) in prow.iter_mut().zip(row) {
-                *p = (x - max).exp();
-                sum += *p;
-            }
-            let inv = 1.0 / sum;
-            prow.iter_mut().for_each(|p| *p *= inv);
+            let (max, sum) = super::activation::softmax_row(row, prow);
             // log-softmax directly, so a confident wrong answer gives a large finite loss.
             total += f64::from(sum.ln() - (row[l] - max));
         }

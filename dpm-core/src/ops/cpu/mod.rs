@@ -32,6 +32,14 @@ use crate::graph::DeviceType;
 pub fn register(r: &mut Registry) {
     use DeviceType::Cpu;
     r.register("ConstantFill", Cpu, fill::ConstantFill::create);
+    for op in [
+        "GivenTensorFill",
+        "GivenTensorIntFill",
+        "GivenTensorInt64Fill",
+        "GivenTensorBoolFill",
+    ] {
+        r.register(op, Cpu, fill::GivenTensorFill::create);
+    }
     r.register("GaussianFill", Cpu, fill::RandomFill::gaussian);
     r.register("UniformFill", Cpu, fill::RandomFill::uniform);
     r.register("XavierFill", Cpu, fill::RandomFill::xavier);

@@ -26,6 +26,14 @@ use crate::tensor::{DataType, Shape, Tensor};
 pub fn register(r: &mut Registry) {
     use DeviceType::Cuda;
     r.register("ConstantFill", Cuda, host::uploaded);
+    for op in [
+        "GivenTensorFill",
+        "GivenTensorIntFill",
+        "GivenTensorInt64Fill",
+        "GivenTensorBoolFill",
+    ] {
+        r.register(op, Cuda, host::uploaded);
+    }
     r.register("GaussianFill", Cuda, host::uploaded);
     r.register("UniformFill", Cuda, host::uploaded);
     r.register("XavierFill", Cuda, host::uploaded);

@@ -1,0 +1,162 @@
+//! Deploying: a trained model exported as Caffe2's init_net / predict_net pair
+//! (no device prefixes, no loss, inference-mode batch norm, GivenTensorFill
+//! parameters) runs in a fresh `Predictor` and gives the test net's scores; a
+//! checkpoint serves as the parameters too.
+
+mod common;
+
+use dpm::deploy::Predictor;
+use dpm::prelude::*;
+
+#[dpm::data_parallel]
+fn cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [3, 8, 8]);
+    let label = m.input("label");
+    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
+    let b = m.spatial_bn("bn1", c)?;
+    let r = m.relu(b)?;
+    let d = m.dropout("drop", r, 0.2)?;
+    let p = m.max_pool(d, 2, 2, 0)?;
+    let g = m.global_average_pool(p)?;
+    let logits = m.fc("fc", g, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    m.accuracy("accuracy", logits, label);
+    Ok(loss.into())
+}
+
+fn batch(seed: u64, n: usize) -> Vec<(String, Tensor)> {
+    let x = common::random(&[n, 3, 8, 8], seed, -1.0, 1.0, 0.0);
+    let y: Vec<i32> = (0..n as i32).map(|i| i % 3).collect();
+    vec![
+        ("data".into(), x),
+        ("label".into(), Tensor::from_vec([n], y).unwrap()),
+    ]
+}
+
+fn trained() -> Trainer {
+    let mut step = 0u64;
+    let mut model = ModelHelper::new("cnn");
+    model.set_seed(4);
+    let mut t = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(move || {
+            step += 1;
+            Ok(batch(step, 16))
+        })
+        .forward(cnn)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.run(4).unwrap();
+    t.add_test_net(cnn).unwrap();
+    t
+}
+
+#[test]
+fn an_exported_predictor_gives_the_test_nets_scores() {
+    let t = trained();
+    let dir = std::env::temp_dir().join(format!("dpm-deploy-{}", std::process::id()));
+    t.export_caffe2(&dir).unwrap();
+    let (init, predict) = t.export_predictor().unwrap();
+    // The predict net: no prefixes, no loss or accuracy, inference mode, ends in Softmax.
+    for op in &predict.op {
+        assert!(
+            op.input.iter().chain(&op.output).all(|b| !b.contains('/')),
+            "{op:?}"
+        );
+        assert!(
+            !matches!(
+                op.op_type(),
+                "SoftmaxWithLoss" | "Accuracy" | "Allreduce" | "Scale"
+            ),
+            "{}",
+            op.op_type()
+        );
+        if matches!(op.op_type(), "SpatialBN" | "Dropout") {
+            assert_eq!(op.find_arg("is_test").and_then(|a| a.i), Some(1));
+            assert_eq!(op.output.len(), 1);
+        }
+        assert!(op.device_option.is_none());
+    }
+    assert_eq!(predict.op.last().unwrap().op_type(), "Softmax");
+    assert_eq!(predict.external_output, ["loss_softmax"]);
+    assert_eq!(predict.external_input[0], "data");
+    assert!(!predict.external_input.iter().any(|i| i == "label"));
+    // The init net: one GivenTensorFill per parameter and running statistic.
+    assert!(init.op.iter().all(|o| o.op_type() == "GivenTensorFill"));
+    let filled: Vec<&str> = init.op.iter().map(|o| o.output[0].as_str()).collect();
+    for p in [
+        "c1_w", "c1_b", "bn1_s", "bn1_b", "bn1_rm", "bn1_riv", "fc_w", "fc_b",
+    ] {
+        assert!(filled.contains(&p), "{p} not in {filled:?}");
+    }
+    assert_eq!(predict.external_input[1..], init.external_output[..]);
+    // From the files, in a fresh predictor: the test net's scores, to the bit.
+    let p = Predictor::from_files(dir.join("init_net.pb"), dir.join("predict_net.pb")).unwrap();
+    let held_out = batch(99, 8);
+    t.run_test(held_out.clone()).unwrap();
+    let want = t.fetch("loss_softmax", Device::cpu(0)).unwrap();
+    let got = p.run(&[("data", held_out[0].1.clone())]).unwrap();
+    assert_eq!(got[0].0, "loss_softmax");
+    assert!(
+        got[0].1.bitwise_eq(&want),
+        "exported scores differ from the test net's"
+    );
+    // A checkpoint holds the same parameters (ITER and momenta are not needed).
+    let ck = dir.join("ckpt.safetensors");
+    t.save(&ck).unwrap();
+    let q = Predictor::from_checkpoint(&predict, &ck).unwrap();
+    assert!(q.run(&[("data", held_out[0].1.clone())]).unwrap()[0]
+        .1
+        .bitwise_eq(&want));
+    // A predict net reading a parameter the checkpoint lacks is an error naming it.
+    let mut bad = predict.clone();
+    bad.external_input.push("nope_w".into());
+    bad.op[0].input.push("nope_w".into());
+    let e = Predictor::from_checkpoint(&bad, &ck).err().unwrap().to_string();
+    assert!(e.contains("nope_w"), "{e}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn caffe2_style_given_tensor_fills_load_every_type() {
+    let mut init = Net::new("init");
+    init.op("GivenTensorFill")
+        .output("f")
+        .arg("shape", vec![2i64, 2])
+        .arg("values", vec![1.0f32, 2.0, 3.0, 4.0])
+        .build();
+    init.op("GivenTensorIntFill")
+        .output("i")
+        .arg("shape", vec![3i64])
+        .arg("values", vec![1i64, -2, 3])
+        .build();
+    init.op("GivenTensorInt64Fill")
+        .output("l")
+        .arg("shape", vec![1i64])
+        .arg("values", vec![1i64 << 40])
+        .build();
+    init.op("GivenTensorBoolFill")
+        .output("b")
+        .arg("shape", vec![2i64])
+        .arg("values", vec![0i64, 5])
+        .build();
+    let ws = Workspace::new();
+    ws.run_net_once(init.proto()).unwrap();
+    assert_eq!(
+        ws.fetch("f").unwrap().data::<f32>().unwrap(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
+    assert_eq!(ws.fetch("i").unwrap().data::<i32>().unwrap(), [1, -2, 3]);
+    assert_eq!(ws.fetch("l").unwrap().data::<i64>().unwrap(), [1i64 << 40]);
+    assert_eq!(ws.fetch("b").unwrap().data::<i32>().unwrap(), [0, 1]);
+    let mut bad = Net::new("bad");
+    bad.op("GivenTensorFill")
+        .output("f")
+        .arg("shape", vec![3i64])
+        .arg("values", vec![1.0f32])
+        .build();
+    let e = ws.run_net_once(bad.proto()).unwrap_err().to_string();
+    assert!(e.contains("1 values for shape"), "{e}");
+}
