@@ -77,6 +77,13 @@ pub struct Args {
     /// Write a JSON summary here.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
+    /// Write the trained model for deployment as Caffe2's init_net.pb and
+    /// predict_net.pb in this folder (see dpm::deploy::Predictor).
+    #[arg(long)]
+    pub export_caffe2: Option<PathBuf>,
+    /// Write the trained model as an ONNX file (opset 17) here.
+    #[arg(long)]
+    pub export_onnx: Option<PathBuf>,
     /// Worker threads of the DAG executor (default: 4 per device).
     #[arg(long)]
     pub num_workers: Option<usize>,
@@ -269,21 +276,21 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The JSON the `--summary-json` flag writes.
+    /// The JSON the `--summary-json` flag writes (a non-finite loss is `null`).
     pub fn to_json(&self) -> String {
-        let devices: Vec<String> = self.devices.iter().map(|d| format!("\"{d}\"")).collect();
-        format!(
-            "{{\"depth\": {}, \"devices\": [{}], \"ranks\": {}, \"batch_per_device\": {}, \"iters\": {}, \"final_loss\": {}, \"heldout_accuracy\": {}, \"images_per_sec\": {:.2}, \"comm_seconds\": {:.3}}}\n",
-            self.depth,
-            devices.join(", "),
-            self.rank.1,
-            self.batch_per_device,
-            self.iters,
-            self.final_loss,
-            self.heldout_accuracy,
-            self.images_per_sec,
-            self.comm_seconds
-        )
+        let json = serde_json::json!({
+            "depth": self.depth,
+            "devices": self.devices,
+            "ranks": self.rank.1,
+            "batch_per_device": self.batch_per_device,
+            "iters": self.iters,
+            "final_loss": self.final_loss,
+            "heldout_accuracy": self.heldout_accuracy,
+            "images_per_sec": self.images_per_sec,
+            "comm_seconds": self.comm_seconds,
+            "losses": self.losses,
+        });
+        format!("{json:#}\n")
     }
 }
 
@@ -335,7 +342,17 @@ fn check_sizes(args: &Args, devices: usize) -> Result<()> {
 
 /// Checks before training that the files it writes at the end can be written.
 fn check_output_paths(args: &Args) -> Result<()> {
-    for path in [&args.save, &args.summary_json].into_iter().flatten() {
+    if let Some(dir) = &args.export_caffe2 {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let in_dir = args.export_caffe2.as_ref().map(|d| d.join("predict_net.pb"));
+    for path in [&args.save, &args.summary_json, &args.export_onnx, &in_dir]
+        .into_iter()
+        .flatten()
+    {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -543,6 +560,15 @@ pub fn run(args: &Args) -> Result<Summary> {
     } else {
         (correct / heldout.len() as f64) as f32
     };
+
+    if rank.0 == 0 {
+        if let Some(dir) = &args.export_caffe2 {
+            trainer.export_caffe2(dir)?;
+        }
+        if let Some(path) = &args.export_onnx {
+            trainer.export_onnx(path)?;
+        }
+    }
 
     let summary = Summary {
         depth: args.depth,

@@ -8,54 +8,9 @@ mod common;
 use dpm::deploy::Predictor;
 use dpm::prelude::*;
 
-#[dpm::data_parallel]
-fn cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
-    let data = m.input_with_shape("data", [3, 8, 8]);
-    let label = m.input("label");
-    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
-    let b = m.spatial_bn("bn1", c)?;
-    let r = m.relu(b)?;
-    let d = m.dropout("drop", r, 0.2)?;
-    let p = m.max_pool(d, 2, 2, 0)?;
-    let g = m.global_average_pool(p)?;
-    let logits = m.fc("fc", g, 3)?;
-    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
-    m.accuracy("accuracy", logits, label);
-    Ok(loss.into())
-}
-
-fn batch(seed: u64, n: usize) -> Vec<(String, Tensor)> {
-    let x = common::random(&[n, 3, 8, 8], seed, -1.0, 1.0, 0.0);
-    let y: Vec<i32> = (0..n as i32).map(|i| i % 3).collect();
-    vec![
-        ("data".into(), x),
-        ("label".into(), Tensor::from_vec([n], y).unwrap()),
-    ]
-}
-
-fn trained() -> Trainer {
-    let mut step = 0u64;
-    let mut model = ModelHelper::new("cnn");
-    model.set_seed(4);
-    let mut t = Parallelize::new(model)
-        .devices([Device::cpu(0), Device::cpu(1)])
-        .input(move || {
-            step += 1;
-            Ok(batch(step, 16))
-        })
-        .forward(cnn)
-        .update(Sgd::new(0.1).momentum(0.9))
-        .build()
-        .unwrap();
-    t.run_init().unwrap();
-    t.run(4).unwrap();
-    t.add_test_net(cnn).unwrap();
-    t
-}
-
 #[test]
 fn an_exported_predictor_gives_the_test_nets_scores() {
-    let t = trained();
+    let t = common::trained_small_cnn();
     let dir = std::env::temp_dir().join(format!("dpm-deploy-{}", std::process::id()));
     t.export_caffe2(&dir).unwrap();
     let (init, predict) = t.export_predictor().unwrap();
@@ -94,7 +49,7 @@ fn an_exported_predictor_gives_the_test_nets_scores() {
     assert_eq!(predict.external_input[1..], init.external_output[..]);
     // From the files, in a fresh predictor: the test net's scores, to the bit.
     let p = Predictor::from_files(dir.join("init_net.pb"), dir.join("predict_net.pb")).unwrap();
-    let held_out = batch(99, 8);
+    let held_out = common::cnn_batch(99, 8);
     t.run_test(held_out.clone()).unwrap();
     let want = t.fetch("loss_softmax", Device::cpu(0)).unwrap();
     let got = p.run(&[("data", held_out[0].1.clone())]).unwrap();

@@ -52,6 +52,10 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
         "0.05",
         "--summary-json",
         json.to_str().unwrap(),
+        "--export-caffe2",
+        dir.join("model").to_str().unwrap(),
+        "--export-onnx",
+        dir.join("model.onnx").to_str().unwrap(),
     ]))
     .unwrap();
     assert_eq!(s.devices, ["cpu:0", "cpu:1"]);
@@ -63,19 +67,36 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
     let correct = s.heldout_accuracy * 40.0;
     assert!((correct - correct.round()).abs() < 1e-3, "{correct} of 40 images");
     // The JSON says what the summary says.
-    let text = std::fs::read_to_string(&json).unwrap();
-    for (key, value) in [
-        ("depth", "8".to_owned()),
-        ("devices", "[\"cpu:0\", \"cpu:1\"]".to_owned()),
-        ("batch_per_device", "8".to_owned()),
-        ("iters", "80".to_owned()),
-        ("final_loss", s.final_loss.to_string()),
-        ("heldout_accuracy", s.heldout_accuracy.to_string()),
-        ("images_per_sec", format!("{:.2}", s.images_per_sec)),
-    ] {
-        let field = format!("\"{key}\": {value}");
-        assert!(text.contains(&field), "{field} missing from {text}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(json["depth"], 8);
+    assert_eq!(json["devices"], serde_json::json!(["cpu:0", "cpu:1"]));
+    assert_eq!(json["batch_per_device"], 8);
+    assert_eq!(json["iters"], 80);
+    assert_eq!(json["final_loss"].as_f64(), Some(f64::from(s.final_loss)));
+    assert_eq!(
+        json["heldout_accuracy"].as_f64(),
+        Some(f64::from(s.heldout_accuracy))
+    );
+    assert!((json["images_per_sec"].as_f64().unwrap() - s.images_per_sec).abs() < 1e-9 * s.images_per_sec);
+    assert_eq!(json["losses"].as_array().map(Vec::len), Some(80));
+    // The exported predictor and ONNX model load and give probabilities.
+    let p =
+        dpm::deploy::Predictor::from_files(dir.join("model/init_net.pb"), dir.join("model/predict_net.pb"))
+            .unwrap();
+    let images = dpm::tensor::Tensor::zeros::<f32>([2, 3, 32, 32]);
+    let probs = &p.run(&[("data", images)]).unwrap()[0].1;
+    assert_eq!(probs.dims(), [2, 10]);
+    for row in probs.data::<f32>().unwrap().chunks(10) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
+    let onnx = dpm::deploy::onnx::read_model(dir.join("model.onnx")).unwrap();
+    let graph = onnx.graph.unwrap();
+    assert_eq!(graph.output[0].name, p.net().external_output[0]);
+    assert_eq!(
+        graph.node.iter().filter(|n| n.op_type == "Conv").count(),
+        9,
+        "ResNet-8: 7 convolutions and 2 projection shortcuts"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -198,7 +219,7 @@ fn the_readme_lists_every_flag_of_the_example() {
         .skip(1)
         .map(|s| {
             s.chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
                 .collect()
         })
         .collect();

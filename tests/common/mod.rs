@@ -198,3 +198,52 @@ pub fn op_net(op: &str, inputs: &[&str], outputs: &[&str], args: &[(&str, i64)])
     b.build();
     net
 }
+
+/// A small CNN with every layer kind a predictor export treats specially
+/// (conv, batch norm, dropout, pooling, FC, softmax with loss, accuracy).
+#[dpm::data_parallel]
+pub fn small_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [3, 8, 8]);
+    let label = m.input("label");
+    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
+    let b = m.spatial_bn("bn1", c)?;
+    let r = m.relu(b)?;
+    let d = m.dropout("drop", r, 0.2)?;
+    let p = m.max_pool(d, 2, 2, 0)?;
+    let g = m.global_average_pool(p)?;
+    let logits = m.fc("fc", g, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    m.accuracy("accuracy", logits, label);
+    Ok(loss.into())
+}
+
+/// A batch of `n` random 3×8×8 images and labels 0, 1, 2, 0, ….
+pub fn cnn_batch(seed: u64, n: usize) -> Vec<(String, Tensor)> {
+    let x = random(&[n, 3, 8, 8], seed, -1.0, 1.0, 0.0);
+    let y: Vec<i32> = (0..n as i32).map(|i| i % 3).collect();
+    vec![
+        ("data".into(), x),
+        ("label".into(), Tensor::from_vec([n], y).unwrap()),
+    ]
+}
+
+/// [`small_cnn`] trained 4 steps on 2 CPU devices, with its test net added.
+pub fn trained_small_cnn() -> Trainer {
+    let mut step = 0u64;
+    let mut model = ModelHelper::new("cnn");
+    model.set_seed(4);
+    let mut t = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(move || {
+            step += 1;
+            Ok(cnn_batch(step, 16))
+        })
+        .forward(small_cnn)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.run(4).unwrap();
+    t.add_test_net(small_cnn).unwrap();
+    t
+}

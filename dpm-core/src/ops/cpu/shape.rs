@@ -53,7 +53,9 @@ impl Kernel for Reshape {
         } else {
             1..=1
         })?;
-        ctx.expect_outputs(1..=1)?;
+        // Caffe2's Reshape also gives the old shape (int64), for its gradient.
+        let with_old = matches!(self.0, Target::Dims(_));
+        ctx.expect_outputs(if with_old { 1..=2 } else { 1..=1 })?;
         let old = ctx.output(0).shape().clone();
         let numel = old.numel();
         let new: Shape = match &self.0 {
@@ -97,6 +99,10 @@ impl Kernel for Reshape {
                 format!("{} elements to become {new}", new.numel()),
                 &old,
             ));
+        }
+        if ctx.num_outputs() == 2 {
+            let dims: Vec<i64> = old.dims().iter().map(|&d| d as i64).collect();
+            ctx.resize_output::<i64>(1, [dims.len()])?.copy_from_slice(&dims);
         }
         Ok(())
     }

@@ -1,17 +1,14 @@
-//! Deploying a trained model as Caffe2 deploys one: a forward-only
-//! `predict_net` with no device prefixes, no loss and no accuracy, batch norm and
-//! dropout in inference mode, ending in the softmax (or the scores); and an
-//! `init_net` of `GivenTensorFill` ops holding the trained parameters and
-//! running statistics ([`Trainer::export_predictor`], Caffe2's
-//! `ExtractPredictorNet`). [`Predictor`] runs such a pair, or a predict net with
-//! its parameters from a checkpoint.
+//! Caffe2's predictor export ([`Trainer::export_predictor`], Caffe2's
+//! `ExtractPredictorNet`): a forward-only `predict_net` with no device
+//! prefixes, no loss and no accuracy, batch norm and dropout in inference mode,
+//! ending in the softmax (or the scores); and an `init_net` of
+//! `GivenTensorFill` ops holding the trained parameters and running statistics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::exec::Workspace;
-use crate::graph::{ArgValue, Device};
+use crate::graph::ArgValue;
 use crate::parallel::Trainer;
 use crate::proto::{NetDef, OperatorDef, Wire};
 use crate::tensor::{DataType, Tensor};
@@ -122,7 +119,12 @@ fn forward_only(train: &NetDef, prefix: &str, model: &str) -> Result<NetDef> {
     // Blobs that depend on the labels, and what the model predicts.
     let mut tainted: HashSet<String> = forward
         .iter()
-        .filter(|o| matches!(o.op_type(), "SoftmaxWithLoss" | "Accuracy" | "LabelCrossEntropy"))
+        .filter(|o| {
+            matches!(
+                o.op_type(),
+                "SoftmaxWithLoss" | "Accuracy" | "LabelCrossEntropy" | "SquaredL2Distance" | "L1Distance"
+            )
+        })
         .filter_map(|o| o.input.get(1).cloned())
         .collect();
     let mut kept: Vec<OperatorDef> = Vec::new();
@@ -206,106 +208,4 @@ fn forward_only(train: &NetDef, prefix: &str, model: &str) -> Result<NetDef> {
 fn set_arg(op: &mut OperatorDef, name: &str, v: ArgValue) {
     op.arg.retain(|a| a.name.as_deref() != Some(name));
     op.arg.push(v.to_proto(name));
-}
-
-/// Runs a Caffe2-style predictor: an init net (or a checkpoint) for the
-/// parameters, a predict net for each batch, on the CPU.
-///
-/// ```no_run
-/// # use dpm_core::deploy::Predictor;
-/// # use dpm_core::tensor::Tensor;
-/// let p = Predictor::from_files("model/init_net.pb", "model/predict_net.pb")?;
-/// let scores = p.run(&[("data", Tensor::zeros::<f32>([1, 3, 32, 32]))])?;
-/// # Ok::<(), dpm_core::Error>(())
-/// ```
-pub struct Predictor {
-    ws: Workspace,
-    net: NetDef,
-}
-
-impl Predictor {
-    /// Runs `init` once and compiles `predict`.
-    pub fn new(init: &NetDef, predict: &NetDef) -> Result<Predictor> {
-        let ws = Workspace::new();
-        ws.run_net_once(&on_host(init))?;
-        Self::with_workspace(ws, predict)
-    }
-
-    /// [`Predictor::new`] from `init_net.pb` and `predict_net.pb` files.
-    pub fn from_files(init: impl AsRef<Path>, predict: impl AsRef<Path>) -> Result<Predictor> {
-        Self::new(&read_net(init.as_ref())?, &read_net(predict.as_ref())?)
-    }
-
-    /// `predict` with its parameters from a checkpoint (Trainer::save's file):
-    /// parameters only, by their names without a device prefix; the training
-    /// state in it (`ITER`, momenta) is neither needed nor used. A parameter the
-    /// net reads that the checkpoint lacks is an error naming it.
-    pub fn from_checkpoint(predict: &NetDef, checkpoint: impl AsRef<Path>) -> Result<Predictor> {
-        let ck = crate::checkpoint::load(checkpoint.as_ref())?;
-        let by_name: HashMap<&str, &Tensor> = ck.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let ws = Workspace::new();
-        let written: HashSet<&String> = predict.op.iter().flat_map(|o| &o.output).collect();
-        let mut missing = Vec::new();
-        for i in &predict.external_input {
-            match by_name.get(i.as_str()) {
-                Some(t) => ws.feed(i, (*t).clone()),
-                None if !written.contains(i) => missing.push(i.clone()),
-                None => {}
-            }
-        }
-        // What the checkpoint lacks must be what the caller feeds: the first
-        // external inputs (Caffe2 lists inputs before parameters).
-        let fed = predict
-            .external_input
-            .iter()
-            .take_while(|i| !by_name.contains_key(i.as_str()));
-        let fed: HashSet<&String> = fed.collect();
-        if let Some(m) = missing.iter().find(|m| !fed.contains(m)) {
-            return Err(Error::Checkpoint {
-                path: checkpoint.as_ref().display().to_string(),
-                reason: format!("no tensor `{m}`, which the predict net reads"),
-            });
-        }
-        Self::with_workspace(ws, predict)
-    }
-
-    fn with_workspace(ws: Workspace, predict: &NetDef) -> Result<Predictor> {
-        let net = on_host(predict);
-        ws.create_net(&net)?;
-        Ok(Predictor { ws, net })
-    }
-
-    /// Feeds `inputs`, runs the predict net, and returns its external outputs.
-    pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-        for (name, t) in inputs {
-            self.ws.feed(name, t.clone());
-        }
-        self.ws.run_net(self.net.net_name())?;
-        self.net
-            .external_output
-            .iter()
-            .map(|o| Ok((o.clone(), self.ws.fetch(o)?)))
-            .collect()
-    }
-}
-
-/// The net with every op on the host (a predictor runs on the CPU).
-fn on_host(net: &NetDef) -> NetDef {
-    let mut net = net.clone();
-    net.device_option = None;
-    for op in &mut net.op {
-        op.device_option = Some(Device::cpu(0).to_proto());
-    }
-    net
-}
-
-fn read_net(path: &Path) -> Result<NetDef> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    NetDef::from_bytes(&bytes).map_err(|e| Error::InvalidNet {
-        net: path.display().to_string(),
-        reason: format!("not a NetDef: {e}"),
-    })
 }
