@@ -84,6 +84,11 @@ pub struct Args {
     /// Write the trained model as an ONNX file (opset 17) here.
     #[arg(long)]
     pub export_onnx: Option<PathBuf>,
+    /// Write a Chrome trace (JSON for Perfetto or chrome://tracing) of 3
+    /// steps after the warm-up here, and print how much of the all-reduce
+    /// time the backward pass hid.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
     /// Worker threads of the DAG executor (default: 4 per device).
     #[arg(long)]
     pub num_workers: Option<usize>,
@@ -349,10 +354,14 @@ fn check_output_paths(args: &Args) -> Result<()> {
         })?;
     }
     let in_dir = args.export_caffe2.as_ref().map(|d| d.join("predict_net.pb"));
-    for path in [&args.save, &args.summary_json, &args.export_onnx, &in_dir]
-        .into_iter()
-        .flatten()
-    {
+    let outputs = [
+        &args.save,
+        &args.summary_json,
+        &args.export_onnx,
+        &in_dir,
+        &args.trace,
+    ];
+    for path in outputs.into_iter().flatten() {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -408,6 +417,9 @@ fn datasets(args: &Args) -> Result<(Dataset, Dataset)> {
         }
     }
 }
+
+/// Steps `--trace` records, after the warm-up.
+const TRACED_STEPS: u64 = 3;
 
 /// Trains as `args` says and returns the summary.
 pub fn run(args: &Args) -> Result<Summary> {
@@ -509,10 +521,16 @@ pub fn run(args: &Args) -> Result<Summary> {
     let mut losses = Vec::with_capacity(todo as usize);
     let mut steady_start = None;
     let start = Instant::now();
+    // After the warm-up, or from the start of a run too short for one.
+    let first_traced = if todo > warmup { warmup } else { 0 };
+    let traced = (first_traced, (first_traced + TRACED_STEPS).min(todo));
     for i in 0..todo {
         if i == warmup {
             steady_start = Some(Instant::now());
             trainer.workspace().set_profiling(args.profile);
+        }
+        if args.trace.is_some() && i == traced.0 {
+            trainer.workspace().start_trace();
         }
         trainer.step().map_err(|e| match e {
             Error::NonFinite { what } => Error::Config(format!(
@@ -527,6 +545,20 @@ pub fn run(args: &Args) -> Result<Summary> {
         let ips = (i + 1) as f64 * global_batch as f64 / start.elapsed().as_secs_f64();
         bar.set_message(format!("loss {loss:.3}  acc {:.1}%  {ips:.0} img/s", 100.0 * acc));
         bar.inc(1);
+        if let (Some(path), true) = (&args.trace, i + 1 == traced.1) {
+            let trace = trainer.workspace().take_trace((traced.1 - traced.0) as usize);
+            if rank.0 == 0 {
+                trace.write_chrome(path)?;
+                bar.suspend(|| {
+                    eprintln!(
+                        "trace of {} steps in {}: {}",
+                        trace.steps,
+                        path.display(),
+                        trace.overlap()
+                    )
+                });
+            }
+        }
     }
     bar.finish_and_clear();
     let steady = steady_start.map(|t| t.elapsed());

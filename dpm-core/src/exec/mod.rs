@@ -8,9 +8,11 @@
 mod dag;
 mod plan;
 mod profile;
+pub mod trace;
 mod workspace;
 
 pub use profile::OpTime;
+pub use trace::{Overlap, Trace, TraceEvent};
 pub use workspace::Workspace;
 
 /// Which executor runs a net, from `NetDef.type`.

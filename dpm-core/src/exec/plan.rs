@@ -205,7 +205,7 @@ impl Step {
     /// timed into `profile` when there is one.
     pub(crate) fn run(&self, threads: usize, profile: Option<&Profile>) -> Result<()> {
         let execute = || match profile {
-            Some(p) => p.time(self.def.op_type(), self.device, || self.execute(threads)),
+            Some(p) => p.time(&self.def, self.index, self.device, || self.execute(threads)),
             None => self.execute(threads),
         };
         let result = match catch_unwind(AssertUnwindSafe(execute)) {

@@ -1,6 +1,8 @@
 //! Time per op type, as Caffe2's `prof_dag` net reported it: switched on with
 //! [`Workspace::set_profiling`](super::Workspace::set_profiling), read with
-//! [`Workspace::op_times`](super::Workspace::op_times).
+//! [`Workspace::op_times`](super::Workspace::op_times); and a timeline of every
+//! op run ([`Workspace::start_trace`](super::Workspace::start_trace), read as a
+//! [`Trace`](super::trace::Trace)).
 //!
 //! A CPU op's time is its wall time. A GPU op's time is its device time, from
 //! CUDA events recorded on its stream before and after its work; GPU ops enqueue
@@ -11,8 +13,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::trace::TraceEvent;
 use crate::error::Result;
 use crate::graph::Device;
+use crate::proto::OperatorDef;
 
 /// What the ops of one type cost over the profiled runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,10 +31,14 @@ pub struct OpTime {
     pub host: Duration,
 }
 
-/// The running totals of a workspace.
+/// The running totals of a workspace, and its timeline while tracing.
 #[derive(Default)]
 pub(crate) struct Profile {
     by_type: Mutex<HashMap<String, OpTime>>,
+    /// Whether op times go into `by_type`.
+    totals: std::sync::atomic::AtomicBool,
+    /// The timeline being recorded, if any.
+    trace: Mutex<Option<Recording>>,
     /// Held by a GPU op while it enqueues its work between its two events.
     #[cfg(feature = "cuda")]
     gpu_turn: Mutex<()>,
@@ -39,39 +47,100 @@ pub(crate) struct Profile {
     pending: Mutex<Vec<PendingGpuOp>>,
 }
 
+/// A timeline being recorded: when it began, and the ops so far.
+struct Recording {
+    origin: Instant,
+    events: Vec<TraceEvent>,
+    /// Per GPU: an event that had completed at host time `origin + offset`,
+    /// so device times map onto the host's clock.
+    #[cfg(feature = "cuda")]
+    gpu_clocks: HashMap<u32, (cudarc::driver::CudaEvent, Duration)>,
+}
+
 #[cfg(feature = "cuda")]
-type PendingGpuOp = (
-    String,
-    Duration,
-    cudarc::driver::CudaEvent,
-    cudarc::driver::CudaEvent,
-);
+struct PendingGpuOp {
+    op_type: String,
+    host: Duration,
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    /// The trace event to complete with the device times, when tracing.
+    traced: Option<TraceEvent>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Profile {
-    /// Runs `op` (of type `op_type`, on `device`) and accounts for its time.
-    pub(crate) fn time<T>(&self, op_type: &str, device: Device, op: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Switches the per-type totals on or off.
+    pub(crate) fn set_totals(&self, on: bool) {
+        self.totals.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether anything is being recorded (totals or a trace).
+    pub(crate) fn active(&self) -> bool {
+        self.totals.load(std::sync::atomic::Ordering::Relaxed) || lock(&self.trace).is_some()
+    }
+
+    /// Starts a new timeline, dropping one in progress.
+    pub(crate) fn start_trace(&self) {
+        *lock(&self.trace) = Some(Recording {
+            origin: Instant::now(),
+            events: Vec::new(),
+            #[cfg(feature = "cuda")]
+            gpu_clocks: HashMap::new(),
+        });
+    }
+
+    /// Ends the timeline and returns its events, in start order.
+    pub(crate) fn take_trace(&self) -> Vec<TraceEvent> {
+        let mut events = lock(&self.trace).take().map(|r| r.events).unwrap_or_default();
+        events.sort_by_key(|e| e.start);
+        events
+    }
+
+    /// Runs `op` (op #`index` of its net, defined by `def`, on `device`) and
+    /// accounts for its time.
+    pub(crate) fn time<T>(
+        &self,
+        def: &OperatorDef,
+        index: usize,
+        device: Device,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let origin = lock(&self.trace).as_ref().map(|r| r.origin);
+        let event =
+            |start: Duration, duration: Duration| TraceEvent::new(def, index, device, start, duration);
         match device {
             Device::Cpu(_) => {
                 let start = Instant::now();
                 let out = op()?;
                 let took = start.elapsed();
-                self.add(op_type, took, took);
+                self.add(def.op_type(), took, took);
+                if let (Some(origin), Some(r)) = (origin, lock(&self.trace).as_mut()) {
+                    r.events.push(event(start.duration_since(origin), took));
+                }
                 Ok(out)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
                 let gpu = crate::cuda::gpu(n)?;
+                if origin.is_some() {
+                    self.gpu_clock(n, &gpu)?;
+                }
                 let _turn = lock(&self.gpu_turn);
                 let start = gpu.timing_event()?;
                 let host = Instant::now();
                 let out = op()?;
                 let host = host.elapsed();
                 let end = gpu.timing_event()?;
-                lock(&self.pending).push((op_type.to_owned(), host, start, end));
+                lock(&self.pending).push(PendingGpuOp {
+                    op_type: def.op_type().to_owned(),
+                    host,
+                    start,
+                    end,
+                    traced: origin.map(|_| event(Duration::ZERO, Duration::ZERO)),
+                });
                 Ok(out)
             }
             #[cfg(not(feature = "cuda"))]
@@ -79,21 +148,49 @@ impl Profile {
         }
     }
 
+    /// Makes sure GPU `n` has a reference event on the trace's clock: one
+    /// recorded and waited for, whose completion the host saw at once.
+    #[cfg(feature = "cuda")]
+    fn gpu_clock(&self, n: u32, gpu: &crate::cuda::Gpu) -> Result<()> {
+        let mut t = lock(&self.trace);
+        let Some(r) = t.as_mut() else { return Ok(()) };
+        if !r.gpu_clocks.contains_key(&n) {
+            let e = gpu.timing_event()?;
+            e.synchronize().map_err(|err| {
+                crate::error::Error::Config(format!("cuda:{n}: waiting for a timing event: {err}"))
+            })?;
+            r.gpu_clocks.insert(n, (e, r.origin.elapsed()));
+        }
+        Ok(())
+    }
+
     /// Reads the events of GPU ops; called once their devices are synchronised.
     pub(crate) fn settle(&self) {
         #[cfg(feature = "cuda")]
-        for (op_type, host, start, end) in lock(&self.pending).drain(..) {
-            if let Ok(ms) = start.elapsed_ms(&end) {
-                self.add(
-                    &op_type,
-                    Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3),
-                    host,
-                );
+        for p in lock(&self.pending).drain(..) {
+            let Ok(ms) = p.start.elapsed_ms(&p.end) else {
+                continue;
+            };
+            let took = Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3);
+            self.add(&p.op_type, took, p.host);
+            let Some(mut ev) = p.traced else { continue };
+            let mut trace = lock(&self.trace);
+            let Some(r) = trace.as_mut() else { continue };
+            let Device::Cuda(n) = ev.device else { continue };
+            if let Some((clock, at)) = r.gpu_clocks.get(&n) {
+                if let Ok(since) = clock.elapsed_ms(&p.start) {
+                    ev.start = *at + Duration::from_secs_f64(f64::from(since.max(0.0)) / 1e3);
+                    ev.duration = took;
+                    r.events.push(ev);
+                }
             }
         }
     }
 
     fn add(&self, op_type: &str, took: Duration, host: Duration) {
+        if !self.totals.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut m = lock(&self.by_type);
         let t = m.entry(op_type.to_owned()).or_default();
         t.runs += 1;

@@ -1,7 +1,7 @@
 //! The workspace: named blobs, and nets compiled against them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::plan::{BlobCell, Plan};
@@ -17,7 +17,6 @@ pub struct Workspace {
     blobs: RwLock<HashMap<String, BlobCell>>,
     nets: Mutex<HashMap<String, Arc<Plan>>>,
     kernel_threads: AtomicUsize,
-    profiling: AtomicBool,
     profile: Profile,
 }
 
@@ -27,7 +26,6 @@ impl Default for Workspace {
             blobs: RwLock::default(),
             nets: Mutex::default(),
             kernel_threads: AtomicUsize::new(1),
-            profiling: AtomicBool::new(false),
             profile: Profile::default(),
         }
     }
@@ -77,7 +75,37 @@ impl Workspace {
     /// # Ok::<(), dpm_core::Error>(())
     /// ```
     pub fn set_profiling(&self, on: bool) {
-        self.profiling.store(on, Ordering::Relaxed);
+        self.profile.set_totals(on);
+    }
+
+    /// Starts recording a timeline of every op the workspace's nets run (a
+    /// trace in progress is dropped). GPU ops are then waited for one by one,
+    /// as when profiling.
+    pub fn start_trace(&self) {
+        self.profile.start_trace();
+    }
+
+    /// Stops recording and returns the timeline since [`Workspace::start_trace`]
+    /// (empty if none was started), covering `steps` training steps.
+    ///
+    /// ```
+    /// # use dpm_core::prelude::*;
+    /// let ws = Workspace::new();
+    /// let mut net = Net::new("n");
+    /// net.op("ConstantFill").output("x").arg("shape", vec![2i64]).arg("value", 1.0f32).build();
+    /// net.op("Relu").input("x").output("y").build();
+    /// ws.start_trace();
+    /// ws.run_net_once(net.proto())?;
+    /// let trace = ws.take_trace(1);
+    /// assert_eq!(trace.events.len(), 2);
+    /// assert!(trace.to_chrome_json().contains("\"Relu\""));
+    /// # Ok::<(), dpm_core::Error>(())
+    /// ```
+    pub fn take_trace(&self, steps: usize) -> super::trace::Trace {
+        super::trace::Trace {
+            events: self.profile.take_trace(),
+            steps,
+        }
     }
 
     /// Time per op type over the profiled runs so far, the costliest first.
@@ -91,7 +119,7 @@ impl Workspace {
     }
 
     fn profile(&self) -> Option<&Profile> {
-        self.profiling.load(Ordering::Relaxed).then_some(&self.profile)
+        self.profile.active().then_some(&self.profile)
     }
 
     /// The cell of `name`, created empty if absent.
