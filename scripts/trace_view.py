@@ -7,14 +7,14 @@ quick look where Perfetto is not at hand, and for the README's screenshot:
     python3 scripts/trace_view.py trace.json trace.html [--step K]
     chromium --headless --screenshot=trace.png --window-size=1600,560 trace.html
 
---step K draws only the K-th of the traced steps (counted from 1), cut at the
-largest gaps between ops, so one step fills the width.
+--step K draws only the K-th run (counted from 1) of the net that ran longest
+(the train net: one run per step), so one step fills the width.
 """
 import argparse
 import html
 import json
 
-COLOURS = {"compute": "#4c78a8", "backward": "#f58518", "communication": "#54a24b"}
+COLOURS = {"compute": "#4c78a8", "backward": "#f58518", "communication": "#54a24b", "net": "#bab0ac"}
 
 
 def main():
@@ -33,17 +33,16 @@ def main():
             names[(e["pid"], e["tid"])] = e["args"]["name"]
     other = doc.get("otherData", {})
     steps = int(other.get("steps", 1))
-    if a.step and steps > 1:
-        # Steps are separated by the largest idle gaps of the whole timeline.
-        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in slices)
-        gaps, end = [], spans[0][1]
-        for s, e in spans[1:]:
-            if s > end:
-                gaps.append((s - end, end, s))
-            end = max(end, e)
-        cuts = sorted(g[1:] for g in sorted(gaps, reverse=True)[: steps - 1])
-        bounds = [spans[0][0]] + [c[1] for c in cuts] + [end]
-        lo, hi = bounds[a.step - 1], bounds[a.step]
+    nets = [e for e in slices if e.get("cat") == "net"]
+    if a.step and nets:
+        # The K-th run of the net that ran longest in all: the train net.
+        total = {}
+        for n in nets:
+            total[n["name"]] = total.get(n["name"], 0) + n["dur"]
+        main_net = max(total, key=total.get)
+        runs = [n for n in nets if n["name"] == main_net]
+        run = runs[min(a.step, len(runs)) - 1]
+        lo, hi = run["ts"], run["ts"] + run["dur"]
         slices = [e for e in slices if lo <= e["ts"] < hi]
     t0 = min(e["ts"] for e in slices)
     t1 = max(e["ts"] + e["dur"] for e in slices)
@@ -52,7 +51,8 @@ def main():
     scale = (width - label_w - 20) / max(t1 - t0, 1e-9)
     height = top + row_h * len(rows) + 50
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">']
-    title = f"{html.escape(a.trace)}: {len(slices)} ops"
+    ops = sum(1 for e in slices if e.get("cat") != "net")
+    title = f"{html.escape(a.trace)}: {ops} ops"
     if "allreduce_ms_per_step" in other:
         title += (
             f" · all-reduce {other['allreduce_ms_per_step']:.2f} ms per step,"
@@ -63,7 +63,7 @@ def main():
     for kind, colour in COLOURS.items():
         svg.append(f'<rect x="{x}" y="34" width="14" height="14" fill="{colour}"/>')
         svg.append(f'<text x="{x + 20}" y="46">{kind}</text>')
-        x += 140
+        x += 150
     for i, key in enumerate(rows):
         y = top + i * row_h
         svg.append(f'<text x="10" y="{y + row_h / 2 + 4}">{html.escape(names.get(key, str(key)))}</text>')

@@ -59,8 +59,18 @@ fn a_traced_step_shows_every_op_on_its_device_and_the_collectives_apart() {
         .collect();
     let mut rows: Vec<&str> = names.values().map(String::as_str).collect();
     rows.sort();
-    assert_eq!(rows, ["collectives", "cpu:0 compute", "cpu:1 compute"]);
-    let slices: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    assert_eq!(rows, ["collectives", "cpu:0 compute", "cpu:1 compute", "nets"]);
+    // The net runs: the training net once per step.
+    let train_name = t.model().net().proto().name.clone().unwrap();
+    let net_runs = events
+        .iter()
+        .filter(|e| e["cat"] == "net" && e["name"] == train_name.as_str())
+        .count();
+    assert_eq!(net_runs, 3);
+    let slices: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["cat"] != "net")
+        .collect();
     // Every op of the training net ran once per traced step, each slice on the
     // row of its device (or of the collectives).
     let train = t.model().net().proto();

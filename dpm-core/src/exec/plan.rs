@@ -315,6 +315,7 @@ impl Plan {
     /// goes into `profile` when there is one. Work enqueued on CUDA devices has
     /// finished when this returns, failed or not.
     pub(crate) fn run(&self, threads: usize, profile: Option<&Profile>) -> Result<()> {
+        let started = std::time::Instant::now();
         let first = self.runs.fetch_add(1, Ordering::Relaxed) == 0;
         let result = match self.kind {
             NetKind::Simple => self.steps.iter().try_for_each(|s| s.run(threads, profile)),
@@ -330,6 +331,7 @@ impl Plan {
         let synced = self.synchronize();
         if let Some(p) = profile {
             p.settle();
+            p.net_ran(&self.name, started);
         }
         result.and(synced)
     }

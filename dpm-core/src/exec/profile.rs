@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::trace::TraceEvent;
+use super::trace::{NetRun, TraceEvent};
 use crate::error::Result;
 use crate::graph::Device;
 use crate::proto::OperatorDef;
@@ -51,6 +51,7 @@ pub(crate) struct Profile {
 struct Recording {
     origin: Instant,
     events: Vec<TraceEvent>,
+    nets: Vec<NetRun>,
     /// Per GPU: an event that had completed at host time `origin + offset`,
     /// so device times map onto the host's clock.
     #[cfg(feature = "cuda")]
@@ -87,16 +88,32 @@ impl Profile {
         *lock(&self.trace) = Some(Recording {
             origin: Instant::now(),
             events: Vec::new(),
+            nets: Vec::new(),
             #[cfg(feature = "cuda")]
             gpu_clocks: HashMap::new(),
         });
     }
 
-    /// Ends the timeline and returns its events, in start order.
-    pub(crate) fn take_trace(&self) -> Vec<TraceEvent> {
-        let mut events = lock(&self.trace).take().map(|r| r.events).unwrap_or_default();
+    /// Ends the timeline and returns its op and net runs, in start order.
+    pub(crate) fn take_trace(&self) -> (Vec<TraceEvent>, Vec<NetRun>) {
+        let (mut events, mut nets) = lock(&self.trace)
+            .take()
+            .map(|r| (r.events, r.nets))
+            .unwrap_or_default();
         events.sort_by_key(|e| e.start);
-        events
+        nets.sort_by_key(|n| n.start);
+        (events, nets)
+    }
+
+    /// Records that net `name` ran from `start` until now, when tracing.
+    pub(crate) fn net_ran(&self, name: &str, start: Instant) {
+        if let Some(r) = lock(&self.trace).as_mut() {
+            r.nets.push(NetRun {
+                name: name.to_owned(),
+                start: start.saturating_duration_since(r.origin),
+                duration: start.elapsed(),
+            });
+        }
     }
 
     /// Runs `op` (op #`index` of its net, defined by `def`, on `device`) and

@@ -84,12 +84,25 @@ impl TraceEvent {
     }
 }
 
+/// One run of a net (a training step runs the train net once).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetRun {
+    /// The net's name.
+    pub name: String,
+    /// When the run started, from the start of the trace.
+    pub start: Duration,
+    /// How long it took, until its devices were synchronised.
+    pub duration: Duration,
+}
+
 /// The ops recorded between [`Workspace::start_trace`](super::Workspace::start_trace)
 /// and [`Workspace::take_trace`](super::Workspace::take_trace), in start order.
 #[derive(Clone, Debug, Default)]
 pub struct Trace {
     /// Every op run.
     pub events: Vec<TraceEvent>,
+    /// Every net run.
+    pub nets: Vec<NetRun>,
     /// The training steps the trace covers (1 for a trace of plain net runs).
     pub steps: usize,
 }
@@ -196,20 +209,21 @@ impl Trace {
                 devices.iter().position(|d| *d == e.device).unwrap_or(0)
             }
         };
-        // Greedy lanes per process: the first whose last op has ended.
+        // Greedy lanes per process: the first whose last slice has ended.
         let mut lanes: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
+        let mut lane = |pid: usize, start: Duration, end: Duration| {
+            let ends = lanes.entry(pid).or_default();
+            let l = ends.iter().position(|&e| e <= start).unwrap_or_else(|| {
+                ends.push(Duration::ZERO);
+                ends.len() - 1
+            });
+            ends[l] = end;
+            l
+        };
         let mut out = Vec::with_capacity(self.events.len() + 16);
         for e in &self.events {
             let pid = pid_of(e);
-            let ends = lanes.entry(pid).or_default();
-            let lane = match ends.iter().position(|&end| end <= e.start) {
-                Some(l) => l,
-                None => {
-                    ends.push(Duration::ZERO);
-                    ends.len() - 1
-                }
-            };
-            ends[lane] = e.end();
+            let lane = lane(pid, e.start, e.end());
             let label = if e.name.is_empty() {
                 e.op_type.clone()
             } else {
@@ -232,10 +246,26 @@ impl Trace {
                 },
             }));
         }
+        // The net runs on a row of their own, below the ops.
+        let nets_pid = collectives_pid + 1;
+        for n in &self.nets {
+            let lane = lane(nets_pid, n.start, n.start + n.duration);
+            out.push(json!({
+                "name": n.name,
+                "cat": "net",
+                "ph": "X",
+                "ts": n.start.as_secs_f64() * 1e6,
+                "dur": n.duration.as_secs_f64() * 1e6,
+                "pid": nets_pid,
+                "tid": lane,
+            }));
+        }
         for (pid, ends) in &lanes {
-            let pname = devices
-                .get(*pid)
-                .map_or("collectives".to_owned(), |d| format!("{d} compute"));
+            let pname = match devices.get(*pid) {
+                Some(d) => format!("{d} compute"),
+                None if *pid == collectives_pid => "collectives".to_owned(),
+                None => "nets".to_owned(),
+            };
             out.push(json!({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": pname}}));
             out.push(
                 json!({"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}),
@@ -293,6 +323,7 @@ mod tests {
                 ev("Relu", 20, 5, false),
                 ev("Allreduce", 30, 4, false), // under nothing
             ],
+            nets: Vec::new(),
             steps: 2,
         };
         let o = t.overlap();
@@ -309,6 +340,7 @@ mod tests {
                 ev("FC", 6, 2, false),
                 ev("Allreduce", 1, 1, false),
             ],
+            nets: Vec::new(),
             steps: 1,
         };
         let v: serde_json::Value = serde_json::from_str(&t.to_chrome_json()).unwrap();

@@ -102,10 +102,8 @@ impl Workspace {
     /// # Ok::<(), dpm_core::Error>(())
     /// ```
     pub fn take_trace(&self, steps: usize) -> super::trace::Trace {
-        super::trace::Trace {
-            events: self.profile.take_trace(),
-            steps,
-        }
+        let (events, nets) = self.profile.take_trace();
+        super::trace::Trace { events, nets, steps }
     }
 
     /// Time per op type over the profiled runs so far, the costliest first.
