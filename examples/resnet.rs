@@ -89,6 +89,9 @@ pub struct Args {
     /// time the backward pass hid.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Print the model's layers, parameters and FLOPs per sample before training.
+    #[arg(long, default_value_t = false)]
+    pub summary: bool,
     /// Worker threads of the DAG executor (default: 4 per device).
     #[arg(long)]
     pub num_workers: Option<usize>,
@@ -480,6 +483,9 @@ pub fn run(args: &Args) -> Result<Summary> {
         .net_type(&args.net_type)
         .build()?;
     trainer.run_init()?;
+    if args.summary && trainer.shard_id() == 0 {
+        println!("{}", trainer.summary()?);
+    }
     let mut first_iter = 0;
     if let Some(path) = &args.resume {
         trainer.load(path)?;

@@ -47,6 +47,34 @@ impl Trainer {
         Ok((init, predict))
     }
 
+    /// For each input the predictor's caller feeds, a batch whose per-sample
+    /// shape is the input's: the master replica's last batch, or one zero
+    /// sample of the shape declared with `input_with_shape`.
+    pub(crate) fn predictor_inputs(&self, init: &NetDef, predict: &NetDef) -> Result<Vec<(String, Tensor)>> {
+        let master = self.devices()[0];
+        let params: HashSet<&String> = init.external_output.iter().collect();
+        let mut out = Vec::new();
+        for name in predict.external_input.iter().filter(|i| !params.contains(i)) {
+            let full = format!("{}/{name}", master.namescope());
+            let t = match self.workspace().fetch(&full) {
+                Ok(t) => t.to_host()?,
+                Err(_) => match self.model().input_shape(&full) {
+                    Some(s) => {
+                        let dims: Vec<usize> = std::iter::once(1).chain(s.dims().iter().copied()).collect();
+                        Tensor::zeros::<f32>(dims)
+                    }
+                    None => {
+                        return Err(Error::Config(format!(
+                            "no `{name}` on {master} to tell the input's shape: run a step (or feed one batch) first, or declare it with input_with_shape"
+                        )))
+                    }
+                },
+            };
+            out.push((name.clone(), t));
+        }
+        Ok(out)
+    }
+
     /// Writes [`Trainer::export_predictor`]'s nets as `init_net.pb` and
     /// `predict_net.pb` in `dir` (created if needed), each file atomically.
     pub fn export_caffe2(&self, dir: impl AsRef<Path>) -> Result<()> {

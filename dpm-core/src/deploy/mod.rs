@@ -11,3 +11,17 @@ pub mod onnx;
 mod predictor;
 
 pub use predictor::Predictor;
+
+use crate::tensor::{DataType, Tensor};
+
+/// A host tensor of zeros shaped as `t` with `batch` rows.
+pub(crate) fn zeros_like(t: &Tensor, batch: usize) -> Tensor {
+    let dims: Vec<usize> = std::iter::once(batch)
+        .chain(t.dims().iter().skip(1).copied())
+        .collect();
+    match t.dtype() {
+        DataType::F32 => Tensor::zeros::<f32>(dims),
+        DataType::I32 => Tensor::zeros::<i32>(dims),
+        DataType::I64 => Tensor::zeros::<i64>(dims),
+    }
+}

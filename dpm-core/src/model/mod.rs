@@ -55,6 +55,9 @@ pub struct ModelHelper {
     /// Blob names refused inside a replica (see `relative_name_error`), reported
     /// by `Parallelize::build`.
     bad_names: NameLog,
+    /// Per-sample shapes of inputs declared with `input_with_shape`, by full
+    /// name: what a summary or an export feeds when no batch has been seen.
+    input_shapes: std::collections::BTreeMap<String, crate::tensor::Shape>,
 }
 
 /// Names a builder gave that break the device-scope rule, with the reason.
@@ -84,10 +87,21 @@ impl ModelHelper {
             init_params: true,
             is_test: false,
             bad_names: NameLog::default(),
+            input_shapes: Default::default(),
             decay_exempt: Vec::new(),
             lr_multipliers: Default::default(),
             deterministic: false,
         }
+    }
+
+    /// Notes the per-sample shape of input `blob` (a full name).
+    pub fn note_input_shape(&mut self, blob: &str, shape: crate::tensor::Shape) {
+        self.input_shapes.insert(blob.to_owned(), shape);
+    }
+
+    /// The per-sample shape noted for input `blob` (a full name), if any.
+    pub fn input_shape(&self, blob: &str) -> Option<&crate::tensor::Shape> {
+        self.input_shapes.get(blob)
     }
 
     /// Scales the learning rate of parameter `name` (relative to the device

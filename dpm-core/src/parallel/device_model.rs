@@ -147,7 +147,9 @@ impl<'d> DeviceModel<'d> {
     /// that layers can size their parameters from it.
     pub fn input_with_shape(&mut self, name: &str, shape: impl Into<Shape>) -> Blob<'d> {
         let b = self.model.blob(name);
-        self.push_blob(b, Some(shape.into()))
+        let shape = shape.into();
+        self.model.note_input_shape(b.as_ref(), shape.clone());
+        self.push_blob(b, Some(shape))
     }
 
     pub(super) fn known_shape(&self, b: Blob<'d>, layer: &str) -> Result<Shape> {

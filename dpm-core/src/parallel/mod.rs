@@ -19,6 +19,7 @@ mod device_model;
 mod group;
 mod layers;
 mod memory;
+mod summary;
 mod sync_bn;
 mod trainer;
 
@@ -26,6 +27,7 @@ pub use analysis::{check_namescopes, infer_blob_devices};
 pub use device_model::{Blob, ConvBuilder, DeviceModel, IntoLosses, IntoUnit, Losses};
 pub use group::{group_by_device, Group};
 pub use memory::share_gradient_blobs;
+pub use summary::{LayerSummary, ModelSummary};
 pub use trainer::{FiniteCheck, InputSource, Trainer};
 
 use std::collections::{HashMap, HashSet};

@@ -31,22 +31,12 @@ use crate::tensor::{DataType, Tensor};
 
 impl Trainer {
     /// The trained model ([`Trainer::export_predictor`]) as an ONNX model, its
-    /// inputs shaped as the master replica's last batch with the batch dim
-    /// named `N`.
+    /// inputs shaped as the master replica's last batch (or as declared with
+    /// `input_with_shape`), the batch dim named `N`.
     pub fn export_onnx_model(&self) -> Result<ModelProto> {
         let (init, predict) = self.export_predictor()?;
-        let master = self.devices()[0];
-        let fed: HashSet<&String> = init.external_output.iter().collect();
-        let mut samples = Vec::new();
-        for name in predict.external_input.iter().filter(|i| !fed.contains(i)) {
-            let t = self.fetch(name, master).map_err(|_| {
-                Error::Config(format!(
-                    "export_onnx: no `{name}` on {master} to tell the input's shape: run a step (or feed one batch) first"
-                ))
-            })?;
-            samples.push((name.as_str(), t));
-        }
-        let samples: Vec<(&str, &Tensor)> = samples.iter().map(|(n, t)| (*n, t)).collect();
+        let samples = self.predictor_inputs(&init, &predict)?;
+        let samples: Vec<(&str, &Tensor)> = samples.iter().map(|(n, t)| (n.as_str(), t)).collect();
         from_predictor(&init, &predict, &samples)
     }
 
@@ -65,7 +55,10 @@ pub fn from_predictor(init: &NetDef, predict: &NetDef, inputs: &[(&str, &Tensor)
     // Shapes at batch 1 and 2: the dims that differ are the batch's.
     let run = |batch: usize| -> Result<Predictor> {
         let p = Predictor::new(init, predict)?;
-        let fed: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (*n, zeros_like(t, batch))).collect();
+        let fed: Vec<(&str, Tensor)> = inputs
+            .iter()
+            .map(|(n, t)| (*n, super::zeros_like(t, batch)))
+            .collect();
         p.run(&fed)
             .map_err(|e| Error::Config(format!("ONNX export: the predictor does not run: {e}")))?;
         Ok(p)
@@ -114,18 +107,6 @@ pub fn from_predictor(init: &NetDef, predict: &NetDef, inputs: &[(&str, &Tensor)
         graph: Some(graph),
         ..ModelProto::default()
     })
-}
-
-/// A host tensor of zeros shaped as `t` with `batch` rows.
-fn zeros_like(t: &Tensor, batch: usize) -> Tensor {
-    let dims: Vec<usize> = std::iter::once(batch)
-        .chain(t.dims().iter().skip(1).copied())
-        .collect();
-    match t.dtype() {
-        DataType::F32 => Tensor::zeros::<f32>(dims),
-        DataType::I32 => Tensor::zeros::<i32>(dims),
-        DataType::I64 => Tensor::zeros::<i64>(dims),
-    }
 }
 
 fn elem_type(d: DataType) -> ElemType {
