@@ -1,6 +1,7 @@
 //! What a Caffe2 runtime reads the same way: integer fills in the int field,
 //! `order` on every image op, the external input and output lists, and the
-//! list forms of the window arguments.
+//! list forms of the window arguments, random ops seeded through the
+//! DeviceOption.
 
 mod common;
 
@@ -9,24 +10,10 @@ use std::collections::HashSet;
 use common::{cycling_source, op_net, random};
 use dpm::prelude::*;
 
-#[dpm::data_parallel]
-fn small_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
-    let data = m.input_with_shape("data", [3, 8, 8]);
-    let label = m.input("label");
-    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
-    let b = m.spatial_bn("bn1", c)?;
-    let r = m.relu(b)?;
-    let p = m.max_pool(r, 2, 2, 0)?;
-    let g = m.global_average_pool(p)?;
-    let logits = m.fc("fc", g, 3)?;
-    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
-    Ok(loss.into())
-}
-
 fn nets() -> (NetDef, NetDef) {
     Parallelize::new(ModelHelper::new("cnn"))
         .devices([Device::cpu(0), Device::cpu(1)])
-        .forward(small_cnn)
+        .forward(common::small_cnn)
         .update(Sgd::new(0.1).momentum(0.9))
         .build_nets()
         .unwrap()
@@ -168,4 +155,56 @@ fn window_lists_mean_what_the_scalar_forms_mean() {
         .to_string();
     assert!(e.contains("dilat"), "{e}");
     let _ = (op_net, cycling_source);
+}
+
+#[test]
+fn random_ops_are_seeded_through_the_device_option_as_caffe2_seeds_them() {
+    let mut model = ModelHelper::new("cnn");
+    model.set_seed(1234);
+    let (init, net) = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .forward(common::small_cnn)
+        .update(Sgd::new(0.1))
+        .build_nets()
+        .unwrap();
+    let random: Vec<&OperatorDef> = init
+        .op
+        .iter()
+        .chain(&net.op)
+        .filter(|o| {
+            matches!(
+                o.op_type(),
+                "GaussianFill" | "XavierFill" | "MSRAFill" | "UniformFill" | "Dropout"
+            )
+        })
+        .collect();
+    assert!(random.iter().any(|o| o.op_type() == "Dropout"));
+    assert!(random.iter().any(|o| o.op_type().ends_with("Fill")));
+    for o in random {
+        assert!(
+            o.find_arg("seed").is_none(),
+            "{} carries a seed argument Caffe2 ignores",
+            o.op_type()
+        );
+        assert_eq!(
+            o.device_option.as_ref().and_then(|d| d.random_seed),
+            Some(1234),
+            "{}",
+            o.op_type()
+        );
+    }
+    // The DeviceOption's seed is what the kernels use: another seed, other values.
+    let fill = |seed: u32| {
+        let mut n = Net::new("fill");
+        n.op("XavierFill").output("w").arg("shape", vec![4i64, 4]).build();
+        n.proto_mut().op[0].device_option = Some(dpm::proto::DeviceOption {
+            random_seed: Some(seed),
+            ..Device::cpu(0).to_proto()
+        });
+        let ws = Workspace::new();
+        ws.run_net_once(n.proto()).unwrap();
+        ws.fetch("w").unwrap()
+    };
+    assert!(fill(7).bitwise_eq(&fill(7)));
+    assert!(!fill(7).bitwise_eq(&fill(8)));
 }

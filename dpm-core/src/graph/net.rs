@@ -269,6 +269,18 @@ impl OpBuilder<'_> {
         self
     }
 
+    /// Seeds the op's random numbers as Caffe2 does: `DeviceOption.random_seed`
+    /// (a 32-bit field; a wider seed is folded into it). Call after
+    /// [`OpBuilder::device`], which replaces the whole option.
+    pub fn random_seed(mut self, seed: u64) -> Self {
+        let folded = (seed ^ (seed >> 32)) as u32;
+        self.op
+            .device_option
+            .get_or_insert_with(|| Device::cpu(0).to_proto())
+            .random_seed = Some(folded);
+        self
+    }
+
     /// Names the op (shown in errors).
     pub fn name(mut self, name: &str) -> Self {
         self.op.name = Some(name.to_owned());

@@ -291,7 +291,9 @@ impl ModelHelper {
             self.params.push(blob.clone());
             return Ok(blob);
         }
-        let seed = self.seed as i64;
+        // Random fills are seeded through the DeviceOption, as Caffe2 seeds
+        // them (it ignores a `seed` argument).
+        let seed = self.seed;
         let op = match init {
             Init::Constant(v) => self.init_net.op("ConstantFill").arg("value", v),
             Init::Gaussian { mean, std } => self
@@ -299,9 +301,9 @@ impl ModelHelper {
                 .op("GaussianFill")
                 .arg("mean", mean)
                 .arg("std", std)
-                .arg("seed", seed),
-            Init::Xavier => self.init_net.op("XavierFill").arg("seed", seed),
-            Init::Msra => self.init_net.op("MSRAFill").arg("seed", seed),
+                .random_seed(seed),
+            Init::Xavier => self.init_net.op("XavierFill").random_seed(seed),
+            Init::Msra => self.init_net.op("MSRAFill").random_seed(seed),
         };
         op.output(&blob).arg("shape", shape).build();
         self.params.push(blob.clone());

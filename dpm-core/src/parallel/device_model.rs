@@ -296,7 +296,7 @@ impl<'d> DeviceModel<'d> {
         }
         let input = self.name(x).clone();
         let (out, mask) = (self.model.blob(name), self.model.blob(&format!("{name}_mask")));
-        let seed = self.model.seed() as i64;
+        let seed = self.model.seed();
         let is_test = i64::from(self.model.is_test());
         self.model
             .net_mut()
@@ -305,7 +305,7 @@ impl<'d> DeviceModel<'d> {
             .outputs([&out, &mask])
             .arg("ratio", ratio)
             .arg("is_test", is_test)
-            .arg("seed", seed)
+            .random_seed(seed)
             .build();
         let shape = self.blobs[x.id].1.clone();
         Ok(self.push_blob(out, shape))

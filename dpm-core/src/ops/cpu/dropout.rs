@@ -21,7 +21,8 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// Parses `ratio` (default 0.5), `is_test`, `seed`.
+    /// Parses `ratio` (default 0.5), `is_test`, and the seed: Caffe2's
+    /// `DeviceOption.random_seed`, or a `seed` argument.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         let a = Args(&op.arg);
         let ratio = a.float("ratio", 0.5)?;
@@ -31,7 +32,7 @@ impl Dropout {
         Ok(Box::new(Dropout {
             ratio,
             is_test: a.int("is_test", 0)? != 0,
-            seed: a.int("seed", 0)? as u64,
+            seed: a.int("seed", super::rng::op_seed(op))? as u64,
             runs: AtomicU64::new(0),
         }))
     }

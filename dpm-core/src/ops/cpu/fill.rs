@@ -119,8 +119,7 @@ pub struct RandomFill {
 impl RandomFill {
     fn create(op: &OperatorDef, dist: Distribution) -> Result<Box<dyn Kernel>> {
         let args = Args(&op.arg);
-        let device_seed = op.device_option.as_ref().and_then(|d| d.random_seed).unwrap_or(0);
-        let seed = args.int("seed", device_seed.into())? as u64;
+        let seed = args.int("seed", super::rng::op_seed(op))? as u64;
         Ok(Box::new(RandomFill {
             shape: shape_arg(op)?,
             dist,

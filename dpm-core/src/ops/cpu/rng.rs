@@ -38,3 +38,12 @@ pub fn stable_hash(s: &str) -> u64 {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
     })
 }
+
+/// An op's seed as Caffe2 gives it: its `DeviceOption.random_seed` (0 without
+/// one), the default of a `seed` argument.
+pub fn op_seed(op: &crate::proto::OperatorDef) -> i64 {
+    op.device_option
+        .as_ref()
+        .and_then(|d| d.random_seed)
+        .map_or(0, i64::from)
+}
