@@ -208,3 +208,47 @@ fn random_ops_are_seeded_through_the_device_option_as_caffe2_seeds_them() {
     assert!(fill(7).bitwise_eq(&fill(7)));
     assert!(!fill(7).bitwise_eq(&fill(8)));
 }
+
+#[test]
+fn adam_weight_decay_is_caffe2s_weighted_sum_and_adamw_keeps_its_argument() {
+    let build = |opt: Adam| {
+        Parallelize::new(ModelHelper::new("cnn"))
+            .devices([Device::cpu(0)])
+            .forward(common::small_cnn)
+            .update(opt)
+            .build_nets()
+            .unwrap()
+            .1
+    };
+    let l2 = build(Adam::new(0.01).weight_decay(0.01));
+    let adams: Vec<usize> = (0..l2.op.len())
+        .filter(|&i| l2.op[i].op_type() == "Adam")
+        .collect();
+    assert!(!adams.is_empty());
+    for &i in &adams {
+        let adam = &l2.op[i];
+        assert!(adam.find_arg("weight_decay").is_none() && adam.find_arg("decoupled").is_none());
+        // The gradient it reads was decayed just before: g ← 1·g + WD·p.
+        let g = &adam.input[3];
+        let ws = l2.op[..i]
+            .iter()
+            .rev()
+            .find(|o| o.output.first() == Some(g))
+            .unwrap();
+        assert_eq!(ws.op_type(), "WeightedSum");
+        assert_eq!(
+            (ws.input[0].as_str(), ws.input[2].as_str()),
+            (g.as_str(), adam.input[0].as_str())
+        );
+        assert!(ws.input[3].ends_with("WD"));
+    }
+    let adamw = build(Adam::adamw(0.01, 0.01));
+    assert!(adamw
+        .op
+        .iter()
+        .all(|o| o.op_type() != "WeightedSum" || !o.input[3].ends_with("WD")));
+    let decoupled = adamw.op.iter().filter(|o| o.op_type() == "Adam");
+    for o in decoupled {
+        assert_eq!(o.find_arg("decoupled").and_then(|a| a.i), Some(1));
+    }
+}

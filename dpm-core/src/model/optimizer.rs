@@ -108,17 +108,8 @@ impl Sgd {
                     .arg("value", 0.0f32)
                     .build_one();
                 model.add_optimizer_state(m.clone());
-                // Weight decay as Caffe2's optimizer adds it: g ← g + wd·p before
-                // the update (Caffe2's MomentumSGDUpdate has no decay argument).
-                let exempt = self.skip_exempt && model.is_exempt_from_weight_decay(&p);
-                if let (Some(one), Some(wd)) = (one.as_ref(), wd.as_ref().filter(|_| !exempt)) {
-                    model
-                        .net_mut()
-                        .op("WeightedSum")
-                        .inputs([&g, one, &p, wd])
-                        .output(&g)
-                        .build();
-                }
+                // Caffe2's MomentumSGDUpdate has no decay argument.
+                add_l2_decay(model, one.as_ref().zip(wd.as_ref()), &p, &g, self.skip_exempt);
                 let lr = lr_for(model, &p, &lr);
                 model
                     .net_mut()
@@ -132,15 +123,7 @@ impl Sgd {
         } else {
             let one = one.expect("plain SGD makes ONE");
             for (p, g) in params {
-                let exempt = self.skip_exempt && model.is_exempt_from_weight_decay(&p);
-                if let Some(wd) = wd.as_ref().filter(|_| !exempt) {
-                    model
-                        .net_mut()
-                        .op("WeightedSum")
-                        .inputs([&g, &one, &p, wd])
-                        .output(&g)
-                        .build();
-                }
+                add_l2_decay(model, wd.as_ref().map(|wd| (&one, wd)), &p, &g, self.skip_exempt);
                 let lr = lr_for(model, &p, &lr);
                 model
                     .net_mut()
@@ -330,26 +313,43 @@ impl Adam {
             )));
         }
         let params = params_with_gradients(model)?;
-        let (iter, lr) = model.device_scope(Device::Cpu(0), |m| {
+        // L2 decay as Caffe2 adds it (a WeightedSum into the gradient); AdamW's
+        // decoupled decay has no Caffe2 form and stays an argument of dpm's Adam.
+        let l2 = self.weight_decay > 0.0 && !self.decoupled;
+        let (iter, lr, consts) = model.device_scope(Device::Cpu(0), |m| {
             let lr = counter_and_lr(m, -self.lr, &self.policy);
-            (m.blob("ITER"), lr)
+            let consts = l2.then(|| {
+                (
+                    scalar_const(m, "ONE", 1.0),
+                    scalar_const(m, "WD", self.weight_decay),
+                )
+            });
+            (m.blob("ITER"), lr, consts)
         });
         for (p, g) in params {
             let m1 = state_like(model, &p, "_first_moment");
             let m2 = state_like(model, &p, "_second_moment");
-            let wd = decay(model, &p, self.weight_decay, self.skip_exempt);
+            add_l2_decay(
+                model,
+                consts.as_ref().map(|(o, w)| (o, w)),
+                &p,
+                &g,
+                self.skip_exempt,
+            );
             let plr = lr_for(model, &p, &lr);
-            model
+            let decoupled_wd = decay(model, &p, self.weight_decay, self.skip_exempt);
+            let mut op = model
                 .net_mut()
                 .op("Adam")
                 .inputs([&p, &m1, &m2, &g, &plr, &iter])
                 .outputs([&p, &m1, &m2])
                 .arg("beta1", b1)
                 .arg("beta2", b2)
-                .arg("epsilon", self.epsilon)
-                .arg("weight_decay", wd)
-                .arg("decoupled", i64::from(self.decoupled))
-                .build();
+                .arg("epsilon", self.epsilon);
+            if self.decoupled && decoupled_wd > 0.0 {
+                op = op.arg("weight_decay", decoupled_wd).arg("decoupled", 1i64);
+            }
+            op.build();
         }
         Ok(())
     }
@@ -507,6 +507,28 @@ impl Adagrad {
         }
         Ok(())
     }
+}
+
+/// Weight decay as Caffe2's optimizers add it: `g ← 1·g + wd·p` (a
+/// `WeightedSum` with the constants `(ONE, WD)`) before the update; none where
+/// there is no decay, nor for biases and norms when they are skipped.
+fn add_l2_decay(
+    model: &mut ModelHelper,
+    consts: Option<(&BlobRef, &BlobRef)>,
+    p: &BlobRef,
+    g: &BlobRef,
+    skip_exempt: bool,
+) {
+    let Some((one, wd)) = consts else { return };
+    if skip_exempt && model.is_exempt_from_weight_decay(p) {
+        return;
+    }
+    model
+        .net_mut()
+        .op("WeightedSum")
+        .inputs([g, one, p, wd])
+        .output(g)
+        .build();
 }
 
 /// The weight decay of `p`: none for biases and norms when they are skipped.
