@@ -252,3 +252,149 @@ fn adam_weight_decay_is_caffe2s_weighted_sum_and_adamw_keeps_its_argument() {
         assert_eq!(o.find_arg("decoupled").and_then(|a| a.i), Some(1));
     }
 }
+
+/// A model using every layer helper that the small CNN does not.
+#[dpm::data_parallel]
+fn wide(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let x = m.input_with_shape("x", [6]);
+    let ids = m.input_with_shape("ids", [2]);
+    let y = m.input("y");
+    let label = m.input("label");
+    let e = m.embedding("emb", ids, 10, 3)?;
+    let ef = m.flatten(e);
+    let c = m.concat("cat", &[x, ef], 0)?;
+    let h = m.fc("fc1", c, 8)?;
+    let h = m.layer_norm("ln", h, 1e-5)?;
+    let h = m.tanh("t", h);
+    let h = m.sigmoid("s", h);
+    let parts = m.split("sp", h, 0, &[4, 4])?;
+    let prod = m.arith("Mul", "mul", parts[0], parts[1])?;
+    let d = m.dropout("drop", prod, 0.1)?;
+    let o = m.fc("fc2", d, 3)?;
+    let p = m.softmax("sm", o);
+    let xe = m.label_cross_entropy("xe", p, label);
+    let l1 = m.averaged_loss("l1", xe);
+    let r = m.fc("reg", d, 2)?;
+    let sq = m.squared_l2_distance("sq", r, y);
+    let l2 = m.averaged_loss("l2", sq);
+    Ok(vec![l1, l2].into())
+}
+
+/// Every op type dpm emits is one of Caffe2's (checked against its operator
+/// schemas: arity, argument names) or one of dpm's own few, which the README
+/// names; a new op type fails here until it is checked and listed.
+#[test]
+fn every_op_type_dpm_emits_is_caffe2s_or_named_as_dpms_own() {
+    const CAFFE2: &[&str] = &[
+        "Accuracy",
+        "Adagrad",
+        "Adam",
+        "AveragePool",
+        "AveragePoolGradient",
+        "AveragedLoss",
+        "AveragedLossGradient",
+        "ChannelBackpropStats",
+        "ChannelStats",
+        "Concat",
+        "ConstantFill",
+        "Conv",
+        "ConvGradient",
+        "Dropout",
+        "DropoutGradient",
+        "FC",
+        "FCGradient",
+        "Flatten",
+        "Gather",
+        "GaussianFill",
+        "Iter",
+        "LabelCrossEntropy",
+        "LabelCrossEntropyGradient",
+        "LayerNorm",
+        "LayerNormGradient",
+        "LearningRate",
+        "MSRAFill",
+        "MaxPool",
+        "MaxPoolGradient",
+        "MomentumSGDUpdate",
+        "Mul",
+        "MulGradient",
+        "Relu",
+        "ReluGradient",
+        "ResizeLike",
+        "RmsProp",
+        "Scale",
+        "Sigmoid",
+        "SigmoidGradient",
+        "Softmax",
+        "SoftmaxGradient",
+        "SoftmaxWithLoss",
+        "SoftmaxWithLossGradient",
+        "SpatialBN",
+        "SpatialBNGradient",
+        "Split",
+        "SquaredL2Distance",
+        "SquaredL2DistanceGradient",
+        "Sum",
+        "Tanh",
+        "TanhGradient",
+        "WeightedSum",
+        "XavierFill",
+    ];
+    // dpm's own: the in-process collectives and the dense embedding gradient
+    // (Caffe2's Gather gradient is a sparse slice, not an op).
+    const DPM: &[&str] = &["Allreduce", "Broadcast", "GatherGradient"];
+    let two = [Device::cpu(0), Device::cpu(1)];
+    let mut nets = vec![
+        Parallelize::new(ModelHelper::new("c"))
+            .devices(two)
+            .forward(common::small_cnn)
+            .sync_batch_norm(true)
+            .update(Sgd::new(0.1).momentum(0.9).weight_decay(1e-4))
+            .build_nets()
+            .unwrap(),
+        Parallelize::new(ModelHelper::new("c"))
+            .devices(two)
+            .forward(common::small_cnn)
+            .update(Sgd::new(0.1).weight_decay(1e-4))
+            .build_nets()
+            .unwrap(),
+        Parallelize::new(ModelHelper::new("w"))
+            .devices(two)
+            .forward(wide)
+            .update(Adam::new(0.1).weight_decay(1e-4))
+            .build_nets()
+            .unwrap(),
+        Parallelize::new(ModelHelper::new("w"))
+            .devices(two)
+            .forward(wide)
+            .update(RmsProp::new(0.1))
+            .build_nets()
+            .unwrap(),
+        Parallelize::new(ModelHelper::new("w"))
+            .devices(two)
+            .forward(wide)
+            .update(Adagrad::new(0.1))
+            .build_nets()
+            .unwrap(),
+    ];
+    let mut seen = HashSet::new();
+    for (init, net) in nets.drain(..) {
+        for o in init.op.iter().chain(&net.op) {
+            let t = o.op_type();
+            assert!(
+                CAFFE2.contains(&t) || DPM.contains(&t),
+                "`{t}` is neither a checked Caffe2 op nor one of dpm's own"
+            );
+            seen.insert(t.to_owned());
+            // Gradient ops carry the forward op's arguments, as Caffe2's
+            // gradient makers copy them.
+            if t == "DropoutGradient" {
+                assert!(o.find_arg("ratio").is_some() && o.find_arg("is_test").is_some());
+            }
+        }
+    }
+    // The list is what the nets use, not a superset that could hide a rename.
+    for t in CAFFE2.iter().chain(DPM) {
+        assert!(seen.contains(*t), "`{t}` is listed but no net emits it");
+    }
+}

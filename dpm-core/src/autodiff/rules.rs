@@ -351,10 +351,10 @@ fn average_pool(c: &GradCtx<'_>) -> Result<GradOps> {
     pool(c, "AveragePoolGradient")
 }
 
-/// `Flatten`/`Reshape(X) → Y` → `ReshapeLike(dY, X) → dX`.
+/// `Flatten`/`Reshape(X) → Y` → `ResizeLike(dY, X) → dX` (Caffe2's Flatten gradient).
 fn reshape(c: &GradCtx<'_>) -> Result<GradOps> {
     let op = c.op(
-        "ReshapeLike",
+        "ResizeLike",
         vec![c.g_out(0)?, c.input(0)],
         vec![c.gi[0].clone()],
         vec![],
@@ -413,7 +413,8 @@ fn dropout(c: &GradCtx<'_>) -> Result<GradOps> {
         "DropoutGradient",
         vec![c.g_out(0)?, c.output(1)],
         vec![c.gi[0].clone()],
-        vec![],
+        // Caffe2's DropoutGradient reads the forward op's arguments.
+        c.args(&["ratio", "is_test"]),
     );
     Ok(GradOps {
         ops: vec![op],

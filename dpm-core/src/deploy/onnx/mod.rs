@@ -442,7 +442,7 @@ impl<'a> Converter<'a> {
                 let y = self.define(&out0);
                 self.node("Reshape", [x, s], [y], vec![]);
             }
-            "ReshapeLike" => {
+            "ResizeLike" => {
                 let s = self.fresh(&format!("{out0}_shape"));
                 self.node("Shape", &inputs[1..2], [s.clone()], vec![]);
                 let y = self.define(&out0);

@@ -132,5 +132,5 @@ pub fn register(r: &mut Registry) {
     r.register("Transpose", Cpu, matmul::Transpose::create);
     r.register("Flatten", Cpu, shape::Reshape::flatten);
     r.register("Reshape", Cpu, shape::Reshape::reshape);
-    r.register("ReshapeLike", Cpu, shape::Reshape::like);
+    r.register("ResizeLike", Cpu, shape::Reshape::like);
 }

@@ -1,4 +1,4 @@
-//! Shape ops: `Flatten`, `Reshape`, and `ReshapeLike` (their gradient).
+//! Shape ops: `Flatten`, `Reshape`, and `ResizeLike` (their gradient).
 
 use crate::error::{Error, Result};
 use crate::graph::Args;
@@ -16,7 +16,7 @@ enum Target {
     Like,
 }
 
-/// `Flatten(X) → [N, ∏ rest]`, `Reshape(X) → shape`, `ReshapeLike(X, Ref) → X with Ref's shape`.
+/// `Flatten(X) → [N, ∏ rest]`, `Reshape(X) → shape`, `ResizeLike(X, Ref) → X with Ref's shape`.
 pub struct Reshape(Target);
 
 impl Reshape {
@@ -36,7 +36,7 @@ impl Reshape {
         Ok(Box::new(Reshape(Target::Dims(dims.to_vec()))))
     }
 
-    /// `ReshapeLike`.
+    /// `ResizeLike`.
     pub fn like(_: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Reshape(Target::Like)))
     }

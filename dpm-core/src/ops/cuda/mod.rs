@@ -44,7 +44,7 @@ pub fn register(r: &mut Registry) {
     r.register("StopGradient", Cuda, host::on_host);
     r.register("Flatten", Cuda, host::on_host);
     r.register("Reshape", Cuda, host::on_host);
-    r.register("ReshapeLike", Cuda, host::on_host);
+    r.register("ResizeLike", Cuda, host::on_host);
     r.register("FC", Cuda, linear::Fc::create);
     r.register("FCGradient", Cuda, linear::FcGradient::create);
     r.register("Relu", Cuda, |_| Ok(Box::new(elementwise::Relu)));
