@@ -115,3 +115,64 @@ fn caffe2_style_given_tensor_fills_load_every_type() {
     let e = ws.run_net_once(bad.proto()).unwrap_err().to_string();
     assert!(e.contains("1 values for shape"), "{e}");
 }
+
+/// A Caffe2 model-zoo style pair, written as Caffe2 writes one (fills with
+/// `shape`/`values`, a predict net naming its external inputs and outputs),
+/// runs in a `Predictor` and gives what a hand computation gives.
+#[test]
+fn a_caffe2_style_pair_computes_what_a_hand_computation_gives() {
+    let (w1, b1) = ([0.5f32, -1.0, 0.25, 2.0, 1.5, -0.5], [0.1f32, -0.2]); // 2×3
+    let (w2, b2) = ([1.0f32, -1.0, 0.5, 2.0, -0.5, 0.0], [0.0f32, 0.3, -0.3]); // 3×2
+    let mut init = Net::new("zoo_init");
+    for (name, shape, values) in [
+        ("w1", vec![2i64, 3], w1.to_vec()),
+        ("b1", vec![2], b1.to_vec()),
+        ("w2", vec![3, 2], w2.to_vec()),
+        ("b2", vec![3], b2.to_vec()),
+    ] {
+        init.op("GivenTensorFill")
+            .output(name)
+            .arg("shape", shape)
+            .arg("values", values)
+            .build();
+    }
+    let mut predict = Net::new("zoo_predict");
+    predict.op("FC").inputs(["data", "w1", "b1"]).output("h").build();
+    predict.op("Relu").input("h").output("h").build(); // in place, as zoo models do
+    predict.op("FC").inputs(["h", "w2", "b2"]).output("z").build();
+    predict.op("Softmax").input("z").output("prob").build();
+    let mut predict = predict.into_proto();
+    predict.external_input = ["data", "w1", "b1", "w2", "b2"].map(String::from).to_vec();
+    predict.external_output = vec!["prob".into()];
+    let p = Predictor::new(init.proto(), &predict).unwrap();
+    let x = [1.0f32, 2.0, -1.0, -0.5, 0.0, 3.0];
+    let got = p
+        .run(&[("data", Tensor::from_vec([2, 3], x.to_vec()).unwrap())])
+        .unwrap();
+    let got = got[0].1.data::<f32>().unwrap().to_vec();
+    for (r, row) in x.chunks(3).enumerate() {
+        let h: Vec<f64> = (0..2)
+            .map(|j| {
+                let v = f64::from(b1[j])
+                    + (0..3)
+                        .map(|k| f64::from(row[k]) * f64::from(w1[j * 3 + k]))
+                        .sum::<f64>();
+                v.max(0.0)
+            })
+            .collect();
+        let z: Vec<f64> = (0..3)
+            .map(|j| f64::from(b2[j]) + (0..2).map(|k| h[k] * f64::from(w2[j * 2 + k])).sum::<f64>())
+            .collect();
+        let m = z.iter().copied().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for j in 0..3 {
+            let want = e[j] / s;
+            assert!(
+                (f64::from(got[r * 3 + j]) - want).abs() < 1e-6,
+                "row {r} class {j}: {} vs {want}",
+                got[r * 3 + j]
+            );
+        }
+    }
+}
