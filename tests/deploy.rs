@@ -176,3 +176,72 @@ fn a_caffe2_style_pair_computes_what_a_hand_computation_gives() {
         }
     }
 }
+
+#[dpm::data_parallel]
+fn cnn_with_head(m: &mut DeviceModel<'_>, head: &str, classes: usize) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [3, 8, 8]);
+    let label = m.input("label");
+    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
+    let b = m.spatial_bn("bn1", c)?;
+    let r = m.relu(b)?;
+    let g = m.global_average_pool(r)?;
+    let logits = m.fc(head, g, classes)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+fn fresh(head: &'static str, classes: usize) -> Trainer {
+    let mut model = ModelHelper::new("tuned");
+    model.set_seed(9);
+    let mut t = Parallelize::new(model)
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(|| Ok(common::cnn_batch(1, 8)))
+        .forward(cnn_with_head(head.into(), classes))
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t
+}
+
+#[test]
+fn load_params_takes_the_shared_layers_of_another_models_checkpoint() {
+    let trained = common::trained_small_cnn();
+    let dir = std::env::temp_dir().join(format!("dpm-load-params-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("backbone.safetensors");
+    trained.save(&ck).unwrap();
+
+    let mut t = fresh("head", 5);
+    let head_before = t.fetch("head_w", Device::cpu(0)).unwrap();
+    let report = t.load_params(&ck).unwrap();
+    let mut loaded = report.loaded.clone();
+    loaded.sort();
+    assert_eq!(loaded, ["bn1_b", "bn1_riv", "bn1_rm", "bn1_s", "c1_b", "c1_w"]);
+    assert_eq!(report.missing, ["head_w", "head_b"]);
+    assert!(report.unused.iter().any(|u| u == "fc_w") && report.unused.iter().any(|u| u == "ITER"));
+    for d in [Device::cpu(0), Device::cpu(1)] {
+        for p in ["c1_w", "bn1_rm"] {
+            let want = trained.fetch(p, Device::cpu(0)).unwrap();
+            assert!(t.fetch(p, d).unwrap().bitwise_eq(&want), "{p} on {d}");
+        }
+        assert!(t.fetch("head_w", d).unwrap().bitwise_eq(&head_before));
+    }
+    // Training state is the new model's own: it trains from step 0.
+    assert_eq!(
+        t.fetch("ITER", Device::cpu(0)).unwrap().data::<i64>().unwrap(),
+        [0]
+    );
+    t.run(1).unwrap();
+
+    // A shared name of another shape is an error, and nothing changes.
+    let mut wrong = fresh("fc", 5);
+    let c1_before = wrong.fetch("c1_w", Device::cpu(0)).unwrap();
+    let e = wrong.load_params(&ck).unwrap_err().to_string();
+    assert!(e.contains("fc_w") && e.contains("the model's is"), "{e}");
+    assert!(wrong
+        .fetch("c1_w", Device::cpu(0))
+        .unwrap()
+        .bitwise_eq(&c1_before));
+    std::fs::remove_dir_all(dir).ok();
+}

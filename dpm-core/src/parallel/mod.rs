@@ -28,7 +28,7 @@ pub use device_model::{Blob, ConvBuilder, DeviceModel, IntoLosses, IntoUnit, Los
 pub use group::{group_by_device, Group};
 pub use memory::share_gradient_blobs;
 pub use summary::{LayerSummary, ModelSummary};
-pub use trainer::{FiniteCheck, InputSource, Trainer};
+pub use trainer::{FiniteCheck, InputSource, ParamsLoad, Trainer};
 
 use std::collections::{HashMap, HashSet};
 

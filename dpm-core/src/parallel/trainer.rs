@@ -664,21 +664,7 @@ impl Trainer {
             let t = by_name
                 .remove(&key)
                 .ok_or_else(|| bad(format!("has no `{key}`, which the model needs")))?;
-            let current = self.ws.fetch(&blob)?;
-            if t.shape() != current.shape() || t.dtype() != current.dtype() {
-                return Err(bad(format!(
-                    "`{key}` is {:?} {}, the model's is {:?} {}",
-                    t.dtype(),
-                    t.shape(),
-                    current.dtype(),
-                    current.shape()
-                )));
-            }
-            if let Ok(d) = t.data::<f32>() {
-                if let Some(v) = d.iter().find(|v| !v.is_finite()) {
-                    return Err(bad(format!("`{key}` holds {v}: a checkpoint of a diverged run")));
-                }
-            }
+            self.check_loadable(&key, &blob, &t).map_err(bad)?;
             if let Ok(d) = t.data::<i64>() {
                 if let Some(v) = d
                     .iter()
@@ -695,7 +681,72 @@ impl Trainer {
         if let Some(extra) = by_name.keys().next() {
             return Err(bad(format!("holds `{extra}`, which the model does not have")));
         }
-        // Uploads first: a device that cannot take the values leaves every blob as it was.
+        self.install(staged)
+    }
+
+    /// Loads the parameters and computed params (batch-norm statistics) this
+    /// model shares by name with a checkpoint of any model (a backbone to
+    /// fine-tune, say) into every replica; the optimiser state and `ITER` stay
+    /// as they are (a checkpoint needs neither). A parameter the checkpoint
+    /// lacks keeps its value and is listed in the report, as are the
+    /// checkpoint's tensors the model does not use; a shared name whose shape
+    /// or type differs is an error, and then nothing changes.
+    pub fn load_params(&mut self, path: impl AsRef<Path>) -> Result<ParamsLoad> {
+        if !self.initialized {
+            self.run_init()?;
+        }
+        let path = path.as_ref();
+        let mut by_name: HashMap<String, Tensor> = checkpoint::load(path)?.tensors.into_iter().collect();
+        let state: HashSet<&str> = self.p.state_groups.iter().map(|g| g.name.as_str()).collect();
+        let mut report = ParamsLoad::default();
+        let mut staged = Vec::new();
+        for (key, blob) in self.checkpoint_entries() {
+            if state.contains(key.as_str()) {
+                continue;
+            }
+            let Some(t) = by_name.remove(&key) else {
+                report.missing.push(key);
+                continue;
+            };
+            self.check_loadable(&key, &blob, &t)
+                .map_err(|reason| Error::Checkpoint {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
+            report.loaded.push(key);
+            staged.push((blob, t));
+        }
+        report.unused = by_name.into_keys().collect();
+        report.unused.sort();
+        self.install(staged)?;
+        Ok(report)
+    }
+
+    /// Whether checkpoint tensor `key` can replace `blob`: the same shape and
+    /// type, and finite.
+    fn check_loadable(&self, key: &str, blob: &BlobRef, t: &Tensor) -> std::result::Result<(), String> {
+        let current = self.ws.fetch(blob).map_err(|e| e.to_string())?;
+        if t.shape() != current.shape() || t.dtype() != current.dtype() {
+            return Err(format!(
+                "`{key}` is {:?} {}, the model's is {:?} {}",
+                t.dtype(),
+                t.shape(),
+                current.dtype(),
+                current.shape()
+            ));
+        }
+        if let Ok(d) = t.data::<f32>() {
+            if let Some(v) = d.iter().find(|v| !v.is_finite()) {
+                return Err(format!("`{key}` holds {v}: a checkpoint of a diverged run"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes checked tensors into the master replica, then copies them to the
+    /// others. Uploads first: a device that cannot take the values leaves
+    /// every blob as it was.
+    fn install(&self, staged: Vec<(BlobRef, Tensor)>) -> Result<()> {
         let staged = staged
             .into_iter()
             .map(|(blob, t)| match self.ws.blob_device(&blob)? {
@@ -817,4 +868,17 @@ fn split_to_devices(
         }
     }
     Ok(out)
+}
+
+/// What [`Trainer::load_params`] did, by parameter name (without a device
+/// prefix).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParamsLoad {
+    /// Parameters and computed params taken from the checkpoint.
+    pub loaded: Vec<String>,
+    /// The model's parameters the checkpoint lacks (they kept their values).
+    pub missing: Vec<String>,
+    /// The checkpoint's tensors the model has no parameter for (its optimiser
+    /// state, `ITER`, or another model's layers).
+    pub unused: Vec<String>,
 }
