@@ -10,21 +10,7 @@ use dpm::exec::Trace;
 use dpm::prelude::*;
 
 fn trainer(net_type: &str) -> Trainer {
-    let mut step = 0u64;
-    let mut model = ModelHelper::new("cnn");
-    model.set_seed(3);
-    let mut t = Parallelize::new(model)
-        .devices([Device::cpu(0), Device::cpu(1)])
-        .input(move || {
-            step += 1;
-            Ok(common::cnn_batch(step, 16))
-        })
-        .forward(common::small_cnn)
-        .update(Sgd::new(0.05).momentum(0.9))
-        .net_type(net_type)
-        .build()
-        .unwrap();
-    t.run_init().unwrap();
+    let mut t = common::small_cnn_trainer(net_type, 3);
     t.run(2).unwrap(); // warm-up
     t
 }

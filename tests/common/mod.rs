@@ -227,11 +227,12 @@ pub fn cnn_batch(seed: u64, n: usize) -> Vec<(String, Tensor)> {
     ]
 }
 
-/// [`small_cnn`] trained 4 steps on 2 CPU devices, with its test net added.
-pub fn trained_small_cnn() -> Trainer {
+/// A trainer of [`small_cnn`] on 2 CPU devices × 8 images (a new batch each
+/// step), momentum SGD, initialised, with executor `net_type`.
+pub fn small_cnn_trainer(net_type: &str, seed: u64) -> Trainer {
     let mut step = 0u64;
     let mut model = ModelHelper::new("cnn");
-    model.set_seed(4);
+    model.set_seed(seed);
     let mut t = Parallelize::new(model)
         .devices([Device::cpu(0), Device::cpu(1)])
         .input(move || {
@@ -240,9 +241,16 @@ pub fn trained_small_cnn() -> Trainer {
         })
         .forward(small_cnn)
         .update(Sgd::new(0.1).momentum(0.9))
+        .net_type(net_type)
         .build()
         .unwrap();
     t.run_init().unwrap();
+    t
+}
+
+/// [`small_cnn`] trained 4 steps on 2 CPU devices, with its test net added.
+pub fn trained_small_cnn() -> Trainer {
+    let mut t = small_cnn_trainer("dag", 4);
     t.run(4).unwrap();
     t.add_test_net(small_cnn).unwrap();
     t
