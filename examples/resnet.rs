@@ -89,6 +89,10 @@ pub struct Args {
     /// time the backward pass hid.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Emit the data-parallel collectives even on one device (NCCL on a one-GPU
+    /// machine): what the multi-GPU path costs, with the same results.
+    #[arg(long, default_value_t = false)]
+    pub collectives_on_one_device: bool,
     /// Print the model's layers, parameters and FLOPs per sample before training.
     #[arg(long, default_value_t = false)]
     pub summary: bool,
@@ -481,6 +485,7 @@ pub fn run(args: &Args) -> Result<Summary> {
                 .step_schedule(stepsize, 0.1),
         )
         .net_type(&args.net_type)
+        .collectives_on_one_device(args.collectives_on_one_device)
         .build()?;
     trainer.run_init()?;
     if args.summary && trainer.shard_id() == 0 {

@@ -7,8 +7,11 @@
 #   the one command to run there.
 # There:                  scripts/device-check.sh run
 #   1. every CUDA kernel against its CPU twin, ResNet-20 cuda:0 vs cpu:0 for 5
-#      steps, checkpoints, bad input (tests/cuda.rs);
-#   2. the example end to end on cuda:0 (held-out accuracy must be >= 90%);
+#      steps, ResNet-20 through NCCL = plain, checkpoints, bad input
+#      (tests/cuda.rs);
+#   2. the example end to end on cuda:0 (held-out accuracy must be >= 90%),
+#      profiles, and the NCCL checks: 64 MiB all-reduce bandwidth, ResNet-50
+#      through the NCCL path (a world of one GPU) against the plain run;
 #   3. benches/gpu_vs_torch.py: dpm vs PyTorch eager FP32 images/s.
 # Everything it prints also goes to $OUT (when set) as device-check.log.
 set -euo pipefail
@@ -22,9 +25,10 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])')
-    cargo build --release --features cuda --example resnet
+    cargo build --release --features cuda --example resnet --example nccl_bandwidth
     strip -o .device/cuda-tests "$test_bin"
     strip -o .device/resnet target/release/examples/resnet
+    strip -o .device/nccl-bandwidth target/release/examples/nccl_bandwidth
     du -sh .device
     echo "run there (device tool, carry [\".device\"], timeout 600):"
     echo "  bash scripts/device-check.sh run"
@@ -73,6 +77,13 @@ timeout 30 .device/resnet --devices cuda:0 --depth 20 --batch-per-device 128 --i
 head -14 "$out/profile20.txt"
 timeout 60 .device/resnet --devices cuda:0 --depth 50 --image-size 224 --batch-per-device 64 --classes 10 \
     --iters 33 --train-images 128 --heldout-images 0 --quiet --deterministic || status=1
+
+echo "== 2d. NCCL (issue 13): 64 MiB all-reduce; ResNet-50 through the NCCL path vs plain"
+timeout 30 .device/nccl-bandwidth 64 20 || status=1
+for flag in "" --collectives-on-one-device "" --collectives-on-one-device; do
+    timeout 60 .device/resnet --devices cuda:0 --depth 50 --image-size 224 --batch-per-device 64 --classes 10 \
+        --iters 33 --train-images 128 --heldout-images 0 --quiet $flag | sed "s/^/[${flag:-plain}] /" || status=1
+done
 
 echo "== 3. dpm vs PyTorch (FP32, cudnn.benchmark)"
 timeout 150 python3 benches/gpu_vs_torch.py .device/resnet 30 2 || status=1

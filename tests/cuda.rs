@@ -780,6 +780,11 @@ mod on_a_gpu {
     }
 
     fn resnet20_at(device: Device, seed: u64, lr: f32, deterministic: bool) -> Trainer {
+        resnet20_with(device, seed, lr, deterministic, false)
+    }
+
+    /// `collectives`: the data-parallel path on one device (NCCL on a GPU).
+    fn resnet20_with(device: Device, seed: u64, lr: f32, deterministic: bool, collectives: bool) -> Trainer {
         let cfg = resnet::ResNetConfig {
             depth: 20,
             classes: 10,
@@ -799,10 +804,50 @@ mod on_a_gpu {
             .input(source)
             .forward(resnet::resnet(cfg))
             .update(Sgd::new(lr).momentum(0.9).weight_decay(1e-4))
+            .collectives_on_one_device(collectives)
             .build()
             .unwrap();
         t.run_init().unwrap();
         t
+    }
+
+    /// The NCCL path (a world of one GPU: initial broadcast, computed-param
+    /// broadcast, one all-reduce per gradient on the communication stream)
+    /// trains ResNet-20 exactly as the plain single-GPU run does.
+    #[test]
+    fn resnet20_through_nccl_on_one_gpu_equals_the_plain_run() {
+        if !gpu("resnet20_through_nccl_on_one_gpu_equals_the_plain_run") {
+            return;
+        }
+        let mut plain = resnet20_with(GPU, 5, 0.1, true, false);
+        let mut nccl = resnet20_with(GPU, 5, 0.1, true, true);
+        let ops = |t: &Trainer| {
+            t.model()
+                .net()
+                .proto()
+                .op
+                .iter()
+                .filter(|o| o.op_type() == "NCCLAllreduce")
+                .count()
+        };
+        assert_eq!(ops(&plain), 0);
+        assert_eq!(ops(&nccl), nccl.grad_groups().len());
+        for step in 1..=4 {
+            plain.step().unwrap();
+            nccl.step().unwrap();
+            assert_eq!(
+                plain.loss().unwrap().to_bits(),
+                nccl.loss().unwrap().to_bits(),
+                "loss at step {step}"
+            );
+        }
+        for g in plain.param_groups().iter().chain(plain.computed_param_groups()) {
+            let (a, b) = (
+                plain.fetch(&g.name, GPU).unwrap(),
+                nccl.fetch(&g.name, GPU).unwrap(),
+            );
+            assert!(a.bitwise_eq(&b), "`{}` differs after 4 steps", g.name);
+        }
     }
 
     /// Every parameter of `a` and `b` (on their own devices) against each other:

@@ -1018,3 +1018,105 @@ fn multi_gpu_nets_use_nccl_ops_in_reverse_order_chained_by_control_inputs() {
         assert_eq!(&back, n);
     }
 }
+
+#[test]
+fn two_replicas_on_one_gpu_are_refused_before_any_device_is_touched() {
+    let e = Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(0)])
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1))
+        .build_nets()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cuda:0 is listed twice"), "{e}");
+}
+
+/// Across the hosts of an MPI job, CUDA replicas reduce with NCCL over one
+/// communicator spanning the job: the same op types, tagged with engine `MPI`,
+/// gradients in buckets in one chain that all ranks issue in one order.
+#[cfg(feature = "mpi")]
+#[test]
+fn cross_host_gpu_nets_use_nccl_with_engine_mpi_in_one_chain() {
+    let (init, net) = Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(1)])
+        .rendezvous(Rendezvous {
+            shard_id: 1,
+            num_shards: 2,
+            engine: "MPI".into(),
+        })
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .build_nets()
+        .unwrap();
+    let colls: Vec<_> = net
+        .op
+        .iter()
+        .filter(|o| o.op_type().starts_with("NCCL"))
+        .collect();
+    assert!(!colls.is_empty());
+    for o in &colls {
+        assert_eq!(o.engine.as_deref(), Some("MPI"), "{}", o.op_type());
+        assert!(
+            o.input.iter().any(|b| b.starts_with("gpu_0/"))
+                && o.input.iter().any(|b| b.starts_with("gpu_1/"))
+        );
+    }
+    // One chain: every collective after the first waits for the previous one.
+    for w in colls.windows(2) {
+        assert_eq!(w[1].control_input.len(), 1, "{}", w[1].op_type());
+    }
+    assert!(net
+        .op
+        .iter()
+        .chain(&init.op)
+        .all(|o| !matches!(o.op_type(), "Allreduce" | "Broadcast")));
+    let b = init.op.iter().find(|o| o.op_type() == "NCCLBroadcast").unwrap();
+    assert_eq!(b.engine.as_deref(), Some("MPI"));
+}
+
+/// The data-parallel path on one device (a world of one) trains exactly as the
+/// plain run: the collectives are there, and change nothing.
+#[test]
+fn collectives_on_one_device_change_nothing() {
+    let run = |on: bool| {
+        let mut model = ModelHelper::new("mlp");
+        model.set_seed(2);
+        let mut t = Parallelize::new(model)
+            .devices([Device::cpu(0)])
+            .input(cycling_source(8, 3))
+            .forward(mlp_forward)
+            .update(Sgd::new(0.1).momentum(0.9))
+            .collectives_on_one_device(on)
+            .build()
+            .unwrap();
+        t.run_init().unwrap();
+        t.run(3).unwrap();
+        t
+    };
+    let (plain, forced) = (run(false), run(true));
+    let count = |t: &Trainer, ty: &str| {
+        t.model()
+            .net()
+            .proto()
+            .op
+            .iter()
+            .filter(|o| o.op_type() == ty)
+            .count()
+    };
+    assert_eq!(count(&plain, "Allreduce"), 0);
+    assert_eq!(count(&forced, "Allreduce"), forced.grad_groups().len());
+    assert!(forced
+        .model()
+        .init_net()
+        .proto()
+        .op
+        .iter()
+        .any(|o| o.op_type() == "Broadcast"));
+    for g in plain.param_groups() {
+        let (a, b) = (
+            plain.fetch(&g.name, Device::cpu(0)).unwrap(),
+            forced.fetch(&g.name, Device::cpu(0)).unwrap(),
+        );
+        assert!(a.bitwise_eq(&b), "{}", g.name);
+    }
+}

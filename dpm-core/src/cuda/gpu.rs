@@ -188,6 +188,16 @@ impl Gpu {
     /// Waits for all work enqueued on the device; reports errors it raised.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
+        // With NCCL communicators, a wait that a dead peer could make endless is
+        // watched instead (timeout, asynchronous errors, abort).
+        if crate::comm::nccl::active() {
+            let ends = [&self.stream, &self.comm_stream].map(|s| {
+                s.record_event(None)
+                    .map_err(|e| self.error("recording an event", e))
+            });
+            let [a, b] = ends;
+            return crate::comm::nccl::wait_watched(&self.device().to_string(), &[a?, b?]);
+        }
         self.stream
             .synchronize()
             .and_then(|()| self.comm_stream.synchronize())

@@ -147,6 +147,7 @@ pub struct Parallelize {
     bucket_bytes: usize,
     accumulate: usize,
     sync_bn: bool,
+    one_device_collectives: bool,
 }
 
 /// Gradients sent across hosts together, at most (see [`Parallelize::bucket_bytes`]).
@@ -171,6 +172,7 @@ impl Parallelize {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             accumulate: 1,
             sync_bn: false,
+            one_device_collectives: false,
         }
     }
 
@@ -223,6 +225,14 @@ impl Parallelize {
     /// The parameter update; without one the model is forward-only (inference).
     pub fn update(mut self, f: impl UpdateBuilder + 'static) -> Self {
         self.update = Some(Box::new(f));
+        self
+    }
+
+    /// Emits the collectives even for one device on one host (a world of one):
+    /// the data-parallel path, run where there is one device, such as NCCL on
+    /// a one-GPU machine. The results equal those without it.
+    pub fn collectives_on_one_device(mut self, on: bool) -> Self {
+        self.one_device_collectives = on;
         self
     }
 
@@ -328,13 +338,6 @@ impl Parallelize {
                         r.num_shards
                     )));
                 }
-                if gpus > 0 {
-                    return Err(Error::Config(
-                        "training across hosts on CUDA devices (NCCL across MPI ranks) is not supported yet; \
-                         use cpu devices with MPI"
-                            .into(),
-                    ));
-                }
             }
         }
         if !matches!(self.net_type.as_str(), "dag" | "simple") {
@@ -381,6 +384,7 @@ impl Parallelize {
             bucket_bytes,
             accumulate,
             sync_bn,
+            one_device_collectives,
         } = self;
         if sync_bn && num_shards_of(rendezvous.as_ref()) > 1 {
             return Err(Error::Config(
@@ -464,13 +468,15 @@ impl Parallelize {
             // 5. Computed params, then the chained all-reduces.
             let engine = Rendezvous::collective_engine(rendezvous.as_ref());
             let sizes = blob_sizes(&model);
-            let chained =
-                add_computed_param_sync(&mut model, &devices, engine, &computed_groups, computed_params);
-            let buckets = match engine {
-                Some(_) => buckets(&grad_groups, &sizes, bucket_bytes),
-                None => grad_groups.iter().map(std::slice::from_ref).collect(),
-            };
-            add_allreduces(&mut model, &devices, engine, &buckets, chained);
+            if devices.len() > 1 || engine.is_some() || one_device_collectives {
+                let chained =
+                    add_computed_param_sync(&mut model, &devices, engine, &computed_groups, computed_params);
+                let buckets = match engine {
+                    Some(_) => buckets(&grad_groups, &sizes, bucket_bytes),
+                    None => grad_groups.iter().map(std::slice::from_ref).collect(),
+                };
+                add_allreduces(&mut model, &devices, engine, &buckets, chained);
+            }
             // 6. Updates.
             for &d in &devices {
                 in_scope(&mut model, d, |m| update.build(m, d))?;
@@ -487,7 +493,7 @@ impl Parallelize {
         // Initial sync: every replica starts from the master's parameters.
         let sync_groups: Vec<Group> = param_groups.iter().chain(&computed_groups).cloned().collect();
         let engine = Rendezvous::collective_engine(rendezvous.as_ref());
-        if devices.len() > 1 || engine.is_some() {
+        if devices.len() > 1 || engine.is_some() || one_device_collectives {
             for g in bundles(&sync_groups, engine) {
                 collective(
                     model.init_net_mut().op(&collective_type("Broadcast", devices[0])),
@@ -610,9 +616,6 @@ fn add_allreduces(
     buckets: &[&[Group]],
     mut previous: Option<BlobRef>,
 ) {
-    if devices.len() < 2 && engine.is_none() {
-        return;
-    }
     for b in buckets {
         let mut op = collective(
             model.net_mut().op(&collective_type("Allreduce", devices[0])),
@@ -639,9 +642,6 @@ fn add_computed_param_sync(
     groups: &[Group],
     mode: ComputedParams,
 ) -> Option<BlobRef> {
-    if devices.len() < 2 && engine.is_none() {
-        return None;
-    }
     let mut last = None;
     for g in bundles(groups, engine) {
         let op = match mode {
