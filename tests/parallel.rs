@@ -206,7 +206,7 @@ fn allreduces_run_last_layer_first_chained_by_control_inputs() {
     assert_eq!(scale.find_arg("scale").unwrap().f, Some(0.5));
     assert_eq!(t.blob_device("cpu_1/fc1_w"), Some(Device::cpu(1)));
     let net = t.model().net().proto();
-    assert_eq!((net.r#type.as_deref(), net.num_workers), (Some("dag"), Some(8)));
+    assert_eq!(net.r#type.as_deref(), Some("dag"));
 }
 
 #[test]
@@ -575,9 +575,24 @@ fn losses_are_scaled_by_one_over_devices_and_reported_as_the_mean() {
 
 #[test]
 fn the_train_net_carries_caffe2s_executor_settings() {
+    // CPU replicas: as many workers as the cores hold at one kernel thread per
+    // op here, at least one per device; GPU replicas: Caffe2's devices × 4.
     let t = trainer(3, 2, 0).build().unwrap();
     let net = t.model().net().proto();
-    assert_eq!((net.r#type.as_deref(), net.num_workers), (Some("dag"), Some(12)));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / 3).max(1);
+    let want = (cores / threads).max(3) as i32;
+    assert_eq!(
+        (net.r#type.as_deref(), net.num_workers),
+        (Some("dag"), Some(want))
+    );
+    let (_, gpu_net) = Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(1), Device::cuda(2)])
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1))
+        .build_nets()
+        .unwrap();
+    assert_eq!(gpu_net.num_workers, Some(12));
     assert_eq!(
         net.find_arg("first_iter_only_one_worker").and_then(|a| a.i),
         Some(1)

@@ -27,9 +27,7 @@ pub fn allreduce_in_place(bufs: &mut [&mut [f32]], scale: f32) {
         "allreduce: buffers differ in length"
     );
     // With one core there is one slice, reduced on this thread.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(bufs.len().max(2));
+    let threads = crate::exec::cores().min(bufs.len().max(2));
     if len < PARALLEL_MIN {
         let mut slices: Vec<&mut [f32]> = bufs.iter_mut().map(|b| &mut **b).collect();
         reduce_slice(&mut slices, scale);

@@ -98,7 +98,8 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&
     };
     let workers = workers.clamp(1, n);
     std::thread::scope(|s| {
-        for i in 0..workers {
+        // The calling thread is worker 0: one thread fewer to start per run.
+        for i in 1..workers {
             let shared = &shared;
             std::thread::Builder::new()
                 // A NUL byte (legal in a net's name) would make spawn panic.
@@ -107,6 +108,7 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&
                 .map(|_| ())
                 .unwrap_or_else(|_| shared.worker());
         }
+        shared.worker();
     });
     match shared.state.into_inner().unwrap_or_else(|e| e.into_inner()).error {
         Some(e) => Err(e),

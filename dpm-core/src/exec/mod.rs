@@ -15,6 +15,13 @@ pub use profile::OpTime;
 pub use trace::{Overlap, Trace, TraceEvent};
 pub use workspace::Workspace;
 
+/// The cores this process may use, read once: `available_parallelism` reads
+/// the cgroup files on every call (tens of µs), too slow for each op or run.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Which executor runs a net, from `NetDef.type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NetKind {

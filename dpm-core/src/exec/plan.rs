@@ -244,8 +244,28 @@ pub(crate) struct Plan {
     pub(super) dependents: Vec<Vec<usize>>,
     /// How many ops each op waits on.
     pub(super) num_deps: Vec<usize>,
+    /// The most ops that can run at once: the largest level of the dependency
+    /// graph (ops whose longest chain of dependencies is equally long).
+    pub(super) width: usize,
     runs: AtomicU64,
+    /// Whether a pool beats running inline, measured on early runs.
+    tuning: std::sync::Mutex<Tuning>,
+    /// `dpm_executor_autotune` (default 1): 0 keeps the pool on every run, for
+    /// nets whose ops wait on each other running at the same time.
+    autotune: bool,
 }
+
+/// Run times of a `dag` net inline and on its pool, until one is chosen.
+#[derive(Default)]
+struct Tuning {
+    inline: Vec<std::time::Duration>,
+    pool: Vec<std::time::Duration>,
+    inline_wins: Option<bool>,
+}
+
+/// Tuning runs: runs 3 to 8 of a net alternate inline and pool (runs 1 and 2
+/// allocate and warm up); from run 9 the faster by median runs.
+const TUNING_RUNS: std::ops::Range<u64> = 2..8;
 
 impl Plan {
     pub(crate) fn new(net: &NetDef, ws: &Workspace) -> Result<Plan> {
@@ -266,7 +286,7 @@ impl Plan {
         let workers = match net.num_workers {
             Some(n) if n >= 1 => n as usize,
             Some(n) => return Err(invalid(format!("num_workers must be ≥ 1, got {n}"))),
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => crate::exec::cores(),
         };
         let first_iter_only_one_worker = Args(&net.arg).int("first_iter_only_one_worker", 0)? != 0;
         let steps = net
@@ -298,6 +318,7 @@ impl Plan {
                 dependents[i].push(j);
             }
         }
+        let width = width(&deps);
         Ok(Plan {
             name,
             kind,
@@ -307,7 +328,10 @@ impl Plan {
             gpus,
             dependents,
             num_deps: deps.iter().map(Vec::len).collect(),
+            width,
             runs: AtomicU64::new(0),
+            tuning: Default::default(),
+            autotune: Args(&net.arg).int("dpm_executor_autotune", 1)? != 0,
         })
     }
 
@@ -316,16 +340,35 @@ impl Plan {
     /// finished when this returns, failed or not.
     pub(crate) fn run(&self, threads: usize, profile: Option<&Profile>) -> Result<()> {
         let started = std::time::Instant::now();
-        let first = self.runs.fetch_add(1, Ordering::Relaxed) == 0;
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
+        let first = run == 0;
         let result = match self.kind {
             NetKind::Simple => self.steps.iter().try_for_each(|s| s.run(threads, profile)),
             NetKind::Dag => {
                 let workers = if first && self.first_iter_only_one_worker {
                     1
                 } else {
-                    self.workers
+                    self.useful_workers()
                 };
-                super::dag::run(self, workers, threads, profile)
+                let inline = || self.steps.iter().try_for_each(|s| s.run(threads, profile));
+                let pool = || super::dag::run(self, workers, threads, profile);
+                // One worker runs the ops in net order (a topological order):
+                // no pool, no hand-offs.
+                if workers == 1 {
+                    inline()
+                } else {
+                    match self.plan_for(run) {
+                        Some(true) => inline(),
+                        Some(false) => pool(),
+                        None => {
+                            let try_inline = run % 2 == 0;
+                            let t = std::time::Instant::now();
+                            let r = if try_inline { inline() } else { pool() };
+                            self.record(try_inline, t.elapsed());
+                            r
+                        }
+                    }
+                }
             }
         };
         let synced = self.synchronize();
@@ -334,6 +377,54 @@ impl Plan {
             p.net_ran(&self.name, started);
         }
         result.and(synced)
+    }
+
+    /// For run `run` of a `dag` net with a pool: `Some(true)` inline,
+    /// `Some(false)` on the pool, `None` a tuning run. A small net loses more
+    /// to hand-offs between threads than it gains from them (the README's MLP
+    /// on 2 devices ran 3× slower on a pool); a large one gains. Both give the
+    /// same bits.
+    fn plan_for(&self, run: u64) -> Option<bool> {
+        if !self.autotune || run < TUNING_RUNS.start {
+            return Some(false);
+        }
+        let t = self.tuning.lock().unwrap_or_else(|e| e.into_inner());
+        match t.inline_wins {
+            Some(w) => Some(w),
+            None if TUNING_RUNS.contains(&run) => None,
+            None => Some(false),
+        }
+    }
+
+    fn record(&self, inline: bool, took: std::time::Duration) {
+        let mut t = self.tuning.lock().unwrap_or_else(|e| e.into_inner());
+        if inline {
+            t.inline.push(took)
+        } else {
+            t.pool.push(took)
+        }
+        let half = ((TUNING_RUNS.end - TUNING_RUNS.start) / 2) as usize;
+        // A clear difference (1.5×) decides after one run of each.
+        let clear = match (t.inline.first(), t.pool.first()) {
+            (Some(&i), Some(&p)) => {
+                i.as_secs_f64() > 1.5 * p.as_secs_f64() || p.as_secs_f64() > 1.5 * i.as_secs_f64()
+            }
+            _ => false,
+        };
+        if clear || (t.inline.len() >= half && t.pool.len() >= half) {
+            let median = |v: &mut Vec<std::time::Duration>| {
+                v.sort();
+                v[v.len() / 2]
+            };
+            let (mut i, mut p) = (std::mem::take(&mut t.inline), std::mem::take(&mut t.pool));
+            t.inline_wins = Some(median(&mut i) < median(&mut p));
+        }
+    }
+
+    /// The workers worth starting: no more than `num_workers`, nor than the
+    /// ops that can run at once.
+    fn useful_workers(&self) -> usize {
+        self.workers.min(self.width).max(1)
     }
 
     #[cfg(feature = "cuda")]
@@ -351,6 +442,21 @@ impl Plan {
         );
         Ok(())
     }
+}
+
+/// The largest level of the dependency graph: level(i) = 1 + the largest level
+/// of the ops `i` waits on (which come earlier in the net).
+fn width(deps: &[Vec<usize>]) -> usize {
+    let mut level = vec![0usize; deps.len()];
+    let mut count: Vec<usize> = Vec::new();
+    for (i, ds) in deps.iter().enumerate() {
+        level[i] = ds.iter().map(|&d| level[d] + 1).max().unwrap_or(0);
+        if count.len() <= level[i] {
+            count.resize(level[i] + 1, 0);
+        }
+        count[level[i]] += 1;
+    }
+    count.into_iter().max().unwrap_or(1).max(1)
 }
 
 /// For each op, the earlier ops it must wait for: the last writer of each blob it

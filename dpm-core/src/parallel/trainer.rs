@@ -82,6 +82,9 @@ pub enum FiniteCheck {
     LossAndGradients,
 }
 
+/// Batches smaller than this are split on the stepping thread, not ahead.
+const PREFETCH_MIN_BYTES: usize = 256 << 10;
+
 impl Trainer {
     pub(super) fn new(p: Parts) -> Trainer {
         let mut sync = Net::new(&format!("{}_sync", p.model.name()));
@@ -301,8 +304,12 @@ impl Trainer {
             self.take_snapshot()?;
         }
         // The next batches are drawn here (sources need not be `Send`), then
-        // split and sent to the devices by a helper thread while this step runs.
-        let prefetch = self.ahead.is_none();
+        // split and sent to the devices by a helper thread while this step runs
+        // — when that pays: for GPUs (uploads) or batches of 256 KiB and more.
+        // Starting a thread costs tens of µs, more than splitting a small batch.
+        let bytes: usize = batches.iter().flatten().map(|(_, t)| t.numel() * 4).sum();
+        let gpus = self.p.devices.iter().any(|d| matches!(d, Device::Cuda(_)));
+        let prefetch = self.ahead.is_none() && (gpus || bytes >= PREFETCH_MIN_BYTES);
         let next_host = match self.p.source.as_mut() {
             Some(src) if prefetch => Some((0..k).map(|_| src.next_batch()).collect::<Result<Vec<_>>>()),
             _ => None,
