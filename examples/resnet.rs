@@ -129,7 +129,7 @@ pub struct ResNetConfig {
 
 impl ResNetConfig {
     fn check(&self) -> Result<()> {
-        let cifar = self.depth >= 8 && (self.depth - 2) % 6 == 0;
+        let cifar = self.depth >= 8 && (self.depth - 2).is_multiple_of(6);
         let imagenet = matches!(self.depth, 18 | 34 | 50);
         if !cifar && !imagenet {
             return Err(Error::Config(format!(

@@ -116,7 +116,7 @@ pub(crate) fn same_shapes(ctx: &mut OpContext<'_>, devices: usize) -> Result<()>
 /// tensors travel in one op (the gradient buckets across hosts).
 pub(crate) fn devices_per_tensor(op: &OperatorDef) -> Result<usize> {
     let k = Args(&op.arg).usize("num_tensors", 1)?;
-    if k == 0 || op.input.len() % k != 0 {
+    if k == 0 || !op.input.len().is_multiple_of(k) {
         return Err(Error::arg(
             "num_tensors",
             format!(

@@ -361,7 +361,7 @@ impl Plan {
                         Some(true) => inline(),
                         Some(false) => pool(),
                         None => {
-                            let try_inline = run % 2 == 0;
+                            let try_inline = run.is_multiple_of(2);
                             let t = std::time::Instant::now();
                             let r = if try_inline { inline() } else { pool() };
                             self.record(try_inline, t.elapsed());

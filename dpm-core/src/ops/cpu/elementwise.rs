@@ -171,7 +171,7 @@ impl Kernel for Copy {
 /// Checks `WeightedSum`'s (X, w) pairs and single output; returns the input count.
 pub(crate) fn weighted_sum_arity(ctx: &OpContext<'_>) -> Result<usize> {
     let n = ctx.num_inputs();
-    if n == 0 || n % 2 != 0 {
+    if n == 0 || !n.is_multiple_of(2) {
         return Err(Error::Arity {
             what: "inputs",
             expected: "an even number (X0, w0, X1, w1, …)".into(),

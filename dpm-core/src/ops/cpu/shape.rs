@@ -80,7 +80,7 @@ impl Kernel for Reshape {
                         .iter()
                         .try_fold(1usize, |n, &d| n.checked_mul(d))
                         .unwrap_or(0);
-                    if known == 0 || numel % known != 0 {
+                    if known == 0 || !numel.is_multiple_of(known) {
                         return Err(Error::shape(
                             ctx.input_name(0),
                             format!("a size divisible into {d:?}"),

@@ -677,7 +677,7 @@ mod tests {
                 [y, dw, dx]
             };
             let want = reference(&d, k, s, p, &x, &wt, &bias, &dy);
-            for isa in [Isa::Portable, Isa::best()] {
+            for isa in Isa::supported() {
                 let got = run(isa);
                 for (what, (a, b)) in ["y", "dw", "dx"].iter().zip(got.iter().zip(&want)) {
                     assert_eq!(a.len(), b.len());

@@ -12,8 +12,9 @@
 //! output pixels whose inputs sit at consecutive addresses for every tap. So no
 //! column matrix is ever written: tiles read the (padded) image directly.
 //!
-//! Both tiles have an AVX2+FMA version, chosen at run time, and a portable one
-//! with the same summation order per lane.
+//! Both tiles have an AVX2+FMA version and an AVX-512 one, chosen at run time
+//! ([`Isa`]), and a portable one, all with the same summation order per lane,
+//! so every variant gives the same bits.
 
 /// Pixels per segment: one 256-bit vector of f32.
 pub const LANES: usize = 8;
@@ -110,23 +111,61 @@ impl Taps {
     }
 }
 
-/// Which implementation runs the tiles.
+/// Which implementation runs the tiles. Only runtime detection makes one
+/// ([`Isa::best`], [`Isa::supported`], whose first is the portable one), so a
+/// SIMD variant never runs on a processor without its instructions: that is
+/// what makes the `unsafe` calls into `avx2` and `avx512` sound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// 256-bit vectors with fused multiply-add.
-    Avx2Fma,
+pub struct Isa(Kind);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
     /// Plain Rust, for processors without AVX2 and FMA.
     Portable,
+    /// 256-bit vectors with fused multiply-add.
+    Avx2Fma,
+    /// [`Kind::Avx2Fma`], with the forward/dX tile on 512-bit vectors (two
+    /// segments each, 32 registers).
+    Avx512,
 }
 
 impl Isa {
-    /// The fastest implementation this processor runs.
-    pub fn best() -> Isa {
+    /// Every implementation this processor runs, the portable one first and the
+    /// fastest last: what the tests compare against the reference.
+    pub fn supported() -> Vec<Isa> {
+        let mut v = vec![Isa(Kind::Portable)];
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
+            v.push(Isa(Kind::Avx2Fma));
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa(Kind::Avx512));
+            }
         }
-        Isa::Portable
+        v
+    }
+
+    /// The fastest implementation this processor runs, or the fastest up to
+    /// `DPM_CONV_ISA` (`portable`, `avx2`, `avx512`) when that is set: for
+    /// side-by-side benchmarks and for ruling a variant out.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = match std::env::var("DPM_CONV_ISA").as_deref() {
+                Ok("portable") => Kind::Portable,
+                Ok("avx2") => Kind::Avx2Fma,
+                _ => Kind::Avx512,
+            };
+            Isa::supported()
+                .into_iter()
+                .filter(|i| i.0 <= cap)
+                .max_by_key(|i| i.0)
+                .unwrap_or(Isa(Kind::Portable))
+        })
+    }
+
+    /// Whether the AVX2+FMA routines may run (also under AVX-512).
+    fn avx2(self) -> bool {
+        self.0 >= Kind::Avx2Fma
     }
 }
 
@@ -136,7 +175,7 @@ pub fn gather_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
     assert!(src.len() >= (2 * dst.len()).saturating_sub(1));
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.avx2() {
         // Blocks whose 16 inputs all lie inside `src`.
         done = (src.len() / 16).min(dst.len() / LANES) * LANES;
         // SAFETY: blocks `..done` read `src[..2·done]` and write `dst[..done]`.
@@ -154,7 +193,7 @@ pub fn scatter_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
     assert!(dst.len() >= (2 * src.len()).saturating_sub(1));
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.avx2() {
         done = (dst.len() / 16).min(src.len() / LANES) * LANES;
         // SAFETY: blocks `..done` read `src[..done]` and touch `dst[..2·done]`.
         unsafe { avx2::scatter_even(dst.as_mut_ptr(), src.as_ptr(), done / LANES) };
@@ -198,7 +237,7 @@ pub fn split_even_odd(
     assert!(even.len() >= (rows - 1) * pitch + ne && odd.len() >= (rows - 1) * pitch + no);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.avx2() {
         // Whole blocks of 16 inputs, within `src` on the last row too.
         done = ((src.len() - last) / 16).min(ne / LANES).min(no / LANES) * LANES;
         // SAFETY: the asserts above and the choice of `done` bound every row.
@@ -233,7 +272,7 @@ pub fn interleave(isa: Isa, even: &[f32], odd: &[f32], dst: &mut [f32]) {
     assert!(even.len() >= n.div_ceil(2) && odd.len() >= n / 2);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    if isa.avx2() {
         done = (n / 16).min(even.len() / LANES).min(odd.len() / LANES) * LANES;
         // SAFETY: blocks `..done` read `..done` of both and write `dst[..2·done]`.
         unsafe { avx2::interleave(even.as_ptr(), odd.as_ptr(), dst.as_mut_ptr(), done / LANES) };
@@ -292,16 +331,40 @@ pub fn correlate(
         "correlate: output too short"
     );
     let (src, out) = (src.as_ptr(), out.as_mut_ptr());
-    for tile in segs.list.chunks(SR) {
+    // With AVX-512, tiles of 2·Z512 segments (two per 512-bit vector); the
+    // segments left over go through the AVX2 tiles below.
+    let mut list = &segs.list[..];
+    #[cfg(target_arch = "x86_64")]
+    if isa.0 == Kind::Avx512 {
+        let whole = list.len() / (2 * Z512) * (2 * Z512);
+        for tile in list[..whole].chunks_exact(2 * Z512) {
+            for (r0, mr) in panels(rows) {
+                let panel = a[r0 * k..].as_ptr();
+                let init = init.map(|b| &b[r0..r0 + mr]);
+                // SAFETY: the asserts above bound every tap, segment and row, and
+                // `Kind::Avx512` exists only where detection found AVX-512F, AVX2
+                // and FMA.
+                unsafe {
+                    let out = out.add(r0 * pitch);
+                    by_rows!(
+                        mr,
+                        avx512::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
+                    );
+                }
+            }
+        }
+        list = &list[whole..];
+    }
+    for tile in list.chunks(SR) {
         for (r0, mr) in panels(rows) {
             let panel = a[r0 * k..].as_ptr();
             let init = init.map(|b| &b[r0..r0 + mr]);
             // SAFETY: the asserts above bound every tap, segment and row.
             unsafe {
                 let out = out.add(r0 * pitch);
-                match isa {
+                match isa.0 {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2Fma => {
+                    Kind::Avx2Fma | Kind::Avx512 => {
                         by_rows_segs!(
                             mr,
                             tile.len(),
@@ -346,7 +409,10 @@ pub fn weight_grad(
     if cols == 0 || k == 0 || segs.is_empty() {
         return;
     }
-    assert!(cols % LANES == 0, "weight_grad: columns must be whole vectors");
+    assert!(
+        cols.is_multiple_of(LANES),
+        "weight_grad: columns must be whole vectors"
+    );
     assert!(segs.dst_end * cols <= dyt.len(), "weight_grad: dYᵀ too short");
     assert!(
         taps.max + segs.src_end <= src.len(),
@@ -354,6 +420,40 @@ pub fn weight_grad(
     );
     assert!(k * cols <= out.len(), "weight_grad: output too short");
     let (dyt, src, outp) = (dyt.as_ptr(), src.as_ptr(), out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if isa.0 == Kind::Avx512 {
+        for pass in segs.list.chunks(DW_CHUNK) {
+            for j0 in (0..k).step_by(WK512) {
+                let taps = &taps.offsets[j0..k.min(j0 + WK512)];
+                let mut m0 = 0;
+                // SAFETY (all three calls): the asserts above bound every tap,
+                // segment, pixel row and output element, and `Kind::Avx512`
+                // exists only where detection found AVX-512F, AVX2 and FMA.
+                while m0 + 2 * LANES <= cols {
+                    let vecs = WV512.min((cols - m0) / (2 * LANES));
+                    unsafe {
+                        let (dyt, out) = (dyt.add(m0), outp.add(j0 * cols + m0));
+                        by_vecs_taps512!(
+                            vecs,
+                            taps.len(),
+                            avx512::weight_grad(dyt, cols, taps, src, pass, out)
+                        );
+                    }
+                    m0 += vecs * 2 * LANES;
+                }
+                // A last block of 8 channels: the AVX2 tile.
+                if m0 < cols {
+                    for (i, taps) in taps.chunks(WK).enumerate() {
+                        unsafe {
+                            let (dyt, out) = (dyt.add(m0), outp.add((j0 + i * WK) * cols + m0));
+                            by_rows_taps!(1, taps.len(), avx2::weight_grad(dyt, cols, taps, src, pass, out));
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
     for pass in segs.list.chunks(DW_CHUNK) {
         for j0 in (0..k).step_by(WK) {
             let taps = &taps.offsets[j0..k.min(j0 + WK)];
@@ -363,9 +463,9 @@ pub fn weight_grad(
                 // output element.
                 unsafe {
                     let (dyt, out) = (dyt.add(m0), outp.add(j0 * cols + m0));
-                    match isa {
+                    match isa.0 {
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2Fma => {
+                        Kind::Avx2Fma | Kind::Avx512 => {
                             by_rows_taps!(
                                 vecs,
                                 taps.len(),
@@ -401,7 +501,7 @@ pub fn transpose_into(
         let dyt = &mut dyt[img * pixels * cols..(img + 1) * pixels * cols];
         let (mut rows_done, mut pixels_done) = (0, 0);
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2Fma {
+        if isa.avx2() {
             (rows_done, pixels_done) = (rows / LANES * LANES, pixels / LANES * LANES);
             // SAFETY: the blocks stay inside `dy` (`rows × pixels`) and `dyt`
             // (`pixels × cols`).
@@ -446,6 +546,68 @@ macro_rules! by_rows_segs {
     };
 }
 use by_rows_segs;
+
+/// Calls `f::<rows>(args)` for a runtime panel height (1 to [`MR`]).
+macro_rules! by_rows {
+    ($rows:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $($f)::+::<1>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            4 => $($f)::+::<4>($($arg),*),
+            5 => $($f)::+::<5>($($arg),*),
+            _ => $($f)::+::<6>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_rows;
+
+/// 512-bit vectors per AVX-512 [`correlate`] tile: `MR × Z512` = 24
+/// accumulators, `Z512` source vectors and one broadcast weight use 29 of the 32
+/// registers.
+const Z512: usize = 4;
+
+/// 512-bit vectors of output channels per AVX-512 [`weight_grad`] tile.
+const WV512: usize = 2;
+/// Taps per AVX-512 [`weight_grad`] tile: `WK512 × WV512` = 24 accumulators,
+/// plus `WV512` dY vectors and one broadcast input.
+const WK512: usize = 12;
+
+/// Calls `f::<vectors, taps>(args)` for a runtime AVX-512 [`weight_grad`] tile
+/// shape (1 to [`WV512`] vectors, 1 to [`WK512`] taps).
+macro_rules! by_vecs_taps512 {
+    ($vecs:expr, $taps:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match ($vecs, $taps) {
+            (1, 1) => $($f)::+::<1, 1>($($arg),*),
+            (1, 2) => $($f)::+::<1, 2>($($arg),*),
+            (1, 3) => $($f)::+::<1, 3>($($arg),*),
+            (1, 4) => $($f)::+::<1, 4>($($arg),*),
+            (1, 5) => $($f)::+::<1, 5>($($arg),*),
+            (1, 6) => $($f)::+::<1, 6>($($arg),*),
+            (1, 7) => $($f)::+::<1, 7>($($arg),*),
+            (1, 8) => $($f)::+::<1, 8>($($arg),*),
+            (1, 9) => $($f)::+::<1, 9>($($arg),*),
+            (1, 10) => $($f)::+::<1, 10>($($arg),*),
+            (1, 11) => $($f)::+::<1, 11>($($arg),*),
+            (1, _) => $($f)::+::<1, 12>($($arg),*),
+            (_, 1) => $($f)::+::<2, 1>($($arg),*),
+            (_, 2) => $($f)::+::<2, 2>($($arg),*),
+            (_, 3) => $($f)::+::<2, 3>($($arg),*),
+            (_, 4) => $($f)::+::<2, 4>($($arg),*),
+            (_, 5) => $($f)::+::<2, 5>($($arg),*),
+            (_, 6) => $($f)::+::<2, 6>($($arg),*),
+            (_, 7) => $($f)::+::<2, 7>($($arg),*),
+            (_, 8) => $($f)::+::<2, 8>($($arg),*),
+            (_, 9) => $($f)::+::<2, 9>($($arg),*),
+            (_, 10) => $($f)::+::<2, 10>($($arg),*),
+            (_, 11) => $($f)::+::<2, 11>($($arg),*),
+            (_, _) => $($f)::+::<2, 12>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_vecs_taps512;
 
 /// Calls `f::<vectors, taps>(args)` for a runtime [`weight_grad`] tile shape.
 macro_rules! by_rows_taps {
@@ -787,6 +949,140 @@ mod portable {
     }
 }
 
+/// The tiles on 512-bit vectors: forward/dX with each vector holding two
+/// 8-pixel segments (the segment layout is the AVX2 one; each half loads and
+/// stores on its own), and dW with 16 output channels per vector.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    use super::{Segment, LANES, Z512};
+    use std::arch::x86_64::*;
+
+    /// One pass over `segs` of a `K`-tap × `V`-vector (16 channels each) tile
+    /// of dWᵀ, added to `out`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn weight_grad<const V: usize, const K: usize>(
+        dyt: *const f32,
+        cols: usize,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; K];
+        let mut base = [src; K];
+        for j in 0..K {
+            base[j] = unsafe { src.add(taps[j]) };
+        }
+        for seg in segs {
+            let d = unsafe { dyt.add(seg.dst * cols) };
+            for l in 0..seg.len {
+                let mut dv = [_mm512_setzero_ps(); V];
+                for v in 0..V {
+                    dv[v] = unsafe { _mm512_loadu_ps(d.add(l * cols + v * 2 * LANES)) };
+                }
+                for j in 0..K {
+                    let x = _mm512_set1_ps(unsafe { *base[j].add(seg.src + l) });
+                    for v in 0..V {
+                        acc[j][v] = _mm512_fmadd_ps(x, dv[v], acc[j][v]);
+                    }
+                }
+            }
+        }
+        for j in 0..K {
+            for v in 0..V {
+                let o = unsafe { out.add(j * cols + v * 2 * LANES) };
+                unsafe { _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[j][v])) };
+            }
+        }
+    }
+
+    /// Segments `2z` and `2z + 1` at tap offset `t`, as one vector.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn load_pair(lo: *const f32, hi: *const f32) -> __m512 {
+        let (lo, hi) = unsafe { (_mm256_loadu_ps(lo), _mm256_loadu_ps(hi)) };
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
+    /// Lanes `..len` set.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn mask(len: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(len as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// Writes 8 lanes, or the first `len` of them.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn store(dst: *mut f32, v: __m256, len: usize) {
+        unsafe {
+            if len == LANES {
+                _mm256_storeu_ps(dst, v)
+            } else {
+                _mm256_maskstore_ps(dst, mask(len), v)
+            }
+        }
+    }
+
+    /// `M` rows × `2·Z512` segments (exactly), as [`super::correlate`] says.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn correlate<const M: usize>(
+        a: *const f32,
+        taps: &[usize],
+        src: *const f32,
+        segs: &[Segment],
+        init: Option<&[f32]>,
+        out: *mut f32,
+        pitch: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); Z512]; M];
+        if let Some(b) = init {
+            for r in 0..M {
+                acc[r] = [_mm512_set1_ps(b[r]); Z512];
+            }
+        }
+        let mut base = [src; 2 * Z512];
+        for s in 0..2 * Z512 {
+            base[s] = unsafe { src.add(segs[s].src) };
+        }
+        let mut a = a;
+        for &t in taps {
+            let mut b = [_mm512_setzero_ps(); Z512];
+            for z in 0..Z512 {
+                b[z] = unsafe { load_pair(base[2 * z].add(t), base[2 * z + 1].add(t)) };
+            }
+            for r in 0..M {
+                let av = _mm512_set1_ps(unsafe { *a.add(r) });
+                for z in 0..Z512 {
+                    acc[r][z] = _mm512_fmadd_ps(av, b[z], acc[r][z]);
+                }
+            }
+            a = unsafe { a.add(M) };
+        }
+        for z in 0..Z512 {
+            let (lo, hi) = (&segs[2 * z], &segs[2 * z + 1]);
+            for r in 0..M {
+                let v = acc[r][z];
+                let (vlo, vhi) = (
+                    _mm512_castps512_ps256(v),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                );
+                unsafe {
+                    store(out.add(lo.dst + r * pitch), vlo, lo.len);
+                    store(out.add(hi.dst + r * pitch), vhi, hi.len);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,7 +1101,7 @@ mod tests {
 
     #[test]
     fn even_gather_and_scatter_match_plain_loops() {
-        for isa in [Isa::Portable, Isa::best()] {
+        for isa in Isa::supported() {
             for n in [0, 1, 7, 8, 9, 16, 17, 40] {
                 let src = random(2 * n + 1, n as u32);
                 let mut dst = vec![0.0; n];
@@ -827,7 +1123,7 @@ mod tests {
 
     #[test]
     fn even_odd_split_and_interleave_match_plain_loops() {
-        for isa in [Isa::Portable, Isa::best()] {
+        for isa in Isa::supported() {
             for n in [0usize, 1, 2, 15, 16, 17, 33, 40] {
                 let (ne, no, rows, pitch) = (n.div_ceil(2), n / 2, 3, n / 2 + 5);
                 let src = random(2 * n + n.max(1), n as u32);
@@ -855,10 +1151,12 @@ mod tests {
     /// and partial segments.
     #[test]
     fn tiles_match_plain_loops() {
-        let isas = [Isa::Portable, Isa::best()];
-        for rows in 1..=9 {
-            for k in [1, 2, 5, 9] {
-                let src = random(200, rows as u32 * 31 + k as u32);
+        let isas = Isa::supported();
+        // Rows 17 and 33: dW tiles of one and two 512-bit vectors of channels
+        // plus an 8-channel rest; 14 taps: a whole 12-tap AVX-512 block and 2.
+        for rows in (1..=9).chain([17, 33]) {
+            for k in [1, 2, 5, 9, 14] {
+                let src = random(300, rows as u32 * 31 + k as u32);
                 let w = random(rows * k, 7);
                 let mut taps = Taps::default();
                 (0..k).for_each(|i| taps.push(i * 13 % 40));
@@ -866,12 +1164,16 @@ mod tests {
                 segs.push_run(3, 0, 21); // 8 + 8 + 5
                 segs.push_run(60, 21, 11); // 8 + 3
                 segs.push_run(100, 32, 2);
-                let pitch = 40;
+                // 10 more: one whole AVX-512 tile of 8 segments (one of them
+                // partial) and 2 left for the AVX2 tiles.
+                segs.push_run(150, 40, 43); // 8 × 5 + 3
+                segs.push_run(200, 83, 33); // 8 × 4 + 1
+                let pitch = 120;
                 let mut packed = Vec::new();
                 pack_panels(rows, k, |r, kk| w[r * k + kk], &mut packed);
                 let init = random(rows, 3);
                 let dy = random(rows * pitch, 11);
-                for isa in isas {
+                for &isa in &isas {
                     let mut out = vec![0.0f32; rows * pitch];
                     correlate(
                         isa,
