@@ -48,7 +48,7 @@ fn an_exported_predictor_gives_the_test_nets_scores() {
     }
     assert_eq!(predict.external_input[1..], init.external_output[..]);
     // From the files, in a fresh predictor: the test net's scores, to the bit.
-    let p = Predictor::from_files(dir.join("init_net.pb"), dir.join("predict_net.pb")).unwrap();
+    let p = Predictor::load(dir.join("init_net.pb"), dir.join("predict_net.pb")).unwrap();
     let held_out = common::cnn_batch(99, 8);
     t.run_test(held_out.clone()).unwrap();
     let want = t.fetch("loss_softmax", Device::cpu(0)).unwrap();

@@ -80,9 +80,7 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
     assert!((json["images_per_sec"].as_f64().unwrap() - s.images_per_sec).abs() < 1e-9 * s.images_per_sec);
     assert_eq!(json["losses"].as_array().map(Vec::len), Some(80));
     // The exported predictor and ONNX model load and give probabilities.
-    let p =
-        dpm::deploy::Predictor::from_files(dir.join("model/init_net.pb"), dir.join("model/predict_net.pb"))
-            .unwrap();
+    let p = dpm::Predictor::load(dir.join("model/init_net.pb"), dir.join("model/predict_net.pb")).unwrap();
     let images = dpm::tensor::Tensor::zeros::<f32>([2, 3, 32, 32]);
     let probs = &p.run(&[("data", images)]).unwrap()[0].1;
     assert_eq!(probs.dims(), [2, 10]);

@@ -24,6 +24,7 @@ pub mod comm;
 pub mod cuda;
 pub mod data;
 pub mod deploy;
+pub use deploy::Predictor;
 pub mod error;
 pub mod exec;
 pub mod graph;

@@ -16,7 +16,7 @@ use crate::tensor::Tensor;
 /// ```no_run
 /// # use dpm_core::deploy::Predictor;
 /// # use dpm_core::tensor::Tensor;
-/// let p = Predictor::from_files("model/init_net.pb", "model/predict_net.pb")?;
+/// let p = Predictor::load("model/init_net.pb", "model/predict_net.pb")?;
 /// let scores = p.run(&[("data", Tensor::zeros::<f32>([1, 3, 32, 32]))])?;
 /// # Ok::<(), dpm_core::Error>(())
 /// ```
@@ -34,7 +34,7 @@ impl Predictor {
     }
 
     /// [`Predictor::new`] from `init_net.pb` and `predict_net.pb` files.
-    pub fn from_files(init: impl AsRef<Path>, predict: impl AsRef<Path>) -> Result<Predictor> {
+    pub fn load(init: impl AsRef<Path>, predict: impl AsRef<Path>) -> Result<Predictor> {
         Self::new(&read_net(init.as_ref())?, &read_net(predict.as_ref())?)
     }
 
