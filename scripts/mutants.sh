@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -17,6 +17,7 @@ case $group in
   autodiff) files=('dpm-core/src/autodiff/*.rs'); tests=(gradients conv_ops parallel) ;;
   checkpoint) files=(dpm-core/src/checkpoint.rs); tests=(checkpoints parallel) ;;
   proto) files=(dpm-core/src/proto.rs); tests=(proto executors parallel) ;;
+  deploy) files=('dpm-core/src/deploy/*.rs' 'dpm-core/src/deploy/onnx/*.rs'); tests=(deploy onnx summary caffe2_compat) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 args=()
