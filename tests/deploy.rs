@@ -38,6 +38,13 @@ fn an_exported_predictor_gives_the_test_nets_scores() {
     assert_eq!(predict.external_output, ["loss_softmax"]);
     assert_eq!(predict.external_input[0], "data");
     assert!(!predict.external_input.iter().any(|i| i == "label"));
+    assert_eq!(
+        (init.name.as_deref(), predict.name.as_deref()),
+        (Some("cnn_init"), Some("cnn_predict"))
+    );
+    assert_eq!(predict.r#type.as_deref(), Some("simple"));
+    // The caller's input, then each parameter once.
+    assert_eq!(predict.external_input.len(), 1 + init.op.len());
     // The init net: one GivenTensorFill per parameter and running statistic.
     assert!(init.op.iter().all(|o| o.op_type() == "GivenTensorFill"));
     let filled: Vec<&str> = init.op.iter().map(|o| o.output[0].as_str()).collect();
@@ -54,6 +61,7 @@ fn an_exported_predictor_gives_the_test_nets_scores() {
     let want = t.fetch("loss_softmax", Device::cpu(0)).unwrap();
     let got = p.run(&[("data", held_out[0].1.clone())]).unwrap();
     assert_eq!(got[0].0, "loss_softmax");
+    assert_eq!(p.net().external_output, ["loss_softmax"]);
     assert!(
         got[0].1.bitwise_eq(&want),
         "exported scores differ from the test net's"
@@ -244,4 +252,72 @@ fn load_params_takes_the_shared_layers_of_another_models_checkpoint() {
         .unwrap()
         .bitwise_eq(&c1_before));
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[dpm::data_parallel]
+fn regression(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let x = m.input_with_shape("x", [5]);
+    let target = m.input("target");
+    let h = m.fc("h", x, 8)?;
+    let h = m.relu(h)?;
+    let y = m.fc("y", h, 2)?;
+    let d = m.squared_l2_distance("dist", y, target);
+    Ok(m.averaged_loss("loss", d).into())
+}
+
+/// A model whose loss is not a softmax: the predictor ends in what the loss
+/// compared with the target, and needs no target.
+#[test]
+fn a_regression_predictor_gives_the_prediction_without_the_target() {
+    let batch = || {
+        let x = common::random(&[8, 5], 3, -1.0, 1.0, 0.0);
+        let t = common::random(&[8, 2], 4, -1.0, 1.0, 0.0);
+        Ok(vec![("x".to_string(), x), ("target".to_string(), t)])
+    };
+    let mut t = Parallelize::new(ModelHelper::new("reg"))
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(batch)
+        .forward(regression)
+        .update(Sgd::new(0.05))
+        .build()
+        .unwrap();
+    t.run_init().unwrap();
+    t.run(2).unwrap();
+    let (init, predict) = t.export_predictor().unwrap();
+    assert_eq!(predict.external_output, ["y"]);
+    assert_eq!(predict.external_input[0], "x");
+    assert!(!predict.external_input.iter().any(|i| i == "target"));
+    assert!(predict
+        .op
+        .iter()
+        .all(|o| !matches!(o.op_type(), "SquaredL2Distance" | "AveragedLoss")));
+    let x = common::random(&[3, 5], 9, -1.0, 1.0, 0.0);
+    let got = Predictor::new(&init, &predict)
+        .unwrap()
+        .run(&[("x", x.clone())])
+        .unwrap();
+    // By hand from the trained parameters: relu(x·hᵀ + b)·yᵀ + b.
+    let p = |n: &str| {
+        t.fetch(n, Device::cpu(0))
+            .unwrap()
+            .data::<f32>()
+            .unwrap()
+            .to_vec()
+    };
+    let (hw, hb, yw, yb) = (p("h_w"), p("h_b"), p("y_w"), p("y_b"));
+    let xs = x.data::<f32>().unwrap();
+    let out = got[0].1.data::<f32>().unwrap();
+    for r in 0..3 {
+        let h: Vec<f32> = (0..8)
+            .map(|j| (hb[j] + (0..5).map(|k| xs[r * 5 + k] * hw[j * 5 + k]).sum::<f32>()).max(0.0))
+            .collect();
+        for j in 0..2 {
+            let want = yb[j] + (0..8).map(|k| h[k] * yw[j * 8 + k]).sum::<f32>();
+            assert!(
+                (out[r * 2 + j] - want).abs() < 1e-5,
+                "{} vs {want}",
+                out[r * 2 + j]
+            );
+        }
+    }
 }

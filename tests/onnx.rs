@@ -242,6 +242,8 @@ fn zoo() -> (NetDef, NetDef) {
     fill(&mut init, "fb", &[6], 9, -0.1, 0.1);
     fill(&mut init, "m", &[3, 5], 10, -1.0, 1.0);
     fill(&mut init, "table", &[7, 3], 11, -1.0, 1.0);
+    fill(&mut init, "wg", &[4, 2, 1, 1], 12, -1.0, 1.0);
+    fill(&mut init, "rowv", &[4], 13, 0.5, 1.5);
 
     let mut p = Net::new("zoo_predict");
     let c = "c".to_string();
@@ -341,6 +343,24 @@ fn zoo() -> (NetDef, NetDef) {
         .output("emb_out")
         .arg("is_test", 1i64)
         .build();
+    // A grouped 1×1 convolution, a Copy, a one-input Sum, a broadcast at the
+    // trailing dim (no axis), and blobs named as the converter's own helper
+    // values would be (`sg_2d`, `sg_2d_1`), so its fresh names must skip them.
+    p.op("Conv")
+        .inputs(["scaled", "wg"])
+        .output("gc")
+        .arg("kernel", 1i64)
+        .arg("group", 2i64)
+        .build();
+    p.op("Copy").input("gc").output("gcc").build();
+    p.op("Sum").input("gcc").output("s1").build();
+    p.op("Mul")
+        .inputs(["s1", "rowv"])
+        .output("extra")
+        .arg("broadcast", 1i64)
+        .build();
+    p.op("Relu").input("sg").output("sg_2d").build();
+    p.op("Relu").input("sg").output("sg_2d_1").build();
     let mut predict = p.into_proto();
     let mut init = init.into_proto();
     init.external_output = init.op.iter().map(|o| o.output[0].clone()).collect();
@@ -349,7 +369,7 @@ fn zoo() -> (NetDef, NetDef) {
         .map(|s| s.to_string())
         .chain(init.external_output.clone())
         .collect();
-    predict.external_output = vec!["prob".into(), "emb_out".into()];
+    predict.external_output = vec!["prob".into(), "emb_out".into(), "extra".into()];
     (init, predict)
 }
 
@@ -407,6 +427,23 @@ fn every_convertible_caffe2_op_computes_the_same_in_onnxruntime() {
         .all(|o| written.insert(o.clone())));
     assert_eq!(dims_of(&g.output[0]), ["N", "4", "4"]);
     assert_eq!(dims_of(&g.output[1]), ["N", "6"]);
+    assert_eq!(dims_of(&g.output[2]), ["N", "4", "4", "4"]);
+    // The helper value for the FC's 2-D view skipped the names taken.
+    assert!(g
+        .node
+        .iter()
+        .any(|n| n.op_type == "Flatten" && n.output[0] == "sg_2d_2"));
+    // Metadata a reader shows: the producer, and a name on every node.
+    assert_eq!(
+        (model.producer_name.as_str(), model.producer_version.as_str()),
+        ("dpm", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(g.doc_string, "exported by dpm");
+    let mut names = std::collections::HashSet::new();
+    assert!(g
+        .node
+        .iter()
+        .all(|n| !n.name.is_empty() && names.insert(n.name.clone())));
 
     let want = Predictor::new(&init, &predict).unwrap().run(&inputs).unwrap();
     let Some(py) = onnx_python() else { return };
@@ -414,7 +451,7 @@ fn every_convertible_caffe2_op_computes_the_same_in_onnxruntime() {
     let path = dir.join("zoo.onnx");
     std::fs::write(&path, model.to_bytes()).unwrap();
     let got = onnxruntime(py, &path, &inputs);
-    assert_eq!(got.len(), 2);
+    assert_eq!(got.len(), 3);
     for ((name, w), g) in want.iter().zip(&got) {
         let d = max_diff(name, g, w);
         assert!(d < 1e-4, "{name}: onnxruntime differs from dpm by {d}");
@@ -456,6 +493,14 @@ fn what_onnx_cannot_express_is_a_clear_error() {
         e.contains("no ONNX conversion for Caffe2 op `SquaredL2Distance`"),
         "{e}"
     );
+    // Dropout in training mode.
+    let (init, mut predict) = zoo();
+    let drop = predict.op.iter_mut().find(|o| o.op_type() == "Dropout").unwrap();
+    drop.arg.retain(|a| a.name.as_deref() != Some("is_test"));
+    let e = onnx::from_predictor(&init, &predict, &samples)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Dropout in training mode"), "{e}");
     // A net that does not run is refused before converting.
     let (init, mut predict) = zoo();
     predict.op[0].input[1] = "missing_w".into();

@@ -29,14 +29,14 @@ impl Trainer {
             name: Some(format!("{}_init", self.model().name())),
             ..NetDef::default()
         };
-        let produced: HashSet<&String> = predict.op.iter().flat_map(|o| &o.output).collect();
+        // The predict net's external inputs are what no op of it writes:
+        // parameters (filled by the init net) and what the caller feeds.
         let mut inputs = Vec::new();
         for blob in predict.external_input.iter() {
             let full = format!("{prefix}{blob}");
             match self.workspace().fetch(&full) {
                 Ok(t) if !is_fed(self, &full) => init.op.push(given_fill(blob, &t)?),
-                _ if !produced.contains(blob) => inputs.push(blob.clone()),
-                _ => {}
+                _ => inputs.push(blob.clone()),
             }
         }
         init.external_output = init.op.iter().map(|o| o.output[0].clone()).collect();
@@ -142,7 +142,9 @@ fn forward_only(train: &NetDef, prefix: &str, model: &str) -> Result<NetDef> {
         .unwrap_or(train.op.len());
     let forward: Vec<&OperatorDef> = train.op[..end]
         .iter()
-        .filter(|o| mine(o) && !(o.op_type() == "Scale" && o.output[0].ends_with("_scaled")))
+        // The loss scaling and other loss-side ops fall away below: nothing the
+        // outputs need reads them.
+        .filter(|o| mine(o))
         .collect();
     // Blobs that depend on the labels, and what the model predicts.
     let mut tainted: HashSet<String> = forward

@@ -46,13 +46,11 @@ impl Predictor {
         let ck = crate::checkpoint::load(checkpoint.as_ref())?;
         let by_name: HashMap<&str, &Tensor> = ck.tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
         let ws = Workspace::new();
-        let written: HashSet<&String> = predict.op.iter().flat_map(|o| &o.output).collect();
         let mut missing = Vec::new();
         for i in &predict.external_input {
             match by_name.get(i.as_str()) {
                 Some(t) => ws.feed(i, (*t).clone()),
-                None if !written.contains(i) => missing.push(i.clone()),
-                None => {}
+                None => missing.push(i.clone()),
             }
         }
         // What the checkpoint lacks must be what the caller feeds: the first
