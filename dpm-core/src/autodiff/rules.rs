@@ -192,6 +192,14 @@ impl GradientContext<'_> {
             .map(|(g, &n)| n.then(|| g.clone()))
             .collect()
     }
+
+    /// A rule's result of one op writing the proposed gradient names.
+    pub fn one(&self, op: OperatorDef) -> GradOps {
+        GradOps {
+            ops: vec![op],
+            g_in: self.g_in_needed(),
+        }
+    }
 }
 
 /// `FC(X, W[, b])` → `FCGradient(X, W, dY) → (dW, db[, dX])`.
@@ -212,10 +220,7 @@ fn fc(c: &GradCtx<'_>) -> Result<GradOps> {
         outs,
         c.args(&["axis"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Relu(X) → Y` → `ReluGradient(Y, dY) → dX`.
@@ -226,10 +231,7 @@ fn relu(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         vec![],
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Sum`, `Add`, `Copy`: every input's gradient is the output's gradient, shared.
@@ -249,10 +251,7 @@ fn scale(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         c.args(&["scale"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `SoftmaxWithLoss(X, label) → (P, loss)` →
@@ -296,10 +295,7 @@ fn conv(c: &GradCtx<'_>) -> Result<GradOps> {
         outs,
         args,
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `SpatialBN(X, scale, bias, rm, rv) → (Y, rm, rv, saved_mean, saved_inv_std)` →
@@ -335,10 +331,7 @@ fn pool(c: &GradCtx<'_>, grad_type: &str) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         c.op.arg.clone(),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `MaxPool(X) → Y` → `MaxPoolGradient(X, Y, dY) → dX`.
@@ -359,10 +352,7 @@ fn reshape(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         vec![],
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Sigmoid`, `Tanh`, `Softmax`: `XGradient(Y, dY) → dX`, from the output.
@@ -373,10 +363,7 @@ fn from_output(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         c.args(&["axis"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Mul`, `Sub`, `Div(A, B) → C` → `XGradient(dC, A, B) → (dA, dB)`.
@@ -396,10 +383,7 @@ fn binary(c: &GradCtx<'_>) -> Result<GradOps> {
         outs,
         c.args(&["broadcast", "axis"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Dropout(X) → (Y, mask)` → `DropoutGradient(dY, mask) → dX`.
@@ -416,10 +400,7 @@ fn dropout(c: &GradCtx<'_>) -> Result<GradOps> {
         // Caffe2's DropoutGradient reads the forward op's arguments.
         c.args(&["ratio", "is_test"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `MatMul(A, B) → C`: `dA = dC·op(B)ᵀ` and `dB = op(A)ᵀ·dC`, as MatMuls (with the
@@ -475,10 +456,7 @@ fn transpose(c: &GradCtx<'_>) -> Result<GradOps> {
         op.arg
             .push(crate::graph::ArgValue::Ints(inverse).to_proto("axes"));
     }
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `SquaredL2Distance` / `L1Distance(X, Y) → D` → `XGradient(X, Y, dD) → (dX, dY)`.
@@ -498,10 +476,7 @@ fn binary_loss(c: &GradCtx<'_>) -> Result<GradOps> {
         outs,
         vec![],
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `LabelCrossEntropy(X, label) → Y` → `LabelCrossEntropyGradient(X, label, dY) → dX`.
@@ -512,10 +487,7 @@ fn label_cross_entropy(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         vec![],
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `AveragedLoss(X) → Y` → `AveragedLossGradient(X, dY) → dX`.
@@ -526,10 +498,7 @@ fn averaged_loss(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         vec![],
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Concat(X0, …) → (Y, split_info)` → `Split(dY, split_info) → (dX0, …)`.
@@ -549,10 +518,7 @@ fn concat(c: &GradCtx<'_>) -> Result<GradOps> {
         })
         .collect();
     let op = c.op("Split", vec![c.g_out(0)?, c.output(1)], outs, c.args(&["axis"]));
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Split(X) → (Y0, …)` → `Concat(dY0, …) → dX` (every output needs a gradient).
@@ -576,10 +542,7 @@ fn layer_norm(c: &GradCtx<'_>) -> Result<GradOps> {
         vec![c.gi[0].clone()],
         c.args(&["axis", "epsilon"]),
     );
-    Ok(GradOps {
-        ops: vec![op],
-        g_in: c.g_in_needed(),
-    })
+    Ok(c.one(op))
 }
 
 /// `Gather(DATA, INDICES) → Y` → `GatherGradient(DATA, INDICES, dY) → dDATA`, dense.
