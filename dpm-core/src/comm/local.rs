@@ -140,20 +140,30 @@ pub(crate) fn in_place_pairs(op: &OperatorDef) -> Result<Vec<(usize, usize)>> {
 
 /// `Allreduce(x_0, …, x_n) → (x_0, …, x_n)`: every `x_i` becomes the sum over
 /// devices (the mean with `average = 1`).
-pub struct Allreduce {
-    pairs: Vec<(usize, usize)>,
-    devices: usize,
-    average: bool,
+pub struct Allreduce(AllreduceSpec);
+
+/// What an all-reduce op says (the in-process, MPI and NCCL kernels read it
+/// alike): its in-place pairs, devices per tensor, and whether it averages.
+pub(crate) struct AllreduceSpec {
+    pub pairs: Vec<(usize, usize)>,
+    pub devices: usize,
+    pub average: bool,
+}
+
+/// Parses and checks an all-reduce op: in place over one blob per device (per
+/// tensor).
+pub(crate) fn allreduce_spec(op: &OperatorDef) -> Result<AllreduceSpec> {
+    Ok(AllreduceSpec {
+        pairs: in_place_pairs(op)?,
+        devices: devices_per_tensor(op)?,
+        average: Args(&op.arg).int("average", 0)? != 0,
+    })
 }
 
 impl Allreduce {
     /// Checks the op is in place over one blob per device (per tensor).
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(Allreduce {
-            pairs: in_place_pairs(op)?,
-            devices: devices_per_tensor(op)?,
-            average: Args(&op.arg).int("average", 0)? != 0,
-        }))
+        Ok(Box::new(Allreduce(allreduce_spec(op)?)))
     }
 }
 
@@ -175,16 +185,16 @@ pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, devices: usize, scale: f32) 
 
 impl Kernel for Allreduce {
     fn in_place(&self) -> &[(usize, usize)] {
-        &self.pairs
+        &self.0.pairs
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        let scale = if self.average {
-            1.0 / self.devices as f32
+        let scale = if self.0.average {
+            1.0 / self.0.devices as f32
         } else {
             1.0
         };
-        reduce_local(ctx, self.devices, scale)
+        reduce_local(ctx, self.0.devices, scale)
     }
 }
 

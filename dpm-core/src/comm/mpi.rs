@@ -30,10 +30,9 @@ use mpi::request::{Request, Scope};
 use mpi::traits::*;
 
 use super::local::{
-    broadcast_local, broadcast_spec, devices_per_tensor, in_place_pairs, reduce_local, BroadcastSpec,
+    allreduce_spec, broadcast_local, broadcast_spec, reduce_local, AllreduceSpec, BroadcastSpec,
 };
 use crate::error::{Error, Result};
-use crate::graph::Args;
 use crate::ops::{Kernel, OpContext, Registry};
 use crate::proto::OperatorDef;
 use crate::tensor::{CpuStorage, Storage, Tensor};
@@ -325,34 +324,26 @@ fn host_storage(t: &Tensor, name: &str) -> Result<CpuStorage> {
 /// rank's replicas, then the sum across ranks (all of the op's tensors in one
 /// message), written back to every replica (divided by all replicas with
 /// `average = 1`).
-pub struct MpiAllreduce {
-    pairs: Vec<(usize, usize)>,
-    devices: usize,
-    average: bool,
-}
+pub struct MpiAllreduce(AllreduceSpec);
 
 impl MpiAllreduce {
     /// Checks the op is in place over one blob per local device (per tensor).
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(MpiAllreduce {
-            pairs: in_place_pairs(op)?,
-            devices: devices_per_tensor(op)?,
-            average: Args(&op.arg).int("average", 0)? != 0,
-        }))
+        Ok(Box::new(MpiAllreduce(allreduce_spec(op)?)))
     }
 }
 
 impl Kernel for MpiAllreduce {
     fn in_place(&self) -> &[(usize, usize)] {
-        &self.pairs
+        &self.0.pairs
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let world = world()?;
         let what = describe(ctx);
-        reduce_local(ctx, self.devices, 1.0)?;
+        reduce_local(ctx, self.0.devices, 1.0)?;
         // Device 0's sums, end to end: one message however many tensors.
-        let d = self.devices;
+        let d = self.0.devices;
         let mut local = Vec::new();
         for o in (0..ctx.num_outputs()).step_by(d) {
             let name = ctx.output_name(o).to_owned();
@@ -361,7 +352,7 @@ impl Kernel for MpiAllreduce {
         let CpuStorage::F32(mut total) = world.sum(CpuStorage::F32(local), what)? else {
             unreachable!("a sum keeps the element type")
         };
-        if self.average {
+        if self.0.average {
             let replicas = (d * world.size()) as f32;
             total.iter_mut().for_each(|v| *v /= replicas);
         }

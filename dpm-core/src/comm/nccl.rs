@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use cudarc::nccl::{result as nccl, sys};
 
-use super::local::{broadcast_spec, devices_per_tensor, in_place_pairs, BroadcastSpec};
+use super::local::{allreduce_spec, broadcast_spec, AllreduceSpec, BroadcastSpec};
 use crate::cuda::{gpu, CudaStorage, Gpu};
 use crate::error::{Error, Result};
-use crate::graph::{Args, Device};
+use crate::graph::Device;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::DataType;
@@ -467,9 +467,7 @@ fn nccl_type(t: DataType) -> sys::ncclDataType_t {
 
 /// `NCCLAllreduce(x_0, …) → (x_0, …)`: sum over the GPUs (mean with `average`).
 pub struct Allreduce {
-    pairs: Vec<(usize, usize)>,
-    devices: usize,
-    average: bool,
+    spec: AllreduceSpec,
     /// Over every GPU of the MPI job (engine `MPI`), not only this process's.
     world: bool,
 }
@@ -478,9 +476,7 @@ impl Allreduce {
     /// Checks the op is in place over one blob per GPU (per tensor).
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(Allreduce {
-            pairs: in_place_pairs(op)?,
-            devices: devices_per_tensor(op)?,
-            average: Args(&op.arg).int("average", 0)? != 0,
+            spec: allreduce_spec(op)?,
             world: op.engine.as_deref() == Some("MPI"),
         }))
     }
@@ -488,11 +484,11 @@ impl Allreduce {
 
 impl Kernel for Allreduce {
     fn in_place(&self) -> &[(usize, usize)] {
-        &self.pairs
+        &self.spec.pairs
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
-        let devices = self.devices;
+        let devices = self.spec.devices;
         for o in 0..ctx.num_outputs() {
             let (first, t) = (ctx.output(o - o % devices).shape().clone(), ctx.output(o));
             if t.shape() != &first || t.dtype() != DataType::F32 {
@@ -505,7 +501,7 @@ impl Kernel for Allreduce {
             }
         }
         let gpus = gpus_of(ctx, devices)?;
-        let op = if self.average {
+        let op = if self.spec.average {
             sys::ncclRedOp_t::ncclAvg
         } else {
             sys::ncclRedOp_t::ncclSum

@@ -520,6 +520,8 @@ impl Parallelize {
         for o in init_outputs {
             model.init_net_mut().add_external_output(BlobRef::new(&o));
         }
+        // Kernel threads per op: the cores shared among the devices.
+        let kernel_threads = kernel_threads.unwrap_or((crate::exec::cores() / devices.len()).max(1));
         let net = model.net_mut();
         net.set_type(&net_type);
         net.set_num_workers(
@@ -539,8 +541,6 @@ impl Parallelize {
             }
             gradient_blobs = gradient_outputs(model.net().proto());
         }
-        let cores = crate::exec::cores();
-        let kernel_threads = kernel_threads.unwrap_or((cores / devices.len()).max(1));
         Ok(Trainer::new(trainer::Parts {
             rendezvous,
             model,
@@ -666,13 +666,12 @@ fn add_computed_param_sync(
 /// cores hold with `kernel_threads` threads per op, and at least one per
 /// device: more only take turns (ResNet-20 on 2 CPU devices, 2 cores: 8%
 /// faster with 2 workers than with 8).
-fn default_workers(devices: &[Device], kernel_threads: Option<usize>, r: Option<&Rendezvous>) -> usize {
+fn default_workers(devices: &[Device], kernel_threads: usize, r: Option<&Rendezvous>) -> usize {
     let gpus = devices.iter().any(|d| matches!(d, Device::Cuda(_)));
     if gpus || num_shards_of(r) > 1 {
         return devices.len() * 4;
     }
-    let threads = kernel_threads.unwrap_or((crate::exec::cores() / devices.len()).max(1));
-    (crate::exec::cores() / threads.max(1)).max(devices.len())
+    (crate::exec::cores() / kernel_threads.max(1)).max(devices.len())
 }
 
 /// Each group alone within a process; all of them in one op across hosts.

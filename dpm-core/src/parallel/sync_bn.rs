@@ -49,12 +49,7 @@ pub(super) fn synchronize_batch_norm(net: &mut NetDef, devices: &[Device]) -> Re
                     |o| vec![o.input[0].clone()],
                     stats,
                 ));
-                for o in &ops {
-                    let mut o = (*o).clone();
-                    o.input.extend(stats(&o));
-                    set_int(&mut o, "num_batches", n);
-                    out.push(o);
-                }
+                out.extend(reading_stats(&ops, stats, n));
             }
             "SpatialBNGradient" if !is_test(ops[0]) => {
                 let stats = |o: &OperatorDef| {
@@ -79,12 +74,7 @@ pub(super) fn synchronize_batch_norm(net: &mut NetDef, devices: &[Device]) -> Re
                     inputs,
                     stats,
                 ));
-                for o in &ops {
-                    let mut o = (*o).clone();
-                    o.input.extend(stats(&o));
-                    set_int(&mut o, "num_batches", n);
-                    out.push(o);
-                }
+                out.extend(reading_stats(&ops, stats, n));
             }
             _ => out.extend(ops.into_iter().cloned()),
         }
@@ -132,6 +122,22 @@ fn collect_stats(
 
 fn is_test(op: &OperatorDef) -> bool {
     crate::graph::Args(&op.arg).int("is_test", 0).unwrap_or(0) != 0
+}
+
+/// Each device's op, reading its all-reduced `stats` over `n` batches.
+fn reading_stats(
+    ops: &[&OperatorDef],
+    stats: impl Fn(&OperatorDef) -> [String; 2],
+    n: i64,
+) -> Vec<OperatorDef> {
+    ops.iter()
+        .map(|o| {
+            let mut o = (*o).clone();
+            o.input.extend(stats(&o));
+            set_int(&mut o, "num_batches", n);
+            o
+        })
+        .collect()
 }
 
 fn set_int(op: &mut OperatorDef, name: &str, v: i64) {
