@@ -96,12 +96,18 @@ pub struct Args {
     /// Print the model's layers, parameters and FLOPs per sample before training.
     #[arg(long, default_value_t = false)]
     pub summary: bool,
-    /// Worker threads of the DAG executor (default: 4 per device).
+    /// Worker threads of the DAG executor (default: 4 per device for GPUs and
+    /// across hosts; on CPUs as many as the cores hold, one per device at least).
     #[arg(long)]
     pub num_workers: Option<usize>,
     /// Threads per CPU kernel (default: cores / devices).
     #[arg(long)]
     pub kernel_threads: Option<usize>,
+    /// Gradients all-reduced together, at most this many bytes per bucket; 0:
+    /// one all-reduce per gradient (default: 256 KiB on CPUs, 1 MiB across
+    /// hosts, one per gradient for GPUs in one process).
+    #[arg(long)]
+    pub bucket_bytes: Option<usize>,
     /// No progress bar (logs and tests).
     #[arg(long, default_value_t = false)]
     pub quiet: bool,
@@ -466,6 +472,9 @@ pub fn run(args: &Args) -> Result<Summary> {
     model.set_seed(args.seed).set_deterministic(args.deterministic);
     let stepsize = args.lr_decay_at.unwrap_or(args.iters * 3 / 4).max(1);
     let mut builder = Parallelize::new(model);
+    if let Some(b) = args.bucket_bytes {
+        builder = builder.bucket_bytes(b);
+    }
     if let Some(t) = args.kernel_threads {
         builder = builder.kernel_threads(t);
     }

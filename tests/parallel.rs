@@ -172,7 +172,8 @@ fn gradient_memory_sharing_keeps_results_and_lowers_the_peak() {
 
 #[test]
 fn allreduces_run_last_layer_first_chained_by_control_inputs() {
-    let t = trainer(2, 4, 0).build().unwrap();
+    // Caffe2's form: one all-reduce per gradient.
+    let t = trainer(2, 4, 0).bucket_bytes(0).build().unwrap();
     let ops: Vec<_> = t
         .model()
         .net()
@@ -514,7 +515,11 @@ fn every_replica_is_built_in_its_own_name_and_device_scope() {
     let mut per_device = [0usize; 3];
     for (i, op) in t.model().net().ops().iter().enumerate() {
         if matches!(op.op_type(), "Allreduce" | "Broadcast") {
-            assert_eq!(op.input.len(), 3, "op #{i} is a collective over every device");
+            // One blob per device for each tensor (several in a bucket).
+            assert!(!op.input.is_empty() && op.input.len() % 3 == 0, "op #{i}");
+            for (j, b) in op.input.iter().enumerate() {
+                assert!(b.starts_with(&format!("cpu_{}/", j % 3)), "op #{i} reads {b}");
+            }
             continue;
         }
         // Caffe2's DeviceOption has no CPU index: a CPU replica's ops say CPU, and
@@ -882,9 +887,10 @@ fn conv_bn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
     Ok(loss.into())
 }
 
-fn conv_bn_trainer(devices: &[Device], sync: bool, net_type: &str) -> Trainer {
+/// 16 random images of 3×6×6 per step, cycling through three batches.
+fn conv_bn_source() -> impl FnMut() -> Result<Vec<(String, Tensor)>> + 'static {
     let mut step = 0u64;
-    let source = move || {
+    move || {
         step += 1;
         let x = common::random(&[16, 3, 6, 6], 100 + step % 3, -1.0, 2.0, 0.0);
         let y: Vec<i32> = (0..16).map(|i| (i * 7 + step as i32) % 3).collect();
@@ -892,12 +898,15 @@ fn conv_bn_trainer(devices: &[Device], sync: bool, net_type: &str) -> Trainer {
             ("data".to_owned(), x),
             ("label".to_owned(), Tensor::from_vec([16], y).unwrap()),
         ])
-    };
+    }
+}
+
+fn conv_bn_trainer(devices: &[Device], sync: bool, net_type: &str) -> Trainer {
     let mut model = ModelHelper::new("cbn");
     model.set_seed(3);
     let mut t = Parallelize::new(model)
         .devices(devices.to_vec())
-        .input(source)
+        .input(conv_bn_source())
         .forward(conv_bn)
         .update(Sgd::new(0.1).momentum(0.9))
         .sync_batch_norm(sync)
@@ -1119,7 +1128,16 @@ fn collectives_on_one_device_change_nothing() {
             .count()
     };
     assert_eq!(count(&plain, "Allreduce"), 0);
-    assert_eq!(count(&forced, "Allreduce"), forced.grad_groups().len());
+    let reduced: usize = forced
+        .model()
+        .net()
+        .proto()
+        .op
+        .iter()
+        .filter(|o| o.op_type() == "Allreduce")
+        .map(|o| o.input.len())
+        .sum();
+    assert_eq!(reduced, forced.grad_groups().len());
     assert!(forced
         .model()
         .init_net()
@@ -1133,5 +1151,130 @@ fn collectives_on_one_device_change_nothing() {
             forced.fetch(&g.name, Device::cpu(0)).unwrap(),
         );
         assert!(a.bitwise_eq(&b), "{}", g.name);
+    }
+}
+
+/// Start address and length in bytes of each gradient of `device`, in the
+/// order they complete.
+fn gradient_spans(t: &Trainer, device: Device) -> Vec<(usize, usize, bool)> {
+    t.grad_groups()
+        .iter()
+        .map(|g| {
+            let name = format!("{}/{}", device.namescope(), g.name);
+            t.workspace()
+                .with_blob(&name, |x| {
+                    let d = x.data::<f32>().unwrap();
+                    (
+                        d.as_ptr() as usize,
+                        std::mem::size_of_val(d),
+                        matches!(x.storage(), dpm::tensor::Storage::Flat(_)),
+                    )
+                })
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn gradient_buckets_train_bitwise_like_one_allreduce_per_gradient() {
+    for devices in [2, 3] {
+        let run = |bytes: usize| {
+            let mut model = ModelHelper::new("mlp");
+            model.set_seed(4);
+            let mut t = Parallelize::new(model)
+                .devices(cpus(devices))
+                .input(cycling_source(devices as usize * 4, 1))
+                .forward(mlp_forward)
+                .update(Sgd::new(0.1).momentum(0.9).weight_decay(1e-4))
+                .bucket_bytes(bytes)
+                .build()
+                .unwrap();
+            t.run_init().unwrap();
+            t.run(6).unwrap();
+            t
+        };
+        let per_gradient = run(0);
+        // fc2's gradients are 4·16·4 + 4·4 bytes, fc1's 16·8·4 + 16·4: 576
+        // bytes make two buckets, one per layer; 1 MiB one bucket of all four.
+        for (bytes, ops) in [(576, 2), (1 << 20, 1)] {
+            let bucketed = run(bytes);
+            let allreduces: Vec<_> = bucketed
+                .model()
+                .net()
+                .ops()
+                .iter()
+                .filter(|o| o.op_type() == "Allreduce")
+                .cloned()
+                .collect();
+            assert_eq!(allreduces.len(), ops, "{bytes}-byte buckets");
+            let order: Vec<&str> = allreduces
+                .iter()
+                .flat_map(|o| o.input.iter().step_by(devices as usize))
+                .map(String::as_str)
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "cpu_0/fc2_w_grad",
+                    "cpu_0/fc2_b_grad",
+                    "cpu_0/fc1_w_grad",
+                    "cpu_0/fc1_b_grad"
+                ]
+            );
+            for w in allreduces.windows(2) {
+                assert_eq!(w[1].control_input, [w[0].input[0].clone()]);
+            }
+            for d in cpus(devices) {
+                for ((n, a), (_, b)) in params(&per_gradient, d).iter().zip(params(&bucketed, d)) {
+                    assert!(a.bitwise_eq(&b), "{n} on {d}, {bytes}-byte buckets");
+                }
+            }
+            // Zero-copy: the backward pass wrote each gradient into its
+            // bucket's flat buffer, where the gradients lie end to end.
+            for d in cpus(devices) {
+                let spans = gradient_spans(&bucketed, d);
+                assert!(spans.iter().all(|s| s.2), "{d}: {spans:?}");
+                let bucket = 4 / ops;
+                for b in spans.chunks(bucket) {
+                    for w in b.windows(2) {
+                        assert_eq!(w[0].0 + w[0].1, w[1].0, "{d}, {bytes}-byte buckets");
+                    }
+                }
+            }
+        }
+        assert!(gradient_spans(&per_gradient, Device::cpu(0)).iter().all(|s| !s.2));
+    }
+}
+
+#[test]
+fn gradient_buckets_hold_for_convolutions_batch_norm_and_accumulation() {
+    // Conv, batch-norm and FC gradients written into flat buffers, 2 devices,
+    // with and without gradient accumulation: the same bits as per-gradient
+    // all-reduces.
+    let run = |bytes: usize, accumulate: usize| {
+        let mut model = ModelHelper::new("cbn");
+        model.set_seed(3);
+        let mut t = Parallelize::new(model)
+            .devices(cpus(2))
+            .input(conv_bn_source())
+            .forward(conv_bn)
+            .update(Sgd::new(0.1).momentum(0.9))
+            .gradient_accumulation(accumulate)
+            .bucket_bytes(bytes)
+            .build()
+            .unwrap();
+        t.run_init().unwrap();
+        t.run(4).unwrap();
+        t
+    };
+    for k in [1, 2] {
+        let (a, b) = (run(0, k), run(1 << 20, k));
+        for d in cpus(2) {
+            for ((n, x), (_, y)) in params(&a, d).iter().zip(params(&b, d)) {
+                assert!(x.bitwise_eq(&y), "{n} on {d}, accumulation {k}");
+            }
+            let spans = gradient_spans(&b, d);
+            assert!(spans.iter().all(|s| s.2), "{d}, accumulation {k}: {spans:?}");
+        }
     }
 }

@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
+use crate::tensor::{flat, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Floats per block: the block of every buffer stays in L1/L2 between the sum
 /// and the write-back.
@@ -148,6 +150,10 @@ pub(crate) struct AllreduceSpec {
     pub pairs: Vec<(usize, usize)>,
     pub devices: usize,
     pub average: bool,
+    /// Whether the op has packed its tensors into flat buffers (once: should a
+    /// producer keep replacing a gradient's storage, the op does not copy the
+    /// bucket every step, it reduces tensor by tensor).
+    pub packed: AtomicBool,
 }
 
 /// Parses and checks an all-reduce op: in place over one blob per device (per
@@ -157,6 +163,7 @@ pub(crate) fn allreduce_spec(op: &OperatorDef) -> Result<AllreduceSpec> {
         pairs: in_place_pairs(op)?,
         devices: devices_per_tensor(op)?,
         average: Args(&op.arg).int("average", 0)? != 0,
+        packed: AtomicBool::new(false),
     })
 }
 
@@ -169,9 +176,25 @@ impl Allreduce {
 
 /// Sums each tensor over this process's devices, in place (every device's blob
 /// gets the sum, times `scale`).
-pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, devices: usize, scale: f32) -> Result<()> {
+///
+/// A bucket (several tensors) whose tensors lie end to end in one flat buffer
+/// per device is reduced as one buffer; otherwise tensor by tensor, after which
+/// the tensors are packed into such buffers (the first time, see
+/// [`AllreduceSpec::packed`]). Either way each element is summed in device
+/// order, so the bits are the same.
+pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, spec: &AllreduceSpec, scale: f32) -> Result<()> {
+    let devices = spec.devices;
     same_shapes(ctx, devices)?;
     let n = ctx.num_outputs();
+    let bucket = n / devices > 1;
+    if bucket {
+        let mut per_device = by_device(ctx.outputs(), devices);
+        let flat: Option<Vec<&mut [f32]>> = per_device.iter_mut().map(|ts| flat::contiguous(ts)).collect();
+        if let Some(mut bufs) = flat {
+            allreduce_in_place(&mut bufs, scale);
+            return Ok(());
+        }
+    }
     let names: Vec<String> = (0..n).map(|o| ctx.output_name(o).to_owned()).collect();
     for (outs, names) in ctx.outputs().chunks_mut(devices).zip(names.chunks(devices)) {
         let mut bufs = Vec::with_capacity(devices);
@@ -180,7 +203,22 @@ pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, devices: usize, scale: f32) 
         }
         allreduce_in_place(&mut bufs, scale);
     }
+    if bucket && !spec.packed.swap(true, Ordering::Relaxed) {
+        for mut ts in by_device(ctx.outputs(), devices) {
+            flat::pack(&mut ts);
+        }
+    }
     Ok(())
+}
+
+/// A collective's tensors (tensor-major: `[t0@d0, t0@d1, …, t1@d0, …]`) per
+/// device, each device's in tensor order.
+fn by_device<'a>(outs: &'a mut [&mut Tensor], devices: usize) -> Vec<Vec<&'a mut Tensor>> {
+    let mut per: Vec<Vec<&'a mut Tensor>> = (0..devices).map(|_| Vec::new()).collect();
+    for (i, t) in outs.iter_mut().enumerate() {
+        per[i % devices].push(&mut **t);
+    }
+    per
 }
 
 impl Kernel for Allreduce {
@@ -194,7 +232,7 @@ impl Kernel for Allreduce {
         } else {
             1.0
         };
-        reduce_local(ctx, self.0.devices, scale)
+        reduce_local(ctx, &self.0, scale)
     }
 }
 

@@ -312,6 +312,7 @@ fn describe(ctx: &OpContext<'_>) -> String {
 fn host_storage(t: &Tensor, name: &str) -> Result<CpuStorage> {
     match &t.storage {
         Storage::Cpu(s) => Ok(s.clone()),
+        Storage::Flat(s) => Ok(CpuStorage::F32(s.as_slice().to_vec())),
         #[allow(unreachable_patterns)]
         _ => Err(Error::NotOnHost {
             blob: name.to_owned(),
@@ -341,7 +342,7 @@ impl Kernel for MpiAllreduce {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let world = world()?;
         let what = describe(ctx);
-        reduce_local(ctx, self.0.devices, 1.0)?;
+        reduce_local(ctx, &self.0, 1.0)?;
         // Device 0's sums, end to end: one message however many tensors.
         let d = self.0.devices;
         let mut local = Vec::new();

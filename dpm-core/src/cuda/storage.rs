@@ -297,7 +297,7 @@ impl Tensor {
         self.shape = shape;
         match &self.storage {
             Storage::Cuda(s) => Ok(s.ptr()),
-            Storage::Cpu(_) => unreachable!("storage was just put on the device"),
+            Storage::Cpu(_) | Storage::Flat(_) => unreachable!("storage was just put on the device"),
         }
     }
 }

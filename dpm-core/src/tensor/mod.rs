@@ -3,10 +3,12 @@
 //! `Storage` is the one place that knows where the bytes live. Graph building,
 //! autodiff and the parallel layer only ever see names; kernels see tensors.
 
+pub(crate) mod flat;
 mod proto;
 mod shape;
 mod storage;
 
+pub use flat::FlatSlice;
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 
@@ -174,7 +176,7 @@ impl Tensor {
 
     /// Whether the elements are in host memory.
     pub fn is_on_host(&self) -> bool {
-        matches!(self.storage, Storage::Cpu(_))
+        matches!(self.storage, Storage::Cpu(_) | Storage::Flat(_))
     }
 
     /// Bytes held by the elements.
@@ -204,6 +206,10 @@ impl Tensor {
                         got: s.dtype(),
                     })
             }
+            Storage::Flat(s) => s.typed::<T>().ok_or(HostAccessError::DataType {
+                expected: T::DTYPE,
+                got: DataType::F32,
+            }),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Err(HostAccessError::NotOnHost(s.device())),
         }
@@ -225,6 +231,10 @@ impl Tensor {
                         got,
                     })
             }
+            Storage::Flat(s) => s.typed_mut::<T>().ok_or(HostAccessError::DataType {
+                expected: T::DTYPE,
+                got: DataType::F32,
+            }),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Err(HostAccessError::NotOnHost(s.device())),
         }
@@ -248,6 +258,16 @@ impl Tensor {
                 bytes: usize::MAX,
             })?;
         let n = bytes / size;
+        // A packed gradient stays in its bucket while its size holds.
+        if let Storage::Flat(f) = &self.storage {
+            if f.len() == n && T::DTYPE == DataType::F32 {
+                self.shape = shape;
+                let Storage::Flat(f) = &mut self.storage else {
+                    unreachable!("matched just above")
+                };
+                return Ok(f.typed_mut::<T>().expect("an f32 slice"));
+            }
+        }
         let refused = || Error::Allocation {
             blob: String::new(),
             bytes,
@@ -263,6 +283,7 @@ impl Tensor {
                 }
                 None => false,
             },
+            Storage::Flat(_) => false,
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => false,
         };
@@ -297,6 +318,12 @@ impl Tensor {
     pub fn copy_from(&mut self, other: &Tensor) -> Result<()> {
         match (&mut self.storage, &other.storage) {
             (Storage::Cpu(dst), Storage::Cpu(src)) => dst.copy_from(src),
+            // Into a packed gradient's slice when it fits, so that it stays packed.
+            (Storage::Flat(dst), _) if dst.len() == other.numel() && other.data::<f32>().is_ok() => {
+                let src = other.data::<f32>().expect("checked just above");
+                dst.as_mut_slice().copy_from_slice(src);
+            }
+            (Storage::Flat(_), _) | (_, Storage::Flat(_)) => *self = other.to_host()?,
             #[cfg(feature = "cuda")]
             (Storage::Cuda(dst), Storage::Cuda(src)) if dst.device() == src.device() => {
                 dst.copy_from(src, other.numel())?
@@ -312,7 +339,7 @@ impl Tensor {
     /// an error rather than a panic.
     pub fn try_clone(&self) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(_) => Ok(self.clone()),
+            Storage::Cpu(_) | Storage::Flat(_) => Ok(self.clone()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Ok(Tensor {
                 shape: self.shape.clone(),
@@ -324,7 +351,7 @@ impl Tensor {
     /// A copy in host memory (a plain copy if already there).
     pub fn to_host(&self) -> Result<Tensor> {
         match &self.storage {
-            Storage::Cpu(_) => Ok(self.clone()),
+            Storage::Cpu(_) | Storage::Flat(_) => Ok(self.clone()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Ok(Tensor {
                 shape: self.shape.clone(),
@@ -343,7 +370,7 @@ impl Tensor {
                 let gpu = crate::cuda::gpu(n)?;
                 match &self.storage {
                     Storage::Cuda(s) if s.device() == device => self.try_clone(),
-                    Storage::Cuda(_) => self.to_host()?.to_device(device),
+                    Storage::Cuda(_) | Storage::Flat(_) => self.to_host()?.to_device(device),
                     Storage::Cpu(s) => Ok(Tensor {
                         shape: self.shape.clone(),
                         storage: Storage::Cuda(crate::cuda::CudaStorage::upload(&gpu, s)?),

@@ -9,7 +9,7 @@ impl Tensor {
     /// the host first (and this panics if the device fails that copy; call
     /// [`Tensor::to_host`] first to get the error instead).
     pub fn to_proto(&self, name: &str) -> TensorProto {
-        if !self.is_on_host() {
+        if !matches!(self.storage, Storage::Cpu(_)) {
             let host = self
                 .to_host()
                 .unwrap_or_else(|e| panic!("serialising `{name}`: {e}"));
@@ -23,7 +23,7 @@ impl Tensor {
         #[allow(irrefutable_let_patterns)] // refutable with the `cuda` feature
         let Storage::Cpu(s) = &self.storage
         else {
-            unreachable!("device tensors were copied to the host above")
+            unreachable!("other storage was copied to the host above")
         };
         match s {
             CpuStorage::F32(v) => {

@@ -1,14 +1,18 @@
 //! Where a tensor's elements live. The only enum in dpm that dispatches on the
 //! device type: graph building, autodiff and the parallel layer never see it.
 
+use super::flat::FlatSlice;
 use super::DataType;
 use crate::graph::{Device, DeviceType};
 
 /// A tensor's elements on some device.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Storage {
     /// Host memory.
     Cpu(CpuStorage),
+    /// Host `f32` elements in an allocation shared with other tensors: a
+    /// gradient packed into its bucket's flat buffer (see `tensor::flat`).
+    Flat(FlatSlice),
     /// Memory of one CUDA device.
     #[cfg(feature = "cuda")]
     Cuda(crate::cuda::CudaStorage),
@@ -23,15 +27,30 @@ pub enum CpuStorage {
     I64(Vec<i64>),
 }
 
+impl Clone for Storage {
+    /// A copy of the elements; a [`Storage::Flat`] slice's copy is storage of
+    /// its own (a slice of a shared buffer is never shared further).
+    fn clone(&self) -> Storage {
+        match self {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            Storage::Flat(s) => Storage::Cpu(CpuStorage::F32(s.as_slice().to_vec())),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Storage::Cuda(s.clone()),
+        }
+    }
+}
+
 impl PartialEq for Storage {
     /// Host storage compares by value; device storage only equals itself (its
     /// elements are not read without an explicit copy).
     fn eq(&self, other: &Storage) -> bool {
         match (self, other) {
             (Storage::Cpu(a), Storage::Cpu(b)) => a == b,
+            (Storage::Flat(a), Storage::Flat(b)) => a.as_slice() == b.as_slice(),
+            (Storage::Flat(a), Storage::Cpu(CpuStorage::F32(b)))
+            | (Storage::Cpu(CpuStorage::F32(b)), Storage::Flat(a)) => a.as_slice() == &b[..],
             #[cfg(feature = "cuda")]
             (Storage::Cuda(a), Storage::Cuda(b)) => a.same_buffer(b),
-            #[cfg(feature = "cuda")]
             _ => false,
         }
     }
@@ -42,6 +61,7 @@ impl Storage {
     pub fn dtype(&self) -> DataType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Flat(_) => DataType::F32,
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => s.dtype(),
         }
@@ -55,7 +75,7 @@ impl Storage {
     /// The device holding the elements (host memory is `cpu:0`).
     pub fn device(&self) -> Device {
         match self {
-            Storage::Cpu(_) => Device::Cpu(0),
+            Storage::Cpu(_) | Storage::Flat(_) => Device::Cpu(0),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => s.device(),
         }
@@ -67,6 +87,7 @@ impl Storage {
             Storage::Cpu(CpuStorage::F32(v)) => v.capacity(),
             Storage::Cpu(CpuStorage::I32(v)) => v.capacity(),
             Storage::Cpu(CpuStorage::I64(v)) => v.capacity(),
+            Storage::Flat(s) => s.len(),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => s.capacity(),
         }
