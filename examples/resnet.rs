@@ -103,6 +103,10 @@ pub struct Args {
     /// Threads per CPU kernel (default: cores / devices).
     #[arg(long)]
     pub kernel_threads: Option<usize>,
+    /// Run every op alone, as Caffe2 does (by default batch norm and the relu
+    /// after it run as one fused kernel, forward and backward, same results).
+    #[arg(long, default_value_t = false)]
+    pub no_fuse: bool,
     /// Gradients all-reduced together, at most this many bytes per bucket; 0:
     /// one all-reduce per gradient (default: 256 KiB on CPUs, 1 MiB across
     /// hosts, one per gradient for GPUs in one process).
@@ -495,6 +499,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         )
         .net_type(&args.net_type)
         .collectives_on_one_device(args.collectives_on_one_device)
+        .fuse_ops(!args.no_fuse)
         .build()?;
     trainer.run_init()?;
     if args.summary && trainer.shard_id() == 0 {

@@ -313,8 +313,14 @@ macro_rules! faulty {
         }
     };
 }
-// One op of each phase: forward, backward, all-reduce, update.
-faulty!("Relu", "ReluGradient", "Allreduce", "MomentumSGDUpdate");
+// One op of each phase: forward, backward, all-reduce, update (batch norm and
+// relu run fused, see `exec::fuse`).
+faulty!(
+    "SpatialBN+Relu",
+    "ReluGradient+SpatialBNGradient",
+    "Allreduce",
+    "MomentumSGDUpdate"
+);
 
 #[test]
 fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly() {
@@ -335,10 +341,10 @@ fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly(
             .count();
         assert!(buckets >= 3, "{buckets} all-reduces");
         // Which call of the op in the step fails: each op runs once per device
-        // (Relu, its gradient, the 12 updates) or per gradient bucket.
+        // (batch norm + relu, its gradient, the 12 updates) or per gradient bucket.
         for (op, calls) in [
-            ("Relu", &[0, 1][..]),
-            ("ReluGradient", &[0, 1]),
+            ("SpatialBN+Relu", &[0, 1][..]),
+            ("ReluGradient+SpatialBNGradient", &[0, 1]),
             ("Allreduce", &[0, buckets / 2, buckets - 1]),
             ("MomentumSGDUpdate", &[0, 5, 11]),
         ] {

@@ -81,10 +81,20 @@ fn a_traced_step_shows_every_op_on_its_device_and_the_collectives_apart() {
         }
         assert!(e["dur"].as_f64().unwrap() >= 0.0 && e["ts"].as_f64().unwrap() >= 0.0);
     }
+    // (Batch norm and relu run fused: the fused op writes both ops' outputs.)
+    let fused = ["SpatialBN+Relu", "ReluGradient+SpatialBNGradient"];
     for op in &train.op {
-        let key = (op.op_type().to_owned(), op.output.clone());
-        assert_eq!(runs.get(&key), Some(&3), "{key:?}");
+        let ran: usize = runs
+            .iter()
+            .filter(|((ty, outs), _)| {
+                (ty == op.op_type() || fused.contains(&ty.as_str()))
+                    && op.output.iter().all(|o| outs.contains(o))
+            })
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(ran, 3, "{} {:?}", op.op_type(), op.output);
     }
+    assert!(runs.keys().any(|(ty, _)| ty == "SpatialBN+Relu"));
     // Both devices ran backward ops; the gradients were all-reduced.
     for d in ["cpu:0", "cpu:1"] {
         assert!(slices

@@ -56,14 +56,17 @@ impl Case {
                 Tensor::from_vec(shape.to_vec(), random(shape.iter().product())).unwrap(),
             );
         }
+        // `CONV_ENGINE=IM2COL` (or `DIRECT`) forces Caffe2's engine field.
+        let engine = std::env::var("CONV_ENGINE").unwrap_or_default();
         let mut fwd = Net::new("fwd");
-        let op = fwd.op("Conv").inputs(["x", "w"]).output("y");
+        let op = fwd.op("Conv").inputs(["x", "w"]).output("y").engine(&engine);
         op.arg("kernel", k).arg("stride", s).arg("pad", pad).build();
         let mut bwd = Net::new("bwd");
         let op = bwd
             .op("ConvGradient")
             .inputs(["x", "w", "dy"])
-            .outputs(["dw", "dx"]);
+            .outputs(["dw", "dx"])
+            .engine(&engine);
         op.arg("kernel", k)
             .arg("stride", s)
             .arg("pad", pad)

@@ -230,10 +230,17 @@ pub fn cnn_batch(seed: u64, n: usize) -> Vec<(String, Tensor)> {
 /// A trainer of [`small_cnn`] on 2 CPU devices × 8 images (a new batch each
 /// step), momentum SGD, initialised, with executor `net_type`.
 pub fn small_cnn_trainer(net_type: &str, seed: u64) -> Trainer {
+    let mut t = small_cnn_parallelize(net_type, seed).build().unwrap();
+    t.run_init().unwrap();
+    t
+}
+
+/// The builder of [`small_cnn_trainer`], to add settings to.
+pub fn small_cnn_parallelize(net_type: &str, seed: u64) -> Parallelize {
     let mut step = 0u64;
     let mut model = ModelHelper::new("cnn");
     model.set_seed(seed);
-    let mut t = Parallelize::new(model)
+    Parallelize::new(model)
         .devices([Device::cpu(0), Device::cpu(1)])
         .input(move || {
             step += 1;
@@ -242,10 +249,6 @@ pub fn small_cnn_trainer(net_type: &str, seed: u64) -> Trainer {
         .forward(small_cnn)
         .update(Sgd::new(0.1).momentum(0.9))
         .net_type(net_type)
-        .build()
-        .unwrap();
-    t.run_init().unwrap();
-    t
 }
 
 /// [`small_cnn`] trained 4 steps on 2 CPU devices, with its test net added.

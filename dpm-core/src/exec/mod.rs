@@ -1,11 +1,13 @@
 //! Running nets: the [`Workspace`] of named blobs, and the two executors.
 //!
-//! A net is compiled once into a plan (kernels built, blobs resolved, dependencies
-//! computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
+//! A net is compiled once into a plan (adjacent ops fused where a fused kernel
+//! saves passes over memory, `fuse.rs`; kernels built, blobs resolved,
+//! dependencies computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
 //! on the calling thread) or the `dag` executor (ops as soon as their data and
 //! control dependencies are done, on a pool of worker threads; `dag.rs`).
 
 mod dag;
+mod fuse;
 mod plan;
 mod profile;
 pub mod trace;

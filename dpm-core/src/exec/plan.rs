@@ -289,11 +289,12 @@ impl Plan {
             None => crate::exec::cores(),
         };
         let first_iter_only_one_worker = Args(&net.arg).int("first_iter_only_one_worker", 0)? != 0;
-        let steps = net
-            .op
+        let deps = dependencies(&net.op).map_err(invalid)?;
+        let (ops, index) = super::fuse::fuse(net, &deps);
+        let steps = ops
             .iter()
-            .enumerate()
-            .map(|(i, op)| {
+            .zip(index)
+            .map(|(op, i)| {
                 Step::new(i, op, net, ws).map_err(|e| Error::Op {
                     index: i,
                     op_type: op.op_type().to_owned(),
@@ -302,7 +303,12 @@ impl Plan {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let deps = dependencies(&net.op).map_err(invalid)?;
+        // The fused ops' own dependencies (a fused op waits on what both did).
+        let deps = if ops.len() == net.op.len() {
+            deps
+        } else {
+            dependencies(&ops).map_err(invalid)?
+        };
         let mut gpus: Vec<u32> = steps
             .iter()
             .filter_map(|s| match s.device {
@@ -462,7 +468,7 @@ fn width(deps: &[Vec<usize>]) -> usize {
 /// For each op, the earlier ops it must wait for: the last writer of each blob it
 /// reads (or names as a control input), and, for each blob it writes, the last
 /// writer and every reader since (so nothing is overwritten while in use).
-fn dependencies(ops: &[OperatorDef]) -> std::result::Result<Vec<Vec<usize>>, String> {
+pub(super) fn dependencies(ops: &[OperatorDef]) -> std::result::Result<Vec<Vec<usize>>, String> {
     let mut last_writer: HashMap<&str, usize> = HashMap::new();
     let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut deps = Vec::with_capacity(ops.len());

@@ -148,6 +148,7 @@ pub struct Parallelize {
     accumulate: usize,
     sync_bn: bool,
     one_device_collectives: bool,
+    fuse_ops: bool,
 }
 
 /// Bytes of gradients all-reduced together across hosts, at most (see
@@ -181,6 +182,7 @@ impl Parallelize {
             accumulate: 1,
             sync_bn: false,
             one_device_collectives: false,
+            fuse_ops: true,
         }
     }
 
@@ -233,6 +235,15 @@ impl Parallelize {
     /// The parameter update; without one the model is forward-only (inference).
     pub fn update(mut self, f: impl UpdateBuilder + 'static) -> Self {
         self.update = Some(Box::new(f));
+        self
+    }
+
+    /// Whether the executor may run adjacent ops as one fused kernel (default
+    /// on): batch norm with the relu after it, and their gradients, with the
+    /// same bits and every blob still written (see `exec::fuse`). Off, each op
+    /// runs alone, as in Caffe2 (the net's `dpm_fuse` argument is 0).
+    pub fn fuse_ops(mut self, on: bool) -> Self {
+        self.fuse_ops = on;
         self
     }
 
@@ -404,6 +415,7 @@ impl Parallelize {
             accumulate,
             sync_bn,
             one_device_collectives,
+            fuse_ops,
         } = self;
         if sync_bn && num_shards_of(rendezvous.as_ref()) > 1 {
             return Err(Error::Config(
@@ -551,6 +563,9 @@ impl Parallelize {
             num_workers.unwrap_or_else(|| default_workers(&devices, kernel_threads, rendezvous.as_ref())),
         );
         net.set_arg("first_iter_only_one_worker", 1i64);
+        if !fuse_ops {
+            net.set_arg("dpm_fuse", 0i64);
+        }
         let mut gradient_blobs: Vec<String> = Vec::new();
         if update.is_some() {
             let keep: HashSet<String> = grad_groups

@@ -26,10 +26,30 @@ impl Kernel for Relu {
         let (x, xd) = ctx.input_f32(0)?;
         let y = ctx.resize_output::<f32>(0, x.shape())?;
         for (y, &x) in y.iter_mut().zip(xd) {
-            // NaN propagates (f32::max would turn it into 0 and hide it).
-            *y = if x > 0.0 || x.is_nan() { x } else { 0.0 };
+            *y = relu(x);
         }
         Ok(())
+    }
+}
+
+/// `max(x, 0)`, NaN propagating (f32::max would turn it into 0 and hide it).
+/// Shared with the fused batch norm, which must give the same bits.
+#[inline(always)]
+pub(crate) fn relu(x: f32) -> f32 {
+    if x > 0.0 || x.is_nan() {
+        x
+    } else {
+        0.0
+    }
+}
+
+/// `dy · [y > 0]`, the gradient of [`relu`] given its output `y`.
+#[inline(always)]
+pub(crate) fn relu_grad(y: f32, dy: f32) -> f32 {
+    if y > 0.0 {
+        dy
+    } else {
+        0.0
     }
 }
 
@@ -45,7 +65,7 @@ impl Kernel for ReluGradient {
         let (_, dyd) = ctx.input_f32(1)?;
         let dx = ctx.resize_output::<f32>(0, y.shape())?;
         for ((dx, &y), &dy) in dx.iter_mut().zip(yd).zip(dyd) {
-            *dx = if y > 0.0 { dy } else { 0.0 };
+            *dx = relu_grad(y, dy);
         }
         Ok(())
     }

@@ -69,6 +69,13 @@ pub fn register(r: &mut Registry) {
     r.register("ConvGradient", Cpu, conv::ConvGradient::create);
     r.register("SpatialBN", Cpu, norm::SpatialBn::create);
     r.register("SpatialBNGradient", Cpu, norm::SpatialBnGradient::create);
+    // What the executor runs in place of an adjacent pair (exec::fuse).
+    r.register("SpatialBN+Relu", Cpu, norm::SpatialBn::create_fused);
+    r.register(
+        "ReluGradient+SpatialBNGradient",
+        Cpu,
+        norm::SpatialBnGradient::create_fused,
+    );
     r.register("ChannelStats", Cpu, |_| Ok(Box::new(norm::ChannelStats)));
     r.register("ChannelBackpropStats", Cpu, |_| {
         Ok(Box::new(norm::ChannelBackpropStats))

@@ -19,6 +19,8 @@ use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::Shape;
 
+use super::elementwise::{relu, relu_grad};
+
 /// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
 /// vectorises into several independent chains of adds (one chain would wait on
 /// the add latency); planes are combined in f64 by the callers. With `b − shift`
@@ -102,18 +104,30 @@ pub(crate) fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize,
     Ok((n, c, hw))
 }
 
-/// `SpatialBN`.
+/// `SpatialBN`; fused with the `Relu` that reads its output (the executor's
+/// `SpatialBN+Relu`, see `exec::fuse`), one more output: `relu(Y)`, written
+/// plane by plane with Y while Y is in cache.
 pub struct SpatialBn {
     p: Params,
     pairs: Vec<(usize, usize)>,
+    relu: bool,
 }
 
 impl SpatialBn {
     /// Parses `is_test`, `epsilon`, `momentum`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::with_relu(op, false)
+    }
+
+    /// `SpatialBN+Relu`: `SpatialBN`'s inputs, its outputs and then `relu(Y)`.
+    pub fn create_fused(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::with_relu(op, true)
+    }
+
+    fn with_relu(op: &OperatorDef, relu: bool) -> Result<Box<dyn Kernel>> {
         let p = Params::parse(op)?;
         let pairs = if p.is_test { vec![] } else { vec![(3, 1), (4, 2)] };
-        Ok(Box::new(SpatialBn { p, pairs }))
+        Ok(Box::new(SpatialBn { p, pairs, relu }))
     }
 }
 
@@ -129,11 +143,8 @@ impl Kernel for SpatialBn {
         } else {
             ctx.expect_inputs(5..=5)?;
         }
-        if self.p.is_test {
-            ctx.expect_outputs(1..=1)?;
-        } else {
-            ctx.expect_outputs(5..=5)?;
-        }
+        let outputs = if self.p.is_test { 1 } else { 5 } + usize::from(self.relu);
+        ctx.expect_outputs(outputs..=outputs)?;
         let per_channel: &[usize] = match (self.p.is_test, synced) {
             (true, _) => &[1, 2, 3, 4],
             (false, true) => &[1, 2, 5, 6],
@@ -213,17 +224,28 @@ impl Kernel for SpatialBn {
             ctx.resize_output::<f32>(4, [c])?.copy_from_slice(&inv);
             (mean, inv)
         };
-        let y = ctx.resize_output::<f32>(0, x.shape())?;
-        for (i, (yp, xp)) in y
-            .chunks_exact_mut(hw.max(1))
-            .zip(xd.chunks_exact(hw.max(1)))
-            .enumerate()
-        {
+        let names = &ctx.def().output;
+        let (y_t, rest) = ctx.outputs().split_first_mut().expect("≥ 1 output");
+        let y = y_t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[0]))?;
+        let mut r = match rest.last_mut() {
+            Some(r) if self.relu => {
+                let r = r.resize::<f32>(x.shape());
+                Some(r.map_err(|e| e.with_blob(&names[outputs - 1]))?)
+            }
+            _ => None,
+        };
+        let hw1 = hw.max(1);
+        for (i, (yp, xp)) in y.chunks_exact_mut(hw1).zip(xd.chunks_exact(hw1)).enumerate() {
             let ch = i % c;
             let a = scale[ch] * inv_std[ch];
             let b = bias[ch] - mean[ch] * a;
             for (y, &x) in yp.iter_mut().zip(xp) {
                 *y = x * a + b;
+            }
+            if let Some(r) = r.as_deref_mut() {
+                for (r, &y) in r[i * hw1..(i + 1) * hw1].iter_mut().zip(&*yp) {
+                    *r = relu(y);
+                }
             }
         }
         Ok(())
@@ -232,8 +254,14 @@ impl Kernel for SpatialBn {
 
 /// `SpatialBNGradient(X, scale, dY, saved_mean, saved_inv_std) → (dX, dscale, dbias)`;
 /// with `is_test = 1` the last two inputs are the running mean and variance.
+///
+/// Fused with the `ReluGradient` that computes its dY (the executor's
+/// `ReluGradient+SpatialBNGradient`, see `exec::fuse`): input 2 is the relu's output
+/// gradient dR, one more input (last) the relu's output R, and one more output
+/// (last) dY = dR·[R > 0], each plane of which is summed while in cache.
 pub struct SpatialBnGradient {
     p: Params,
+    relu: bool,
 }
 
 impl SpatialBnGradient {
@@ -241,6 +269,16 @@ impl SpatialBnGradient {
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
         Ok(Box::new(SpatialBnGradient {
             p: Params::parse(op)?,
+            relu: false,
+        }))
+    }
+
+    /// `ReluGradient+SpatialBNGradient(X, scale, dR, mean, inv_std, [Σ…], R) → (dX,
+    /// dscale, dbias, dY)`.
+    pub fn create_fused(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(SpatialBnGradient {
+            p: Params::parse(op)?,
+            relu: true,
         }))
     }
 }
@@ -248,12 +286,10 @@ impl SpatialBnGradient {
 impl Kernel for SpatialBnGradient {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let synced = !self.p.is_test && self.p.num_batches > 1;
-        if synced {
-            ctx.expect_inputs(7..=7)?;
-        } else {
-            ctx.expect_inputs(5..=5)?;
-        }
-        ctx.expect_outputs(3..=3)?;
+        let extra = usize::from(self.relu);
+        let inputs = if synced { 7 } else { 5 } + extra;
+        ctx.expect_inputs(inputs..=inputs)?;
+        ctx.expect_outputs(3 + extra..=3 + extra)?;
         let (n, c, hw) = dims(ctx, if synced { &[1, 3, 4, 5, 6] } else { &[1, 3, 4] })?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
@@ -261,6 +297,20 @@ impl Kernel for SpatialBnGradient {
         if dy.shape() != x.shape() {
             return Err(Error::shape(ctx.input_name(2), x.shape().to_string(), dy.shape()));
         }
+        // Fused: input 2 is dR, and dY (output 3) is made from it and R.
+        let relu_out = if self.relu {
+            let (r, rd) = ctx.input_f32(inputs - 1)?;
+            if r.shape() != x.shape() {
+                return Err(Error::shape(
+                    ctx.input_name(inputs - 1),
+                    x.shape().to_string(),
+                    r.shape(),
+                ));
+            }
+            Some(rd)
+        } else {
+            None
+        };
         let (_, mean) = ctx.input_f32(3)?;
         let (_, s) = ctx.input_f32(4)?;
         let inv_std: Vec<f32> = if self.p.is_test {
@@ -268,18 +318,64 @@ impl Kernel for SpatialBnGradient {
         } else {
             s.to_vec()
         };
-        // dbias = Σ dY, dscale = Σ dY·x̂ per channel (over every batch when synced).
-        let (dscale, dbias) = if synced {
+        // dbias = Σ dY, dscale = Σ dY·x̂ per channel: given when synced (over
+        // every batch), else summed below.
+        let given = if synced {
             let (_, ds) = ctx.input_f32(5)?;
             let (_, db) = ctx.input_f32(6)?;
             let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-            (wide(ds), wide(db))
+            Some((wide(ds), wide(db)))
         } else {
-            backprop_stats(xd, dyd, mean, &inv_std, c, hw)
+            None
         };
-        let count = (self.p.num_batches * n * hw) as f32;
         let names = &ctx.def().output;
         let outs = ctx.outputs();
+        let (outs, masked) = outs.split_at_mut(3);
+        // Fused: dY = dR·[R > 0], a plane at a time, each summed while in cache.
+        let mut dy_fused = match (relu_out, masked.first_mut()) {
+            (Some(rd), Some(t)) => {
+                let dy = t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[3]))?;
+                Some((dy, rd))
+            }
+            _ => None,
+        };
+        let hw1 = hw.max(1);
+        let (dscale, dbias) = if let Some(given) = given {
+            if let Some((dy, rd)) = dy_fused.as_mut() {
+                for ((d, &r), &g) in dy.iter_mut().zip(*rd).zip(dyd) {
+                    *d = relu_grad(r, g);
+                }
+            }
+            given
+        } else {
+            let mut dbias = vec![0.0f64; c];
+            let mut dscale = vec![0.0f64; c];
+            match dy_fused.as_mut() {
+                Some((dy, rd)) => {
+                    let planes = dy.chunks_exact_mut(hw1).zip(rd.chunks_exact(hw1));
+                    for (i, ((dp, rp), (gp, xp))) in planes
+                        .zip(dyd.chunks_exact(hw1).zip(xd.chunks_exact(hw1)))
+                        .enumerate()
+                    {
+                        for ((d, &r), &g) in dp.iter_mut().zip(rp).zip(gp) {
+                            *d = relu_grad(r, g);
+                        }
+                        add_plane_stats(i, dp, xp, mean, &inv_std, &mut dscale, &mut dbias);
+                    }
+                }
+                None => {
+                    for (i, (gp, xp)) in dyd.chunks_exact(hw1).zip(xd.chunks_exact(hw1)).enumerate() {
+                        add_plane_stats(i, gp, xp, mean, &inv_std, &mut dscale, &mut dbias);
+                    }
+                }
+            }
+            (dscale, dbias)
+        };
+        let dyd: &[f32] = match &dy_fused {
+            Some((dy, _)) => dy,
+            None => dyd,
+        };
+        let count = (self.p.num_batches * n * hw) as f32;
         let dx = outs[0]
             .resize::<f32>(x.shape())
             .map_err(|e| e.with_blob(&names[0]))?;
@@ -335,12 +431,25 @@ fn backprop_stats(
         .zip(xd.chunks_exact(hw.max(1)))
         .enumerate()
     {
-        let ch = i % c;
-        let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
-        dbias[ch] += sb;
-        dscale[ch] += f64::from(inv_std[ch]) * sgx;
+        add_plane_stats(i, gp, xp, mean, inv_std, &mut dscale, &mut dbias);
     }
     (dscale, dbias)
+}
+
+/// Adds plane `i`'s `Σ dY·x̂` and `Σ dY` into its channel's sums.
+fn add_plane_stats(
+    i: usize,
+    gp: &[f32],
+    xp: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+    dscale: &mut [f64],
+    dbias: &mut [f64],
+) {
+    let ch = i % dbias.len();
+    let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
+    dbias[ch] += sb;
+    dscale[ch] += f64::from(inv_std[ch]) * sgx;
 }
 
 /// `ChannelStats(X) → (Σx, Σx²)` per channel of an `[N, C, …]` tensor: one

@@ -1,0 +1,254 @@
+//! Adjacent ops run as one kernel that makes fewer passes over memory.
+//!
+//! The net a user built, serialises and exports is untouched: only the plan
+//! the executor compiles from it runs the fused kernels. A fused kernel writes
+//! every blob the pair writes, with the same bits, so nothing a user can fetch
+//! changes. Two pairs, on CPU devices:
+//!
+//! - `SpatialBN → Relu` (the relu reading the batch norm's output, and waiting
+//!   on nothing else) becomes `SpatialBN+Relu`: `relu(Y)` is written plane by
+//!   plane with Y, while Y is in cache, instead of in a second pass over Y.
+//! - `ReluGradient → SpatialBNGradient` (the latter reading the former's dY)
+//!   becomes `ReluGradient+SpatialBNGradient`: each plane of dY is masked and then summed
+//!   while in cache, instead of being written in one pass and read in another.
+//!
+//! A net's `dpm_fuse` argument set to 0 turns this off.
+
+use crate::graph::{Args, Device};
+use crate::proto::{NetDef, OperatorDef};
+
+/// The ops to run, each with the index (in `net`) of the op it stands for in
+/// errors and profiles: a fused op has the index of the op whose place it takes.
+/// `deps`: each op's dependencies (see `plan::dependencies`).
+pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<usize>) {
+    let ops = &net.op;
+    if Args(&net.arg).int("dpm_fuse", 1).unwrap_or(1) == 0 {
+        return (ops.clone(), (0..ops.len()).collect());
+    }
+    // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside another.
+    let mut replaced: Vec<Option<OperatorDef>> = vec![None; ops.len()];
+    let mut absorbed = vec![false; ops.len()];
+    for i in 0..ops.len() {
+        if absorbed[i] || replaced[i].is_some() || !on_cpu(net, &ops[i]) {
+            continue;
+        }
+        match ops[i].op_type() {
+            "SpatialBN" => {
+                if let Some(j) = bn_relu(net, deps, &absorbed, i) {
+                    let mut f = ops[i].clone();
+                    f.r#type = Some("SpatialBN+Relu".into());
+                    f.output.push(ops[j].output[0].clone());
+                    replaced[i] = Some(f);
+                    absorbed[j] = true;
+                }
+            }
+            "ReluGradient" => {
+                if let Some(k) = relu_bn_gradient(net, &absorbed, &replaced, i) {
+                    let mut f = ops[k].clone();
+                    f.r#type = Some("ReluGradient+SpatialBNGradient".into());
+                    f.input[2] = ops[i].input[1].clone();
+                    f.input.push(ops[i].input[0].clone());
+                    f.output.push(ops[i].output[0].clone());
+                    replaced[k] = Some(f);
+                    absorbed[i] = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::with_capacity(ops.len());
+    let mut index = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        if absorbed[i] {
+            continue;
+        }
+        out.push(replaced[i].take().unwrap_or_else(|| op.clone()));
+        index.push(i);
+    }
+    (out, index)
+}
+
+/// Whether `op` runs on a CPU device (CUDA ops have their own libraries' kernels).
+fn on_cpu(net: &NetDef, op: &OperatorDef) -> bool {
+    let d = op.device_option.as_ref().or(net.device_option.as_ref());
+    d.is_none_or(|d| matches!(Device::from_proto(d), Ok(Device::Cpu(_))))
+}
+
+/// The `Relu` that `SpatialBN` op `i` can absorb: it reads only the batch
+/// norm's output, waits on no other op (so nothing between them touches its
+/// output) and writes a blob of its own.
+fn bn_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usize) -> Option<usize> {
+    let (bn, y) = (&net.op[i], net.op[i].output.first()?);
+    let j = (i + 1..net.op.len()).find(|&j| net.op[j].input.contains(y))?;
+    let relu = &net.op[j];
+    let fits = relu.op_type() == "Relu"
+        && !absorbed[j]
+        && relu.input == [y.clone()]
+        && relu.output.len() == 1
+        && relu.control_input.is_empty()
+        && deps[j] == [i]
+        && relu.device_option == bn.device_option
+        && !bn.output.contains(&relu.output[0])
+        && !bn.input.contains(&relu.output[0]);
+    fits.then_some(j)
+}
+
+/// The `SpatialBNGradient` that can absorb `ReluGradient` op `j`: the next op
+/// reading its dY, as its dY; the ops between touch none of the relu's blobs
+/// (so it may run later), and the pair's blobs are distinct.
+fn relu_bn_gradient(
+    net: &NetDef,
+    absorbed: &[bool],
+    replaced: &[Option<OperatorDef>],
+    j: usize,
+) -> Option<usize> {
+    let rg = &net.op[j];
+    if rg.input.len() != 2 || rg.output.len() != 1 || !rg.control_input.is_empty() {
+        return None;
+    }
+    let (r, dr, dy) = (&rg.input[0], &rg.input[1], &rg.output[0]);
+    if r == dy || dr == dy {
+        return None;
+    }
+    let ours = |b: &String| b == r || b == dr || b == dy;
+    for k in j + 1..net.op.len() {
+        let op = &net.op[k];
+        if !op.input.contains(dy) {
+            if op.output.iter().any(ours) {
+                return None;
+            }
+            continue;
+        }
+        let fits = op.op_type() == "SpatialBNGradient"
+            && !absorbed[k]
+            && replaced[k].is_none()
+            && op.input.get(2) == Some(dy)
+            && op.input.iter().filter(|b| *b == dy).count() == 1
+            && !op.input.iter().any(|b| b == r || b == dr)
+            && !op.output.iter().any(ours)
+            && op.device_option == rg.device_option;
+        return fits.then_some(k);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::Net;
+
+    fn net(build: impl FnOnce(&mut Net)) -> NetDef {
+        let mut n = Net::new("n");
+        build(&mut n);
+        n.into_proto()
+    }
+
+    fn run(net: &NetDef) -> (Vec<String>, Vec<usize>) {
+        let deps = super::super::plan::dependencies(&net.op).unwrap();
+        let (ops, index) = fuse(net, &deps);
+        (ops.iter().map(|o| o.op_type().to_owned()).collect(), index)
+    }
+
+    fn bn(n: &mut Net, x: &str, y: &str) {
+        n.op("SpatialBN")
+            .inputs([x, "s", "b", "m", "v"])
+            .output(y)
+            .arg("is_test", 1i64)
+            .build();
+    }
+
+    #[test]
+    fn batch_norm_then_relu_fuse_in_the_batch_norms_place() {
+        let n = net(|n| {
+            bn(n, "x", "y");
+            n.op("Copy").input("x").output("c").build();
+            n.op("Relu").input("y").output("r").build();
+        });
+        assert_eq!(
+            run(&n),
+            (vec!["SpatialBN+Relu".into(), "Copy".into()], vec![0, 1])
+        );
+        let deps = super::super::plan::dependencies(&n.op).unwrap();
+        let (ops, _) = fuse(&n, &deps);
+        assert_eq!(ops[0].output, ["y", "r"]);
+        assert_eq!(ops[0].input, n.op[0].input);
+    }
+
+    #[test]
+    fn a_relu_that_must_wait_for_another_op_or_writes_in_place_stays_apart() {
+        // The relu's output is read by an op between: the relu must wait for it.
+        let n = net(|n| {
+            bn(n, "x", "y");
+            n.op("Copy").input("r").output("c").build();
+            n.op("Relu").input("y").output("r").build();
+        });
+        assert_eq!(run(&n).0, ["SpatialBN", "Copy", "Relu"]);
+        // In place.
+        let n = net(|n| {
+            bn(n, "x", "y");
+            n.op("Relu").input("y").output("y").build();
+        });
+        assert_eq!(run(&n).0, ["SpatialBN", "Relu"]);
+        // Another op reads Y first.
+        let n = net(|n| {
+            bn(n, "x", "y");
+            n.op("Copy").input("y").output("c").build();
+            n.op("Relu").input("y").output("r").build();
+        });
+        assert_eq!(run(&n).0, ["SpatialBN", "Copy", "Relu"]);
+        // On a GPU, or with fusion off.
+        let mut n = net(|n| {
+            bn(n, "x", "y");
+            n.op("Relu").input("y").output("r").build();
+        });
+        n.op[1].device_option = Some(Device::Cuda(0).to_proto());
+        n.op[0].device_option = Some(Device::Cuda(0).to_proto());
+        assert_eq!(run(&n).0, ["SpatialBN", "Relu"]);
+        let mut m = Net::from_proto(n);
+        m.set_arg("dpm_fuse", 0i64);
+        let mut n = m.into_proto();
+        n.op.iter_mut().for_each(|o| o.device_option = None);
+        assert_eq!(run(&n).0, ["SpatialBN", "Relu"]);
+    }
+
+    fn grads(n: &mut Net, between: impl FnOnce(&mut Net)) {
+        n.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+        between(n);
+        n.op("SpatialBNGradient")
+            .inputs(["x", "s", "dy", "sm", "siv"])
+            .outputs(["dx", "ds", "db"])
+            .build();
+    }
+
+    #[test]
+    fn relu_gradient_then_batch_norm_gradient_fuse_in_the_latters_place() {
+        let n = net(|n| {
+            grads(n, |n| {
+                n.op("Copy").input("r").output("c").build();
+            })
+        });
+        let deps = super::super::plan::dependencies(&n.op).unwrap();
+        let (ops, index) = fuse(&n, &deps);
+        assert_eq!(index, [1, 2]);
+        assert_eq!(ops[0].op_type(), "Copy");
+        assert_eq!(ops[1].op_type(), "ReluGradient+SpatialBNGradient");
+        assert_eq!(ops[1].input, ["x", "s", "dr", "sm", "siv", "r"]);
+        assert_eq!(ops[1].output, ["dx", "ds", "db", "dy"]);
+    }
+
+    #[test]
+    fn a_relu_gradient_whose_blobs_change_before_the_batch_norm_gradient_stays_apart() {
+        for (reads, writes) in [("dy", "c"), ("q", "dr"), ("q", "r"), ("q", "dy")] {
+            let n = net(|n| {
+                grads(n, |n| {
+                    n.op("Copy").input(reads).output(writes).build();
+                })
+            });
+            assert_eq!(
+                run(&n).0,
+                ["ReluGradient", "Copy", "SpatialBNGradient"],
+                "an op between reading {reads} and writing {writes}"
+            );
+        }
+    }
+}
