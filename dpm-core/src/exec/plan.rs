@@ -32,6 +32,10 @@ enum InputSrc {
 pub(crate) struct Step {
     index: usize,
     device: Device,
+    /// The replica the op belongs to (`N` of its outputs' `cpu_N/` or `gpu_N/`
+    /// scope), whose worker the `dag` executor prefers; `None` for collectives
+    /// and unscoped ops, which any worker takes.
+    pub(super) lane: Option<usize>,
     def: OperatorDef,
     kernel: Box<dyn Kernel>,
     /// Unique blobs the op touches, sorted by name; `true` = write.
@@ -113,6 +117,7 @@ impl Step {
         Ok(Step {
             index,
             device,
+            lane: replica_lane(def),
             def: def.clone(),
             kernel,
             locks,
@@ -221,6 +226,21 @@ impl Step {
     }
 }
 
+/// `N` of the `cpu_N`/`gpu_N` scope of `op`'s first output, unless `op` is a
+/// collective (whose blobs span the replicas).
+fn replica_lane(op: &OperatorDef) -> Option<usize> {
+    if crate::comm::is_collective(op.op_type()) {
+        return None;
+    }
+    let scope = crate::graph::BlobRef::new(op.output.first()?.as_str())
+        .first_scope()?
+        .to_owned();
+    if !crate::graph::is_device_scope(&scope) {
+        return None;
+    }
+    scope.rsplit('_').next()?.parse().ok()
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -242,6 +262,8 @@ pub(crate) struct Plan {
     gpus: Vec<u32>,
     /// Ops that wait on each op.
     pub(super) dependents: Vec<Vec<usize>>,
+    /// Replicas with ops of their own (1 + the largest `Step::lane`).
+    pub(super) lanes: usize,
     /// How many ops each op waits on.
     pub(super) num_deps: Vec<usize>,
     /// The most ops that can run at once: the largest level of the dependency
@@ -325,6 +347,7 @@ impl Plan {
             }
         }
         let width = width(&deps);
+        let lanes = steps.iter().filter_map(|s| s.lane).max().map_or(0, |l| l + 1);
         Ok(Plan {
             name,
             kind,
@@ -333,6 +356,7 @@ impl Plan {
             steps,
             gpus,
             dependents,
+            lanes,
             num_deps: deps.iter().map(Vec::len).collect(),
             width,
             runs: AtomicU64::new(0),
@@ -505,4 +529,26 @@ pub(super) fn dependencies(ops: &[OperatorDef]) -> std::result::Result<Vec<Vec<u
         deps.push(d);
     }
     Ok(deps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(ty: &str, output: &str) -> OperatorDef {
+        OperatorDef {
+            r#type: Some(ty.into()),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_ops_lane_is_the_replica_of_its_output() {
+        assert_eq!(replica_lane(&op("FC", "cpu_1/fc")), Some(1));
+        assert_eq!(replica_lane(&op("Conv", "gpu_12/c1")), Some(12));
+        assert_eq!(replica_lane(&op("Allreduce", "cpu_0/fc_w_grad")), None);
+        assert_eq!(replica_lane(&op("Iter", "ITER")), None);
+        assert_eq!(replica_lane(&op("FC", "model/fc")), None);
+    }
 }
