@@ -25,11 +25,13 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
     if Args(&net.arg).int("dpm_fuse", 1).unwrap_or(1) == 0 {
         return (ops.clone(), (0..ops.len()).collect());
     }
-    // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside another.
+    // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside
+    // another. (Neither can be an op the loop fuses from: those are batch
+    // norms and relu gradients.)
     let mut replaced: Vec<Option<OperatorDef>> = vec![None; ops.len()];
     let mut absorbed = vec![false; ops.len()];
     for i in 0..ops.len() {
-        if absorbed[i] || replaced[i].is_some() || !on_cpu(net, &ops[i]) {
+        if !on_cpu(net, &ops[i]) {
             continue;
         }
         match ops[i].op_type() {
@@ -106,10 +108,9 @@ fn relu_bn_gradient(
     if rg.input.len() != 2 || rg.output.len() != 1 || !rg.control_input.is_empty() {
         return None;
     }
+    // (An in-place relu gradient, dY = R or dR, fails the last check below:
+    // the batch norm gradient would read R or dR.)
     let (r, dr, dy) = (&rg.input[0], &rg.input[1], &rg.output[0]);
-    if r == dy || dr == dy {
-        return None;
-    }
     let ours = |b: &String| b == r || b == dr || b == dy;
     for k in j + 1..net.op.len() {
         let op = &net.op[k];
@@ -234,6 +235,50 @@ mod tests {
         assert_eq!(ops[1].op_type(), "ReluGradient+SpatialBNGradient");
         assert_eq!(ops[1].input, ["x", "s", "dr", "sm", "siv", "r"]);
         assert_eq!(ops[1].output, ["dx", "ds", "db", "dy"]);
+    }
+
+    #[test]
+    fn an_in_place_batch_norm_fuses_with_its_relu() {
+        let n = net(|n| {
+            bn(n, "x", "x");
+            n.op("Relu").input("x").output("r").build();
+        });
+        assert_eq!(run(&n).0, ["SpatialBN+Relu"]);
+    }
+
+    #[test]
+    fn odd_relu_gradients_stay_apart() {
+        // In place, with a control input, or read again by the batch norm
+        // gradient as another input.
+        let in_place = net(|n| {
+            n.op("ReluGradient").inputs(["r", "dr"]).output("dr").build();
+            n.op("SpatialBNGradient")
+                .inputs(["x", "s", "dr", "sm", "siv"])
+                .outputs(["dx", "ds", "db"])
+                .build();
+        });
+        let control = net(|n| {
+            n.op("Copy").input("q").output("c").build();
+            n.op("ReluGradient")
+                .inputs(["r", "dr"])
+                .output("dy")
+                .control_input("c")
+                .build();
+            n.op("SpatialBNGradient")
+                .inputs(["x", "s", "dy", "sm", "siv"])
+                .outputs(["dx", "ds", "db"])
+                .build();
+        });
+        let rereads = net(|n| {
+            n.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+            n.op("SpatialBNGradient")
+                .inputs(["r", "s", "dy", "sm", "siv"])
+                .outputs(["dx", "ds", "db"])
+                .build();
+        });
+        assert_eq!(run(&in_place).0, ["ReluGradient", "SpatialBNGradient"]);
+        assert_eq!(run(&control).0, ["Copy", "ReluGradient", "SpatialBNGradient"]);
+        assert_eq!(run(&rereads).0, ["ReluGradient", "SpatialBNGradient"]);
     }
 
     #[test]

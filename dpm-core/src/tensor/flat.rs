@@ -33,8 +33,15 @@ unsafe impl Send for Buffer {}
 // SAFETY: as for `Send`: `&Buffer` gives no access to the elements by itself.
 unsafe impl Sync for Buffer {}
 
+// Buffers made minus buffers freed on this thread, for the test that each is
+// freed with its last slice.
+#[cfg(test)]
+thread_local!(static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) });
+
 impl Buffer {
     fn zeroed(len: usize) -> Buffer {
+        #[cfg(test)]
+        LIVE.with(|l| l.set(l.get() + 1));
         let boxed: Box<[f32]> = vec![0.0; len].into_boxed_slice();
         let ptr = NonNull::new(Box::into_raw(boxed).cast::<f32>()).expect("Box pointers are not null");
         Buffer { ptr, len }
@@ -43,6 +50,8 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
+        #[cfg(test)]
+        LIVE.with(|l| l.set(l.get() - 1));
         // SAFETY: `ptr` and `len` came from `Box::into_raw` of a `Box<[f32]>` of
         // that length in `zeroed`, and this is the one place that frees it.
         unsafe {
@@ -64,13 +73,8 @@ pub struct FlatSlice {
 
 impl FlatSlice {
     /// Number of elements.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Whether the slice is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The elements.
@@ -221,6 +225,19 @@ mod tests {
         assert_eq!(contiguous(&mut [&mut a, &mut b]).unwrap(), [5.0, 2.0]);
         d.data_mut::<f32>().unwrap()[0] = 6.0;
         assert_eq!(a.data::<f32>().unwrap(), [5.0]);
+    }
+
+    #[test]
+    fn a_buffer_is_freed_with_its_last_slice() {
+        let live = || LIVE.with(std::cell::Cell::get);
+        let before = live();
+        let (mut a, mut b) = (t(&[1.0]), t(&[2.0]));
+        pack(&mut [&mut a, &mut b]);
+        assert_eq!(live(), before + 1);
+        drop(a);
+        assert_eq!(live(), before + 1, "b's slice keeps the buffer");
+        drop(b);
+        assert_eq!(live(), before, "the buffer outlived its slices");
     }
 
     #[test]
