@@ -8,8 +8,10 @@
 //! 2. a `Scale(1 / (devices × shards))` on every loss the forward builder returned;
 //! 3. autodiff for all replicas at once;
 //! 4. params, gradients and computed params grouped by device ([`group_by_device`]);
-//! 5. one `Allreduce` per gradient, last layer first, each chained to the previous
-//!    by `control_input` so every device issues them in the same order;
+//! 5. one `Allreduce` per gradient bucket (per gradient, as in Caffe2, with
+//!    [`Parallelize::bucket_bytes`] 0 and by default for GPUs), last layer
+//!    first, each chained to the previous by `control_input` so every device
+//!    issues them in the same order;
 //! 6. the update builder per device; computed params broadcast from the master
 //!    device; the initial parameter sync in the init net; the namescope analysis;
 //! 7. optionally, gradient blobs with disjoint lifetimes share buffers.
@@ -643,9 +645,10 @@ fn in_scope<R>(
     r
 }
 
-/// One `Allreduce` per gradient group, in the given order, each waiting (through
-/// `control_input`) for the previous one: all devices issue them in one order, and
-/// the first can start while the backward pass of earlier layers still runs.
+/// One `Allreduce` per bucket of gradient groups, in the given order, each
+/// waiting (through `control_input`) for the previous one: all devices issue
+/// them in one order, and the first can start while the backward pass of
+/// earlier layers still runs.
 ///
 /// `previous`: a collective the first all-reduce must follow (across hosts,
 /// every collective of the net is in one chain; see `add_computed_param_sync`).
