@@ -5,12 +5,13 @@
 //! every replica gets the same bits) and writes the sum back to every buffer, a
 //! cache-sized block at a time, so each byte is read once and written once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::{flat, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Floats per block: the block of every buffer stays in L1/L2 between the sum
 /// and the write-back.
