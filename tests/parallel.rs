@@ -1044,6 +1044,39 @@ fn multi_gpu_nets_use_nccl_ops_in_reverse_order_chained_by_control_inputs() {
 }
 
 #[test]
+fn gpu_gradient_buckets_are_one_nccl_op_each_when_asked_for() {
+    // By default one NCCLAllreduce per gradient (above); with bucket_bytes,
+    // one per bucket, its tensors device-major within each tensor, chained.
+    let (_, net) = Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(1)])
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .bucket_bytes(576)
+        .build_nets()
+        .unwrap();
+    let ops: Vec<_> = net.op.iter().filter(|o| o.op_type() == "NCCLAllreduce").collect();
+    assert_eq!(ops.len(), 2);
+    assert_eq!(
+        ops[0].input,
+        [
+            "gpu_0/fc2_w_grad",
+            "gpu_1/fc2_w_grad",
+            "gpu_0/fc2_b_grad",
+            "gpu_1/fc2_b_grad"
+        ]
+    );
+    let tensors = |o: &dpm::proto::OperatorDef| {
+        o.arg
+            .iter()
+            .find(|a| a.name.as_deref() == Some("num_tensors"))
+            .and_then(|a| a.i)
+    };
+    assert_eq!(tensors(ops[0]), Some(2));
+    assert_eq!(ops[1].input[0], "gpu_0/fc1_w_grad");
+    assert_eq!(ops[1].control_input, [ops[0].input[0].clone()]);
+}
+
+#[test]
 fn two_replicas_on_one_gpu_are_refused_before_any_device_is_touched() {
     let e = Parallelize::new(ModelHelper::new("mlp"))
         .devices([Device::cuda(0), Device::cuda(0)])
