@@ -962,18 +962,21 @@ fn sync_batch_norm_makes_n_devices_train_like_one_device_with_the_whole_batch() 
     }
 }
 
+/// The MLP on `[cuda:0, cuda:1]`, to build nets from without a GPU.
+fn two_gpu_mlp() -> Parallelize {
+    Parallelize::new(ModelHelper::new("mlp"))
+        .devices([Device::cuda(0), Device::cuda(1)])
+        .forward(mlp_forward)
+        .update(Sgd::new(0.1).momentum(0.9))
+}
+
 /// Several GPUs, checked on any machine: the nets for `[cuda:0, cuda:1]` built
 /// without touching a device hold one `NCCLAllreduce` per gradient, last layer
 /// first, chained by `control_input`, on GPU 0's DeviceOption, over `gpu_0/…` and
 /// `gpu_1/…`; the init net broadcasts with `NCCLBroadcast`; the bytes round-trip.
 #[test]
 fn multi_gpu_nets_use_nccl_ops_in_reverse_order_chained_by_control_inputs() {
-    let (init, net) = Parallelize::new(ModelHelper::new("mlp"))
-        .devices([Device::cuda(0), Device::cuda(1)])
-        .forward(mlp_forward)
-        .update(Sgd::new(0.1).momentum(0.9))
-        .build_nets()
-        .unwrap();
+    let (init, net) = two_gpu_mlp().build_nets().unwrap();
     let ops: Vec<_> = net
         .op
         .iter()
@@ -1047,13 +1050,7 @@ fn multi_gpu_nets_use_nccl_ops_in_reverse_order_chained_by_control_inputs() {
 fn gpu_gradient_buckets_are_one_nccl_op_each_when_asked_for() {
     // By default one NCCLAllreduce per gradient (above); with bucket_bytes,
     // one per bucket, its tensors device-major within each tensor, chained.
-    let (_, net) = Parallelize::new(ModelHelper::new("mlp"))
-        .devices([Device::cuda(0), Device::cuda(1)])
-        .forward(mlp_forward)
-        .update(Sgd::new(0.1).momentum(0.9))
-        .bucket_bytes(576)
-        .build_nets()
-        .unwrap();
+    let (_, net) = two_gpu_mlp().bucket_bytes(576).build_nets().unwrap();
     let ops: Vec<_> = net.op.iter().filter(|o| o.op_type() == "NCCLAllreduce").collect();
     assert_eq!(ops.len(), 2);
     assert_eq!(

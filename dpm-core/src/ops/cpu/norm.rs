@@ -380,9 +380,9 @@ impl Kernel for SpatialBnGradient {
             .resize::<f32>(x.shape())
             .map_err(|e| e.with_blob(&names[0]))?;
         for (i, ((dxp, gp), xp)) in dx
-            .chunks_exact_mut(hw.max(1))
-            .zip(dyd.chunks_exact(hw.max(1)))
-            .zip(xd.chunks_exact(hw.max(1)))
+            .chunks_exact_mut(hw1)
+            .zip(dyd.chunks_exact(hw1))
+            .zip(xd.chunks_exact(hw1))
             .enumerate()
         {
             let ch = i % c;
