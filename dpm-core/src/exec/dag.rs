@@ -1,6 +1,7 @@
-//! The DAG executor: ops run as soon as the ops they depend on are done, on a
-//! pool of scoped worker threads. The first error stops new work; the pool is
-//! joined before returning, so no worker outlives a failed run.
+//! The DAG executor: ops run as soon as the ops they depend on are done, on the
+//! net's pool of worker threads (`pool.rs`: kept between runs, awake for a
+//! while when idle). The first error stops new work; every worker has left
+//! the run before it returns, failed or not.
 //!
 //! Each worker prefers the ops of "its" replicas (lane `l` belongs to worker
 //! `l mod workers`), takes collectives and unscoped ops next, and the other
@@ -11,10 +12,11 @@
 //! all-reduces for the other to catch up.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::plan::Plan;
+use super::pool::{spin_until, Pool};
 use super::profile::Profile;
 use crate::error::Result;
 
@@ -23,12 +25,18 @@ struct State {
     ready: Vec<VecDeque<usize>>,
     done: usize,
     error: Option<crate::error::Error>,
+    /// Workers asleep on `Shared::wake`.
+    sleepers: usize,
 }
 
 impl State {
     fn push(&mut self, plan: &Plan, i: usize) {
         let shared = self.ready.len() - 1;
         self.ready[plan.steps[i].lane.unwrap_or(shared)].push_back(i);
+    }
+
+    fn queued(&self) -> usize {
+        self.ready.iter().map(VecDeque::len).sum()
     }
 
     /// Worker `w`'s next op: its own lanes' first, then the shared ones, then
@@ -49,7 +57,27 @@ struct Shared<'p> {
     profile: Option<&'p Profile>,
     pending: Vec<AtomicUsize>,
     state: Mutex<State>,
+    signals: Signals,
     wake: Condvar,
+}
+
+/// What an idle worker spins on before it sleeps on `Shared::wake`: the ops
+/// queued in `State::ready`, and whether the run is over (all done or
+/// failed). On a cache line of their own, so that the spinning does not slow
+/// the working threads' locking of `Shared::state`.
+#[repr(align(128))]
+struct Signals {
+    queued: AtomicUsize,
+    over: AtomicBool,
+}
+
+impl Signals {
+    /// Stored only when it changes: each store takes the line from spinners.
+    fn set_queued(&self, n: usize) {
+        if self.queued.load(Ordering::Relaxed) != n {
+            self.queued.store(n, Ordering::Release);
+        }
+    }
 }
 
 impl Shared<'_> {
@@ -62,30 +90,57 @@ impl Shared<'_> {
         self.plan.steps[i].lane.is_none_or(|l| l % workers == w)
     }
 
-    fn worker(&self, w: usize, workers: usize) {
+    /// Wakes a sleeping worker, if any, after ops were queued or the run ended.
+    fn publish(&self, st: &State) {
+        let queued = st.queued();
+        self.signals.set_queued(queued);
+        if st.error.is_some() || st.done == self.plan.steps.len() {
+            self.signals.over.store(true, Ordering::Release);
+            if st.sleepers > 0 {
+                self.wake.notify_all();
+            }
+        } else if st.sleepers > 0 && queued > 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The next op for worker `w`; `None` when the run is over.
+    fn next(&self, w: usize, workers: usize) -> Option<usize> {
         let n = self.plan.steps.len();
+        loop {
+            let mut st = self.lock();
+            if st.error.is_some() || st.done == n {
+                return None;
+            }
+            if let Some(i) = st.pop(w, workers) {
+                self.signals.set_queued(st.queued());
+                return Some(i);
+            }
+            drop(st);
+            let sig = &self.signals;
+            let busy = || sig.queued.load(Ordering::Acquire) > 0 || sig.over.load(Ordering::Acquire);
+            if !spin_until(busy) {
+                let mut st = self.lock();
+                while st.queued() == 0 && st.error.is_none() && st.done < n {
+                    st.sleepers += 1;
+                    st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st.sleepers -= 1;
+                }
+            }
+        }
+    }
+
+    fn worker(&self, w: usize, workers: usize) {
         let mut next: Option<usize> = None;
         loop {
-            let idx = match next.take() {
-                Some(i) => i,
-                None => {
-                    let mut st = self.lock();
-                    loop {
-                        if st.error.is_some() || st.done == n {
-                            return;
-                        }
-                        if let Some(i) = st.pop(w, workers) {
-                            break i;
-                        }
-                        st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-                    }
-                }
+            let Some(idx) = next.take().or_else(|| self.next(w, workers)) else {
+                return;
             };
             let result = self.plan.steps[idx].run(self.threads, self.profile);
             let mut st = self.lock();
             if let Err(e) = result {
                 st.error.get_or_insert(e);
-                self.wake.notify_all();
+                self.publish(&st);
                 return;
             }
             st.done += 1;
@@ -97,13 +152,10 @@ impl Shared<'_> {
                         next = Some(d);
                     } else {
                         st.push(self.plan, d);
-                        self.wake.notify_one();
                     }
                 }
             }
-            if st.done == n {
-                self.wake.notify_all();
-            }
+            self.publish(&st);
             if st.error.is_some() {
                 return;
             }
@@ -111,7 +163,8 @@ impl Shared<'_> {
     }
 }
 
-pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&Profile>) -> Result<()> {
+/// Runs `plan` on `pool`'s workers.
+pub(super) fn run(plan: &Plan, pool: &mut Pool, threads: usize, profile: Option<&Profile>) -> Result<()> {
     let n = plan.steps.len();
     if n == 0 {
         return Ok(());
@@ -120,6 +173,7 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&
         ready: vec![VecDeque::new(); plan.lanes + 1],
         done: 0,
         error: None,
+        sleepers: 0,
     };
     for i in (0..n).filter(|&i| plan.num_deps[i] == 0) {
         state.push(plan, i);
@@ -129,23 +183,15 @@ pub(super) fn run(plan: &Plan, workers: usize, threads: usize, profile: Option<&
         threads,
         profile,
         pending: plan.num_deps.iter().map(|&d| AtomicUsize::new(d)).collect(),
+        signals: Signals {
+            queued: AtomicUsize::new(state.queued()),
+            over: AtomicBool::new(false),
+        },
         state: Mutex::new(state),
         wake: Condvar::new(),
     };
-    let workers = workers.clamp(1, n);
-    std::thread::scope(|s| {
-        // The calling thread is worker 0: one thread fewer to start per run.
-        for i in 1..workers {
-            let shared = &shared;
-            std::thread::Builder::new()
-                // A NUL byte (legal in a net's name) would make spawn panic.
-                .name(format!("dpm-{}-{i}", plan.name.replace('\0', "?")))
-                .spawn_scoped(s, move || shared.worker(i, workers))
-                .map(|_| ())
-                .unwrap_or_else(|_| shared.worker(i, workers));
-        }
-        shared.worker(0, workers);
-    });
+    let workers = pool.workers();
+    pool.run(&|w| shared.worker(w, workers));
     match shared.state.into_inner().unwrap_or_else(|e| e.into_inner()).error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -161,6 +207,7 @@ mod tests {
             ready: vec![VecDeque::new(); lanes + 1],
             done: 0,
             error: None,
+            sleepers: 0,
         };
         for &(lane, op) in queued {
             s.ready[lane].push_back(op);

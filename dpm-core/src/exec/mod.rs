@@ -4,15 +4,19 @@
 //! saves passes over memory, `fuse.rs`; kernels built, blobs resolved,
 //! dependencies computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
 //! on the calling thread) or the `dag` executor (ops as soon as their data and
-//! control dependencies are done, on a pool of worker threads; `dag.rs`).
+//! control dependencies are done, on a pool of worker threads; `dag.rs`, the
+//! threads kept between runs in `pool.rs`).
 
 mod dag;
 mod fuse;
 mod plan;
+mod pool;
 mod profile;
 pub mod trace;
+mod tune;
 mod workspace;
 
+pub(crate) use plan::BlobCell;
 pub use profile::OpTime;
 pub use trace::{Overlap, Trace, TraceEvent};
 pub use workspace::Workspace;

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::profile::Profile;
+use super::tune::Choice;
 use super::{NetKind, Workspace};
 use crate::error::{Error, Result};
 use crate::graph::{Args, Device};
-use crate::ops::{Kernel, OpContext, Registry};
+use crate::ops::{Kernel, OpContext, OpList, Registry};
 use crate::proto::{NetDef, OperatorDef};
 use crate::tensor::Tensor;
 
@@ -135,7 +136,7 @@ impl Step {
     /// Runs the kernel with the op's blobs locked. Errors are not yet wrapped.
     fn execute(&self, threads: usize) -> Result<()> {
         // Locks are taken in name order, so two ops can never wait on each other.
-        let mut guards: Vec<Guard<'_>> = self
+        let mut guards: OpList<Guard<'_>> = self
             .locks
             .iter()
             .map(|(c, w)| match w {
@@ -144,7 +145,7 @@ impl Step {
             })
             .collect();
         // Values that must be read from blobs the op is about to overwrite.
-        let mut clones: Vec<Option<Tensor>> = Vec::with_capacity(self.inputs.len());
+        let mut clones: OpList<Option<Tensor>> = OpList::new();
         for (i, src) in self.inputs.iter().enumerate() {
             let copy_of = match src {
                 InputSrc::Clone(l) => Some(*l),
@@ -169,8 +170,8 @@ impl Step {
                 }
             }
         }
-        let mut shared: Vec<Option<&Tensor>> = Vec::with_capacity(guards.len());
-        let mut excl: Vec<Option<&mut Tensor>> = Vec::with_capacity(guards.len());
+        let mut shared: OpList<Option<&Tensor>> = OpList::new();
+        let mut excl: OpList<Option<&mut Tensor>> = OpList::new();
         for g in guards.iter_mut() {
             match g {
                 Guard::R(g) => {
@@ -183,12 +184,12 @@ impl Step {
                 }
             }
         }
-        let mut outputs: Vec<&mut Tensor> = self
+        let mut outputs: OpList<&mut Tensor> = self
             .outputs
             .iter()
             .map(|&l| excl[l].take().expect("each output has its own write lock"))
             .collect();
-        let mut inputs: Vec<Option<&Tensor>> = Vec::with_capacity(self.inputs.len());
+        let mut inputs: OpList<Option<&Tensor>> = OpList::new();
         for (i, src) in self.inputs.iter().enumerate() {
             inputs.push(match src {
                 InputSrc::Read(l) => Some(shared[*l].ok_or_else(|| self.missing(i))?),
@@ -202,7 +203,7 @@ impl Step {
                 }
             });
         }
-        let mut ctx = OpContext::new(&self.def, inputs, outputs).on(self.device, threads);
+        let mut ctx = OpContext::from_lists(&self.def, inputs, outputs).on(self.device, threads);
         crate::ops::cpu::gemm::with_threads(threads, || self.kernel.run(&mut ctx))
     }
 
@@ -270,24 +271,14 @@ pub(crate) struct Plan {
     /// graph (ops whose longest chain of dependencies is equally long).
     pub(super) width: usize,
     runs: AtomicU64,
-    /// Whether a pool beats running inline, measured on early runs.
-    tuning: std::sync::Mutex<Tuning>,
-    /// `dpm_executor_autotune` (default 1): 0 keeps the pool on every run, for
-    /// nets whose ops wait on each other running at the same time.
-    autotune: bool,
+    /// The `dag` executor's worker threads, started by the first run that
+    /// uses them (asleep while the net runs inline).
+    pool: std::sync::Mutex<Option<super::pool::Pool>>,
+    /// Whether a `dag` net runs on its pool or inline (`tune.rs`).
+    /// `dpm_executor_autotune = 0` keeps the pool on every run, for nets whose
+    /// ops wait on each other running at the same time.
+    tuner: super::tune::Tuner,
 }
-
-/// Run times of a `dag` net inline and on its pool, until one is chosen.
-#[derive(Default)]
-struct Tuning {
-    inline: Vec<std::time::Duration>,
-    pool: Vec<std::time::Duration>,
-    inline_wins: Option<bool>,
-}
-
-/// Tuning runs: runs 3 to 8 of a net alternate inline and pool (runs 1 and 2
-/// allocate and warm up); from run 9 the faster by median runs.
-const TUNING_RUNS: std::ops::Range<u64> = 2..8;
 
 impl Plan {
     pub(crate) fn new(net: &NetDef, ws: &Workspace) -> Result<Plan> {
@@ -348,6 +339,11 @@ impl Plan {
         }
         let width = width(&deps);
         let lanes = steps.iter().filter_map(|s| s.lane).max().map_or(0, |l| l + 1);
+        let tuner = super::tune::Tuner::new(
+            Args(&net.arg).int("dpm_executor_autotune", 1)? != 0,
+            steps.len(),
+            workers.min(width).max(1),
+        );
         Ok(Plan {
             name,
             kind,
@@ -360,8 +356,8 @@ impl Plan {
             num_deps: deps.iter().map(Vec::len).collect(),
             width,
             runs: AtomicU64::new(0),
-            tuning: Default::default(),
-            autotune: Args(&net.arg).int("dpm_executor_autotune", 1)? != 0,
+            pool: Default::default(),
+            tuner,
         })
     }
 
@@ -381,20 +377,26 @@ impl Plan {
                     self.useful_workers()
                 };
                 let inline = || self.steps.iter().try_for_each(|s| s.run(threads, profile));
-                let pool = || super::dag::run(self, workers, threads, profile);
+                // Another thread running this net holds the pool: run inline.
+                let pool = || match self.pool.try_lock() {
+                    Ok(mut p) => {
+                        let p = p.get_or_insert_with(|| super::pool::Pool::new(&self.name, workers - 1));
+                        super::dag::run(self, p, threads, profile)
+                    }
+                    Err(_) => inline(),
+                };
                 // One worker runs the ops in net order (a topological order):
                 // no pool, no hand-offs.
                 if workers == 1 {
                     inline()
                 } else {
-                    match self.plan_for(run) {
-                        Some(true) => inline(),
-                        Some(false) => pool(),
-                        None => {
-                            let try_inline = run.is_multiple_of(2);
+                    match self.tuner.choose(run) {
+                        Choice::Inline => inline(),
+                        Choice::Pool => pool(),
+                        Choice::Measure { inline: yes } => {
                             let t = std::time::Instant::now();
-                            let r = if try_inline { inline() } else { pool() };
-                            self.record(try_inline, t.elapsed());
+                            let r = if yes { inline() } else { pool() };
+                            self.tuner.record(yes, t.elapsed());
                             r
                         }
                     }
@@ -407,48 +409,6 @@ impl Plan {
             p.net_ran(&self.name, started);
         }
         result.and(synced)
-    }
-
-    /// For run `run` of a `dag` net with a pool: `Some(true)` inline,
-    /// `Some(false)` on the pool, `None` a tuning run. A small net loses more
-    /// to hand-offs between threads than it gains from them (the README's MLP
-    /// on 2 devices ran 3× slower on a pool); a large one gains. Both give the
-    /// same bits.
-    fn plan_for(&self, run: u64) -> Option<bool> {
-        if !self.autotune || run < TUNING_RUNS.start {
-            return Some(false);
-        }
-        let t = self.tuning.lock().unwrap_or_else(|e| e.into_inner());
-        match t.inline_wins {
-            Some(w) => Some(w),
-            None if TUNING_RUNS.contains(&run) => None,
-            None => Some(false),
-        }
-    }
-
-    fn record(&self, inline: bool, took: std::time::Duration) {
-        let mut t = self.tuning.lock().unwrap_or_else(|e| e.into_inner());
-        if inline {
-            t.inline.push(took)
-        } else {
-            t.pool.push(took)
-        }
-        let half = ((TUNING_RUNS.end - TUNING_RUNS.start) / 2) as usize;
-        // A clear difference (1.5×) decides after one run of each.
-        let clear = match (t.inline.first(), t.pool.first()) {
-            (Some(&i), Some(&p)) => {
-                i.as_secs_f64() > 1.5 * p.as_secs_f64() || p.as_secs_f64() > 1.5 * i.as_secs_f64()
-            }
-            _ => false,
-        };
-        if clear || (t.inline.len() >= half && t.pool.len() >= half) {
-            let median = |v: &mut Vec<std::time::Duration>| {
-                v.sort();
-                v[v.len() / 2]
-            };
-            let (mut i, mut p) = (std::mem::take(&mut t.inline), std::mem::take(&mut t.pool));
-            t.inline_wins = Some(median(&mut i) < median(&mut p));
-        }
     }
 
     /// The workers worth starting: no more than `num_workers`, nor than the

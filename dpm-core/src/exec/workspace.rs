@@ -147,17 +147,6 @@ impl Workspace {
         guard.as_ref().map(f).ok_or_else(missing)
     }
 
-    /// Runs `f` on blob `name`, mutably.
-    pub(crate) fn with_blob_mut<R>(&self, name: &str, f: impl FnOnce(&mut Tensor) -> R) -> Result<R> {
-        let cell = read(&self.blobs).get(name).cloned();
-        let missing = || Error::MissingBlob {
-            name: name.to_owned(),
-        };
-        let cell = cell.ok_or_else(missing)?;
-        let mut guard = write(&cell);
-        guard.as_mut().map(f).ok_or_else(missing)
-    }
-
     /// A copy of blob `name` in host memory, wherever the blob lives.
     pub fn fetch(&self, name: impl AsRef<str>) -> Result<Tensor> {
         self.with_blob(name, Tensor::to_host)?

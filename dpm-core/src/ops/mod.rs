@@ -30,12 +30,17 @@ pub trait Kernel: Send + Sync {
     }
 }
 
+/// A per-op list (inputs, outputs, locks) that needs no allocation for up to
+/// 8 entries: the executor builds several for every op it runs, and on small
+/// nets their allocations were a measurable part of a step.
+pub(crate) type OpList<T> = smallvec::SmallVec<[T; 8]>;
+
 /// What one run of a kernel sees: the op's definition, its input tensors and its
 /// output tensors. Errors from the accessors name the blob.
 pub struct OpContext<'a> {
     def: &'a OperatorDef,
-    inputs: Vec<Option<&'a Tensor>>,
-    outputs: Vec<&'a mut Tensor>,
+    inputs: OpList<Option<&'a Tensor>>,
+    outputs: OpList<&'a mut Tensor>,
     device: Device,
     threads: usize,
 }
@@ -45,6 +50,15 @@ impl<'a> OpContext<'a> {
     /// output by [`Kernel::in_place`].
     /// The op runs on `cpu:0` with one kernel thread; see [`OpContext::on`].
     pub fn new(def: &'a OperatorDef, inputs: Vec<Option<&'a Tensor>>, outputs: Vec<&'a mut Tensor>) -> Self {
+        Self::from_lists(def, OpList::from_vec(inputs), OpList::from_vec(outputs))
+    }
+
+    /// [`OpContext::new`] over lists that stay on the stack for a usual op.
+    pub(crate) fn from_lists(
+        def: &'a OperatorDef,
+        inputs: OpList<Option<&'a Tensor>>,
+        outputs: OpList<&'a mut Tensor>,
+    ) -> Self {
         OpContext {
             def,
             inputs,
@@ -86,7 +100,7 @@ impl<'a> OpContext<'a> {
     /// The input tensors (for a kernel that delegates to another).
     #[cfg(feature = "cuda")]
     pub(crate) fn input_refs(&self) -> Vec<Option<&'a Tensor>> {
-        self.inputs.clone()
+        self.inputs.to_vec()
     }
 
     /// Number of inputs.

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{analysis, Group};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::Workspace;
+use crate::exec::{BlobCell, Workspace};
 use crate::graph::{BlobRef, Device, Net};
 use crate::model::ModelHelper;
 use crate::proto::NetDef;
@@ -55,8 +55,10 @@ pub struct Trainer {
     sync_net: NetDef,
     initialized: bool,
     blob_devices: HashMap<String, Device>,
-    /// The state before the current step, for undoing a failed one.
-    snapshot: HashMap<String, Tensor>,
+    /// The state before the current step, for undoing a failed one: each
+    /// state blob's cell (resolved once: a workspace never drops a cell) and
+    /// its copy.
+    snapshot: Vec<(String, BlobCell, Tensor)>,
     atomic: bool,
     finite: FiniteCheck,
     /// The batches of a failed step, fed again by the next.
@@ -116,7 +118,7 @@ impl Trainer {
             sync_net: sync.into_proto(),
             initialized: false,
             blob_devices,
-            snapshot: HashMap::new(),
+            snapshot: Vec::new(),
             atomic: true,
             finite: FiniteCheck::Off,
             pending: None,
@@ -209,16 +211,28 @@ impl Trainer {
     }
 
     fn take_snapshot(&mut self) -> Result<()> {
-        for b in self.state_blobs() {
-            let slot = self.snapshot.entry(b.clone()).or_default();
-            self.ws.with_blob(&b, |t| slot.copy_from(t))??;
+        if self.snapshot.is_empty() {
+            self.snapshot = (self.state_blobs().into_iter())
+                .map(|name| (name.clone(), self.ws.cell(&name), Tensor::default()))
+                .collect();
+        }
+        for (name, cell, copy) in &mut self.snapshot {
+            let cur = cell.read().unwrap_or_else(|e| e.into_inner());
+            let cur = cur
+                .as_ref()
+                .ok_or_else(|| Error::MissingBlob { name: name.clone() })?;
+            copy.copy_from(cur)?;
         }
         Ok(())
     }
 
     fn restore_snapshot(&self) -> Result<()> {
-        for (b, t) in &self.snapshot {
-            self.ws.with_blob_mut(b, |cur| cur.copy_from(t))??;
+        for (name, cell, copy) in &self.snapshot {
+            let mut cur = cell.write().unwrap_or_else(|e| e.into_inner());
+            let cur = cur
+                .as_mut()
+                .ok_or_else(|| Error::MissingBlob { name: name.clone() })?;
+            cur.copy_from(copy)?;
         }
         Ok(())
     }

@@ -105,3 +105,70 @@ pub fn sgemm(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, beta: f32, c:
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `a·b` in f64, straight from the definition.
+    fn reference(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>) -> Vec<f64> {
+        let at = |x: &Mat<'_>, rows: usize, cols: usize, r: usize, c: usize| {
+            f64::from(if x.trans {
+                x.data[c * rows + r]
+            } else {
+                x.data[r * cols + c]
+            })
+        };
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| at(&a, m, k, i, p) * at(&b, k, n, p, j)).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn small_and_blocked_products_match_the_definition_for_every_layout() {
+        let mut rng = crate::ops::cpu::rng::Rng::new(7);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 2),
+            (16, 16, 4),
+            (4, 16, 16),
+            (7, 9, 17),
+            (32, 10, 64),
+            (16, 32, 32),
+            (40, 33, 21),
+        ] {
+            for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [0.0f32, 1.0, 0.5] {
+                    let mut draw = |len: usize| (0..len).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+                    let (ad, bd, c0) = (draw(m * k), draw(k * n), draw(m * n));
+                    let (a, b) = (Mat { data: &ad, trans: at }, Mat { data: &bd, trans: bt });
+                    let mut c = c0.clone();
+                    sgemm(m, n, k, a, b, beta, &mut c);
+                    let want = reference(m, n, k, a, b);
+                    for ((got, want), old) in c.iter().zip(&want).zip(&c0) {
+                        let want = want + f64::from(beta) * f64::from(*old);
+                        let tol = 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt();
+                        assert!(
+                            (f64::from(*got) - want).abs() <= tol,
+                            "{m}×{n}×{k} a{at} b{bt} beta {beta}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn beta_zero_ignores_garbage_in_c() {
+        let (a, b) = ([1.0f32, 2.0], [3.0f32, 4.0]);
+        for at in [false, true] {
+            let mut c = [f32::NAN];
+            sgemm(1, 1, 2, Mat { data: &a, trans: at }, Mat::n(&b), 0.0, &mut c);
+            assert_eq!(c, [11.0]);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Whether a `dag` net runs on its pool or inline (all ops in net order on the
+//! calling thread), decided by timing both.
+//!
+//! A small net can lose more to hand-offs between threads than it gains from
+//! them, and which way it goes depends on the machine's state as much as on
+//! the net: on a virtual machine whose second core is busy elsewhere, a pool's
+//! hand-offs cost several times what they cost on an idle one. So the choice is
+//! measured, and measured again every [`WINDOW`] runs. Both ways give the same
+//! bits.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Runs before the first measurement (the first allocate and warm up).
+const START: u64 = 2;
+/// A block, runs in a row measured one way, has at least this many runs and
+/// lasts at least [`BLOCK_TIME`]: the first pool runs after inline ones find
+/// their workers asleep, and waking them is not what later runs pay.
+const BLOCK: u64 = 3;
+const BLOCK_TIME: Duration = Duration::from_micros(500);
+/// Blocks of each way at most per measurement (they alternate, pool first).
+const BLOCKS: u64 = 2;
+/// A measurement starts every this many runs (once the last one decided).
+pub(super) const WINDOW: u64 = 512;
+/// Pool runs whose ops take this long each (time × workers / ops) make
+/// hand-offs (µs) irrelevant: the pool is kept without timing inline runs,
+/// which for such a net would each cost up to `workers` times a pool run.
+const LONG_OPS: Duration = Duration::from_micros(100);
+
+/// How to run a net's run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Choice {
+    Inline,
+    Pool,
+    /// Measure this run (inline or not) and [`Tuner::record`] its time.
+    Measure {
+        inline: bool,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    /// The window of the measurement below.
+    window: u64,
+    inline: Vec<Duration>,
+    pool: Vec<Duration>,
+    /// Blocks finished in this measurement (even: pool's turn).
+    blocks: u64,
+    /// Runs and time of the current block.
+    block_runs: u64,
+    block_time: Duration,
+    /// Whether this window's measurement has decided.
+    decided: bool,
+    inline_wins: bool,
+}
+
+/// The choice for one net; `enabled = false` keeps the pool on every run.
+pub(super) struct Tuner {
+    enabled: bool,
+    /// Ops per worker of the net: a run's time over this is its time per op.
+    ops_per_worker: f64,
+    state: Mutex<State>,
+}
+
+impl Tuner {
+    /// The tuner of a net of `ops` ops for a pool of `workers` workers.
+    pub(super) fn new(enabled: bool, ops: usize, workers: usize) -> Tuner {
+        Tuner {
+            enabled,
+            ops_per_worker: ops as f64 / workers.max(1) as f64,
+            state: Mutex::new(State {
+                // Until the first measurement decides, the pool.
+                decided: true,
+                ..State::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How to run run number `run` (from 0) of the net.
+    pub(super) fn choose(&self, run: u64) -> Choice {
+        if !self.enabled || run < START {
+            return Choice::Pool;
+        }
+        let window = (run - START) / WINDOW + 1;
+        let mut s = self.lock();
+        if s.decided && window != s.window {
+            // A new measurement; the last choice stands until it decides.
+            *s = State {
+                window,
+                inline_wins: s.inline_wins,
+                ..State::default()
+            };
+        }
+        match (s.decided, s.inline_wins) {
+            (true, true) => Choice::Inline,
+            (true, false) => Choice::Pool,
+            (false, _) => Choice::Measure {
+                inline: s.blocks % 2 == 1,
+            },
+        }
+    }
+
+    /// The time a measured run took.
+    pub(super) fn record(&self, inline: bool, took: Duration) {
+        let mut s = self.lock();
+        // A run measured for a block that has ended (runs from two threads).
+        if s.decided || inline != (s.blocks % 2 == 1) {
+            return;
+        }
+        if inline {
+            s.inline.push(took)
+        } else {
+            s.pool.push(took)
+        }
+        s.block_runs += 1;
+        s.block_time += took;
+        if s.block_runs < BLOCK || s.block_time < BLOCK_TIME {
+            return;
+        }
+        s.blocks += 1;
+        (s.block_runs, s.block_time) = (0, Duration::ZERO);
+        let median = |v: &[Duration]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v[v.len() / 2].as_secs_f64()
+        };
+        let p = median(&s.pool);
+        let decision = if s.blocks == 1 {
+            // The pool's first block: long ops keep it.
+            (p / self.ops_per_worker.max(1.0) >= LONG_OPS.as_secs_f64()).then_some(false)
+        } else if s.blocks.is_multiple_of(2) {
+            let i = median(&s.inline);
+            // A clear difference (1.5×) decides after one block of each.
+            let clear = i > 1.5 * p || p > 1.5 * i;
+            (clear || s.blocks == 2 * BLOCKS).then_some(i < p)
+        } else {
+            None
+        };
+        if let Some(inline_wins) = decision {
+            s.decided = true;
+            s.inline_wins = inline_wins;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `t` over `runs`, inline runs taking `inline` µs and pool runs
+    /// `pool` µs; the choices made.
+    fn drive(t: &Tuner, runs: std::ops::Range<u64>, inline: u64, pool: u64) -> Vec<Choice> {
+        runs.map(|r| {
+            let c = t.choose(r);
+            if let Choice::Measure { inline: i } = c {
+                t.record(i, Duration::from_micros(if i { inline } else { pool }));
+            }
+            c
+        })
+        .collect()
+    }
+
+    fn count(c: &[Choice], x: Choice) -> usize {
+        c.iter().filter(|&&y| y == x).count()
+    }
+
+    #[test]
+    fn a_clear_winner_is_chosen_after_one_block_of_each() {
+        let t = Tuner::new(true, 10, 2);
+        let c = drive(&t, 0..200, 50, 200);
+        assert_eq!(&c[..2], [Choice::Pool; 2], "warm-up runs use the pool");
+        // Blocks last 500 µs: 3 pool runs (600 µs), then 10 inline ones.
+        assert_eq!(&c[2..5], [Choice::Measure { inline: false }; 3]);
+        assert_eq!(&c[5..15], [Choice::Measure { inline: true }; 10]);
+        assert!(c[15..].iter().all(|&c| c == Choice::Inline), "{c:?}");
+        let t = Tuner::new(true, 10, 2);
+        let c = drive(&t, 0..200, 200, 50);
+        assert_eq!(count(&c, Choice::Measure { inline: true }), 3);
+        assert!(c[15..].iter().all(|&c| c == Choice::Pool));
+    }
+
+    #[test]
+    fn short_runs_are_measured_in_blocks_long_enough_to_warm_up() {
+        // 10 µs runs: 50 a block; a close call takes two blocks of each.
+        let t = Tuner::new(true, 10, 2);
+        let c = drive(&t, 0..400, 11, 10);
+        assert_eq!(count(&c, Choice::Measure { inline: false }), 100);
+        assert_eq!(count(&c, Choice::Measure { inline: true }), 92);
+        assert!(c[250..].iter().all(|&c| c == Choice::Pool));
+    }
+
+    #[test]
+    fn slow_first_runs_of_a_block_do_not_decide() {
+        // Each pool block starts with 3 runs at 5× (its workers waking up).
+        let t = Tuner::new(true, 10, 2);
+        let mut since_inline = 0;
+        let c: Vec<Choice> = (0..400)
+            .map(|r| {
+                let c = t.choose(r);
+                if let Choice::Measure { inline } = c {
+                    let us = if inline {
+                        since_inline = 0;
+                        12
+                    } else {
+                        since_inline += 1;
+                        if since_inline <= 3 {
+                            50
+                        } else {
+                            10
+                        }
+                    };
+                    t.record(inline, Duration::from_micros(us));
+                }
+                c
+            })
+            .collect();
+        assert!(c[300..].iter().all(|&c| c == Choice::Pool), "{c:?}");
+    }
+
+    #[test]
+    fn the_choice_is_measured_again_every_window() {
+        let t = Tuner::new(true, 10, 2);
+        drive(&t, 0..100, 50, 200);
+        assert_eq!(t.choose(100), Choice::Inline);
+        // The machine changed: now the pool wins, and the next window sees it.
+        let c = drive(&t, 100..START + 2 * WINDOW, 200, 50);
+        let next = (START + WINDOW - 100) as usize;
+        assert_eq!(c[next - 1], Choice::Inline);
+        assert_eq!(c[next], Choice::Measure { inline: false });
+        assert!(c[next + 40..].iter().all(|&c| c == Choice::Pool));
+    }
+
+    #[test]
+    fn a_net_of_long_ops_keeps_the_pool_without_timing_inline_runs() {
+        // 10 ops on 2 workers, 1 ms a run: 200 µs per op.
+        let t = Tuner::new(true, 10, 2);
+        let c = drive(&t, 0..2000, 1000, 1000);
+        assert_eq!(
+            count(&c, Choice::Measure { inline: true }) + count(&c, Choice::Inline),
+            0
+        );
+        // 40 µs per op: measured.
+        let t = Tuner::new(true, 10, 2);
+        let c = drive(&t, 0..40, 150, 200);
+        assert_eq!(c[5], Choice::Measure { inline: true });
+        assert_eq!(c[39], Choice::Inline);
+    }
+
+    #[test]
+    fn without_tuning_every_run_uses_the_pool() {
+        let t = Tuner::new(false, 10, 2);
+        assert!(drive(&t, 0..3000, 1, 100).iter().all(|&c| c == Choice::Pool));
+    }
+}
