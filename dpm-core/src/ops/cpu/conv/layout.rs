@@ -362,17 +362,28 @@ impl GradPlanes {
             &dense[at[p] + (img * c + ci) * ph.plane() + (i - ph.rows.0) * width..][..width]
         };
         let empty = |p: &DxPhase| p.kernel_taps.is_empty();
-        if (sh, sw) == (2, 2) && !phases.iter().any(empty) {
-            // Each row of dX interleaves one row of two phases: no read-modify-write.
+        if (sh, sw) == (2, 2) {
+            // Each row of dX interleaves one row of two phases (zeros for a
+            // phase no tap reaches, as in a 1×1 stride-2 convolution): every
+            // element is written once, no read-modify-write.
+            let zeros = vec![0.0; self.w.div_ceil(2)];
             for (n, dx) in dx.chunks_exact_mut(self.h * self.w).take(images * c).enumerate() {
                 let (img, ci) = (n / c, n % c);
                 for (y, dx) in dx.chunks_exact_mut(self.w).enumerate() {
                     let (a, i) = ((y + pt) % 2, (y + pt) / 2);
-                    let (even, odd) = (
-                        row(2 * a + pl % 2, img, ci, i),
-                        row(2 * a + (pl + 1) % 2, img, ci, i),
-                    );
-                    interleave(isa, even, odd, dx);
+                    let (even, odd) = (2 * a + pl % 2, 2 * a + (pl + 1) % 2);
+                    let half = |p: usize| {
+                        if empty(&phases[p]) {
+                            &zeros[..]
+                        } else {
+                            row(p, img, ci, i)
+                        }
+                    };
+                    if empty(&phases[even]) && empty(&phases[odd]) {
+                        dx.fill(0.0);
+                    } else {
+                        interleave(isa, half(even), half(odd), dx);
+                    }
                 }
             }
             return;

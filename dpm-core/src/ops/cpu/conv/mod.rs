@@ -632,6 +632,12 @@ mod tests {
             (2, 3, 11, 13, 7, 3, 2, 1, 1),
             (3, 4, 9, 17, 10, 3, 1, 1, 2),
             (2, 5, 8, 8, 6, 1, 2, 0, 1),
+            // 1×1 stride 2 with odd sides and padding: dX rows and columns
+            // that no tap reaches must come out zero.
+            (2, 3, 7, 9, 4, 1, 2, 0, 1),
+            (1, 3, 7, 9, 4, 1, 2, 1, 1),
+            // 2×2 stride 2: every phase has exactly one tap.
+            (2, 3, 8, 10, 5, 2, 2, 0, 1),
         ];
         for (n, c, h, w, m, k, s, p, g) in cases {
             let win = Window {
@@ -670,9 +676,10 @@ mod tests {
                     isa,
                     state: Mutex::default(),
                 };
-                let mut y = vec![0.0; dy.len()];
+                // Garbage in the outputs: each element must be overwritten.
+                let mut y = vec![f32::NAN; dy.len()];
                 conv.forward(&d, &x, &wt, Some(&bias), &mut y);
-                let (mut dw, mut dx) = (vec![0.0; wt.len()], vec![0.0; x.len()]);
+                let (mut dw, mut dx) = (vec![f32::NAN; wt.len()], vec![f32::NAN; x.len()]);
                 grad.backward(&d, &x, &wt, &dy, &mut dw, Some(&mut dx));
                 [y, dw, dx]
             };
