@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -20,6 +20,8 @@ case $group in
   deploy) files=('dpm-core/src/deploy/*.rs' 'dpm-core/src/deploy/onnx/*.rs'); tests=(deploy onnx summary caffe2_compat) ;;
   # Gradient buckets' flat buffers and the executor's fusions (with their unit tests).
   fusion) files=(dpm-core/src/tensor/flat.rs dpm-core/src/exec/fuse.rs); tests=(parallel fusion reliability trace --lib) ;;
+  # The dag executor's kept threads and its pool-or-inline choice (with their unit tests).
+  pool) files=(dpm-core/src/exec/pool.rs dpm-core/src/exec/tune.rs); tests=(executors parallel --lib) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 args=()
