@@ -226,18 +226,53 @@ mod tests {
         let job = |_: usize| {
             n.fetch_add(1, Ordering::Relaxed);
         };
-        pool.run(&job);
-        // They stop spinning soon after SPIN (a busy machine may delay that).
-        let start = Instant::now();
-        while pool.control.lock().sleepers < 2 {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "idle workers never slept"
-            );
-            std::thread::sleep(SPIN);
+        for round in 1..=3 {
+            pool.run(&job);
+            // They stop spinning soon after SPIN (a busy machine may delay
+            // that); the count of sleepers never exceeds the workers.
+            let start = Instant::now();
+            loop {
+                let sleepers = pool.control.lock().sleepers;
+                assert!(sleepers <= 2, "{sleepers} sleepers among 2 workers");
+                if sleepers == 2 {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "idle workers never slept"
+                );
+                std::thread::sleep(SPIN);
+            }
+            assert_eq!(n.load(Ordering::Relaxed), 3 * round);
         }
-        pool.run(&job);
-        assert_eq!(n.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn spinning_sees_what_another_thread_does_within_the_spin() {
+        // The other thread answers 10 µs after being asked: after the first
+        // spins, within SPIN. A busy machine may not run it in time, so the
+        // spin gets a few tries.
+        let seen = (0..50).any(|_| {
+            let (ask, answer) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    while ask.load(Ordering::Acquire) == 0 {
+                        std::hint::spin_loop();
+                    }
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(10) {}
+                    answer.store(1, Ordering::Release);
+                });
+                std::thread::sleep(Duration::from_millis(1));
+                ask.store(1, Ordering::Release);
+                spin_until(|| answer.load(Ordering::Acquire) == 1)
+            })
+        });
+        assert!(seen, "spin_until never saw an answer given 10 µs later");
+        // Nothing to see: it gives up after SPIN.
+        let t = Instant::now();
+        assert!(!spin_until(|| false));
+        assert!(t.elapsed() >= SPIN);
     }
 
     #[test]
