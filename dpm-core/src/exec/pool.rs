@@ -276,6 +276,15 @@ mod tests {
     }
 
     #[test]
+    fn dropping_the_pool_ends_its_threads() {
+        let pool = Pool::new("t", 3);
+        let control = Arc::downgrade(&pool.control);
+        drop(pool);
+        // Each thread held the control block until it returned.
+        assert!(control.upgrade().is_none(), "a worker thread outlived its pool");
+    }
+
+    #[test]
     fn a_panicking_job_neither_hangs_the_caller_nor_kills_the_pool() {
         let mut pool = Pool::new("t", 2);
         let n = AtomicUsize::new(0);

@@ -88,10 +88,9 @@ impl Tuner {
         let window = (run - START) / WINDOW + 1;
         let mut s = self.lock();
         if s.decided && window != s.window {
-            // A new measurement; the last choice stands until it decides.
+            // A new measurement (it times both ways, whatever the last chose).
             *s = State {
                 window,
-                inline_wins: s.inline_wins,
                 ..State::default()
             };
         }
@@ -219,6 +218,28 @@ mod tests {
             })
             .collect();
         assert!(c[300..].iter().all(|&c| c == Choice::Pool), "{c:?}");
+    }
+
+    #[test]
+    fn times_of_runs_from_another_thread_that_ended_their_block_are_ignored() {
+        // Another thread's inline run, recorded while the pool's block is
+        // being timed (and after the choice), must not count.
+        let t = Tuner::new(true, 10, 2);
+        let c: Vec<Choice> = (0..400)
+            .map(|r| {
+                let c = t.choose(r);
+                if let Choice::Measure { inline } = c {
+                    t.record(inline, Duration::from_micros(if inline { 50 } else { 10 }));
+                    if !inline {
+                        t.record(true, Duration::from_micros(1));
+                    }
+                } else {
+                    t.record(true, Duration::from_micros(1));
+                }
+                c
+            })
+            .collect();
+        assert!(c[100..].iter().all(|&c| c == Choice::Pool), "{c:?}");
     }
 
     #[test]
