@@ -221,6 +221,32 @@ mod tests {
     }
 
     #[test]
+    fn a_few_lucky_runs_do_not_decide() {
+        // The pool usually takes 30 µs and now and then 5; inline 20: the
+        // medians, not the best runs, decide.
+        let t = Tuner::new(true, 10, 2);
+        let mut k = 0;
+        let c: Vec<Choice> = (0..400)
+            .map(|r| {
+                let c = t.choose(r);
+                if let Choice::Measure { inline } = c {
+                    k += 1;
+                    let us = if inline {
+                        20
+                    } else if k % 4 == 0 {
+                        5
+                    } else {
+                        30
+                    };
+                    t.record(inline, Duration::from_micros(us));
+                }
+                c
+            })
+            .collect();
+        assert!(c[200..].iter().all(|&c| c == Choice::Inline), "{c:?}");
+    }
+
+    #[test]
     fn times_of_runs_from_another_thread_that_ended_their_block_are_ignored() {
         // Another thread's inline run, recorded while the pool's block is
         // being timed (and after the choice), must not count.
