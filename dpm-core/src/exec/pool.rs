@@ -229,13 +229,15 @@ mod tests {
         for round in 1..=3 {
             pool.run(&job);
             // They stop spinning soon after SPIN (a busy machine may delay
-            // that); the count of sleepers never exceeds the workers.
+            // that); the count of sleepers never exceeds the workers, also
+            // for a while after both sleep.
             let start = Instant::now();
-            loop {
+            let mut asleep: Option<Instant> = None;
+            while asleep.is_none_or(|t| t.elapsed() < Duration::from_millis(5)) {
                 let sleepers = pool.control.lock().sleepers;
                 assert!(sleepers <= 2, "{sleepers} sleepers among 2 workers");
                 if sleepers == 2 {
-                    break;
+                    asleep.get_or_insert_with(Instant::now);
                 }
                 assert!(
                     start.elapsed() < Duration::from_secs(20),
