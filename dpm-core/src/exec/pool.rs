@@ -254,7 +254,7 @@ mod tests {
         // The other thread answers 10 µs after being asked: after the first
         // spins, within SPIN. A busy machine may not run it in time, so the
         // spin gets a few tries.
-        let seen = (0..50).any(|_| {
+        let seen = (0..200).any(|_| {
             let (ask, answer) = (AtomicUsize::new(0), AtomicUsize::new(0));
             std::thread::scope(|s| {
                 s.spawn(|| {

@@ -150,17 +150,22 @@ impl Tuner {
 mod tests {
     use super::*;
 
-    /// Runs `t` over `runs`, inline runs taking `inline` µs and pool runs
-    /// `pool` µs; the choices made.
-    fn drive(t: &Tuner, runs: std::ops::Range<u64>, inline: u64, pool: u64) -> Vec<Choice> {
+    /// Runs `t` over `runs`, a measured run taking `us(inline)` µs; the
+    /// choices made.
+    fn drive_with(t: &Tuner, runs: std::ops::Range<u64>, mut us: impl FnMut(bool) -> u64) -> Vec<Choice> {
         runs.map(|r| {
             let c = t.choose(r);
-            if let Choice::Measure { inline: i } = c {
-                t.record(i, Duration::from_micros(if i { inline } else { pool }));
+            if let Choice::Measure { inline } = c {
+                t.record(inline, Duration::from_micros(us(inline)));
             }
             c
         })
         .collect()
+    }
+
+    /// [`drive_with`] inline runs taking `inline` µs, pool runs `pool` µs.
+    fn drive(t: &Tuner, runs: std::ops::Range<u64>, inline: u64, pool: u64) -> Vec<Choice> {
+        drive_with(t, runs, |i| if i { inline } else { pool })
     }
 
     fn count(c: &[Choice], x: Choice) -> usize {
@@ -197,26 +202,19 @@ mod tests {
         // Each pool block starts with 3 runs at 5× (its workers waking up).
         let t = Tuner::new(true, 10, 2);
         let mut since_inline = 0;
-        let c: Vec<Choice> = (0..400)
-            .map(|r| {
-                let c = t.choose(r);
-                if let Choice::Measure { inline } = c {
-                    let us = if inline {
-                        since_inline = 0;
-                        12
-                    } else {
-                        since_inline += 1;
-                        if since_inline <= 3 {
-                            50
-                        } else {
-                            10
-                        }
-                    };
-                    t.record(inline, Duration::from_micros(us));
+        let c = drive_with(&t, 0..400, |inline| {
+            if inline {
+                since_inline = 0;
+                12
+            } else {
+                since_inline += 1;
+                if since_inline <= 3 {
+                    50
+                } else {
+                    10
                 }
-                c
-            })
-            .collect();
+            }
+        });
         assert!(c[300..].iter().all(|&c| c == Choice::Pool), "{c:?}");
     }
 
@@ -226,23 +224,14 @@ mod tests {
         // medians, not the best runs, decide.
         let t = Tuner::new(true, 10, 2);
         let mut k = 0;
-        let c: Vec<Choice> = (0..400)
-            .map(|r| {
-                let c = t.choose(r);
-                if let Choice::Measure { inline } = c {
-                    k += 1;
-                    let us = if inline {
-                        20
-                    } else if k % 4 == 0 {
-                        5
-                    } else {
-                        30
-                    };
-                    t.record(inline, Duration::from_micros(us));
-                }
-                c
-            })
-            .collect();
+        let c = drive_with(&t, 0..400, |inline| {
+            k += 1;
+            match inline {
+                true => 20,
+                false if k % 4 == 0 => 5,
+                false => 30,
+            }
+        });
         assert!(c[200..].iter().all(|&c| c == Choice::Inline), "{c:?}");
     }
 
