@@ -4,6 +4,7 @@
 Alternates runs of both in one sitting and prints medians:
   - throughput at 2 devices x batch 32 (PyTorch: 2 processes x 1 thread);
   - weak scaling: 2 x 32 against 1 x 32 (dpm with 1 kernel thread per device).
+Both sides' images/s come from the median time of their steady-state steps.
 
 Usage: python3 benches/resnet_vs_torch.py [ROUNDS] [ITERS] [PEER]
 PEER defaults to benches/torch_resnet_ddp.py, the PyTorch DDP baseline beside
@@ -23,7 +24,10 @@ def dpm(devices, threads):
                "--train-images", "2048", "--heldout-images", "100", "--kernel-threads", str(threads),
                "--summary-json", f.name]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return json.load(open(f.name))["images_per_sec"]
+        # The median step, as the PyTorch side quotes it (its steady steps' median).
+        # (dpm's own figure, images_per_sec, is the mean over the steady steps.)
+        s = json.load(open(f.name))
+        return len(s["devices"]) * s["batch_per_device"] / s["median_step_seconds"], s["images_per_sec"]
 
 def torch(world):
     out = subprocess.run([sys.executable, peer, str(world), "32", str(iters), "1"], check=True,
@@ -31,11 +35,15 @@ def torch(world):
     return float(re.search(r"images_per_s=([\d.]+)", out).group(1))
 
 runs = {k: [] for k in ("dpm2", "torch2", "dpm1", "torch1")}
+means = {"dpm2": [], "dpm1": []}
 for r in range(rounds):
-    runs["dpm2"].append(dpm("cpu:0,cpu:1", 1))
-    runs["torch2"].append(torch(2))
-    runs["dpm1"].append(dpm("cpu:0", 1))
-    runs["torch1"].append(torch(1))
+    for k, devices in (("dpm2", "cpu:0,cpu:1"), ("torch2", 2), ("dpm1", "cpu:0"), ("torch1", 1)):
+        if k.startswith("dpm"):
+            med_ips, mean_ips = dpm(devices, 1)
+            runs[k].append(med_ips)
+            means[k].append(mean_ips)
+        else:
+            runs[k].append(torch(devices))
     print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
 med = {k: statistics.median(v) for k, v in runs.items()}
 print(f"\nmedian images/s over {rounds} rounds of {iters} iterations")
@@ -43,3 +51,5 @@ print(f"  2 devices x 32: dpm {med['dpm2']:.1f}, PyTorch DDP {med['torch2']:.1f}
 print(f"  1 device  x 32: dpm {med['dpm1']:.1f}, PyTorch {med['torch1']:.1f}, ratio {med['dpm1'] / med['torch1']:.2f}")
 print(f"  weak scaling (2x32 / (2 x 1x32)): dpm {med['dpm2'] / (2 * med['dpm1']):.0%}, "
       f"PyTorch DDP {med['torch2'] / (2 * med['torch1']):.0%}")
+print(f"  (dpm over all steady steps, the example's own figure: 2 devices {statistics.median(means['dpm2']):.1f}, "
+      f"1 device {statistics.median(means['dpm1']):.1f})")

@@ -291,6 +291,10 @@ pub struct Summary {
     pub heldout_accuracy: f32,
     /// Training throughput over the steady-state steps (after warm-up), all ranks.
     pub images_per_sec: f64,
+    /// The median time of one steady-state step (`Trainer::step` alone: feeding
+    /// the batch, the step, its commit), the statistic the PyTorch baselines
+    /// quote; `None` for a run too short to have a steady state.
+    pub median_step_seconds: Option<f64>,
     /// This process's rank and the number of ranks (MPI; 0 and 1 otherwise).
     pub rank: (usize, usize),
     /// Seconds this process spent in cross-rank collectives (MPI).
@@ -309,11 +313,18 @@ impl Summary {
             "final_loss": self.final_loss,
             "heldout_accuracy": self.heldout_accuracy,
             "images_per_sec": self.images_per_sec,
+            "median_step_seconds": self.median_step_seconds,
             "comm_seconds": self.comm_seconds,
             "losses": self.losses,
         });
         format!("{json:#}\n")
     }
+}
+
+/// The median of `times`, `None` if empty.
+fn median(mut times: Vec<f64>) -> Option<f64> {
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied()
 }
 
 /// Refuses sizes that cannot be held before anything is built: the synthetic
@@ -545,6 +556,7 @@ pub fn run(args: &Args) -> Result<Summary> {
     let warmup = (todo / 10).clamp(1, 10);
     let mut losses = Vec::with_capacity(todo as usize);
     let mut steady_start = None;
+    let mut step_times = Vec::with_capacity(todo as usize);
     let start = Instant::now();
     // After the warm-up, or from the start of a run too short for one.
     let first_traced = if todo > warmup { warmup } else { 0 };
@@ -557,7 +569,12 @@ pub fn run(args: &Args) -> Result<Summary> {
         if args.trace.is_some() && i == traced.0 {
             trainer.workspace().start_trace();
         }
-        trainer.step().map_err(|e| match e {
+        let step_start = Instant::now();
+        let stepped = trainer.step();
+        if steady_start.is_some() {
+            step_times.push(step_start.elapsed().as_secs_f64());
+        }
+        stepped.map_err(|e| match e {
             Error::NonFinite { what } => Error::Config(format!(
                 "the loss diverged ({what} at iteration {}); lower --lr",
                 first_iter + i + 1
@@ -637,6 +654,7 @@ pub fn run(args: &Args) -> Result<Summary> {
         losses,
         heldout_accuracy,
         images_per_sec,
+        median_step_seconds: median(step_times),
         rank,
         comm_seconds: comm_seconds(),
     };

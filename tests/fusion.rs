@@ -1,11 +1,10 @@
-//! Fused execution of batch norm and relu (`exec::fuse`): the executor runs
-//! `SpatialBN → Relu` and `ReluGradient → SpatialBNGradient` as one kernel
-//! each, and every blob a user can fetch holds the same bits as when the ops
-//! run apart.
+//! Fused execution (`exec::fuse`): the executor runs `SpatialBN → Relu`,
+//! `Sum → Relu` and `ReluGradient → SpatialBNGradient` as one kernel each, and
+//! every blob a user can fetch holds the same bits as when the ops run apart.
 
 mod common;
 
-use common::{cnn_batch, small_cnn_parallelize, trained_small_cnn};
+use common::{cnn_batch, random, small_cnn_parallelize, trained_small_cnn};
 use dpm::prelude::*;
 use dpm::proto::NetDef;
 
@@ -107,4 +106,105 @@ fn a_failing_fused_op_is_named_by_its_place_in_the_users_net() {
         y.data::<f32>().unwrap()[1] < 0.0,
         "Y keeps the values before the relu"
     );
+}
+
+/// A residual block on [`cnn_batch`]'s images: `relu(bn(conv(x)) + x)`.
+#[dpm::data_parallel]
+fn residual_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let data = m.input_with_shape("data", [3, 8, 8]);
+    let label = m.input("label");
+    let c = m.conv("c1", data, 4, 3).pad(1).build()?;
+    let b = m.spatial_bn("bn1", c)?;
+    let x = m.relu(b)?;
+    let c = m.conv("c2", x, 4, 3).pad(1).build()?;
+    let b = m.spatial_bn("bn2", c)?;
+    let s = m.add("block_sum", b, x)?;
+    let r = m.relu(s)?;
+    let g = m.global_average_pool(r)?;
+    let logits = m.fc("fc", g, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+#[test]
+fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
+    for net_type in ["dag", "simple"] {
+        let run = |fuse: bool| {
+            let mut step = 0u64;
+            let mut t = Parallelize::new(ModelHelper::new("res"))
+                .devices([Device::cpu(0), Device::cpu(1)])
+                .input(move || {
+                    step += 1;
+                    Ok(cnn_batch(step, 8))
+                })
+                .forward(residual_cnn)
+                .update(Sgd::new(0.1).momentum(0.9))
+                .net_type(net_type)
+                .fuse_ops(fuse)
+                .build()
+                .unwrap();
+            t.run_init().unwrap();
+            t.workspace().set_profiling(true);
+            t.run(3).unwrap();
+            t
+        };
+        let (fused, apart) = (run(true), run(false));
+        same_blobs(fused.workspace(), apart.workspace());
+        let (f, a) = (op_types(fused.workspace()), op_types(apart.workspace()));
+        assert!(
+            f.iter().any(|x| x == "Sum+Relu") && !a.iter().any(|x| x == "Sum+Relu"),
+            "{f:?}"
+        );
+        assert!(!f.iter().any(|x| x == "Relu" || x == "Add"), "{f:?}");
+    }
+}
+
+#[test]
+fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
+    // Long enough for several blocks and a partial one; NaN, ±0 and both
+    // signs among the inputs.
+    let len = 5001;
+    let mut net = Net::new("sums");
+    let inputs = ["a", "b", "c"];
+    for k in 1..=3 {
+        let s = format!("s{k}");
+        net.op("Sum").inputs(inputs[..k].iter().copied()).output(&s).build();
+        net.op("Relu").input(&s).output(format!("r{k}")).build();
+    }
+    let run = |fuse: bool| {
+        let ws = Workspace::new();
+        ws.set_profiling(true);
+        for (i, name) in inputs.iter().enumerate() {
+            let mut x = random(&[len], 7 + i as u64, -1.0, 1.0, 0.0);
+            let d = x.data_mut::<f32>().unwrap();
+            d[17 * (i + 1)] = f32::NAN;
+            d[100] = if i == 0 { -0.0 } else { 0.0 };
+            ws.feed(*name, x);
+        }
+        ws.run_net_once(&fusing(net.proto(), fuse)).unwrap();
+        ws
+    };
+    let (fused, apart) = (run(true), run(false));
+    same_blobs(&fused, &apart);
+    assert_eq!(op_types(&fused), ["Sum+Relu"]);
+    // Against the definition too.
+    let r3 = fused.fetch("r3").unwrap();
+    let (a, b, c) = (
+        fused.fetch("a").unwrap(),
+        fused.fetch("b").unwrap(),
+        fused.fetch("c").unwrap(),
+    );
+    let (a, b, c) = (
+        a.data::<f32>().unwrap(),
+        b.data::<f32>().unwrap(),
+        c.data::<f32>().unwrap(),
+    );
+    for (i, &r) in r3.data::<f32>().unwrap().iter().enumerate() {
+        let s = a[i] + b[i] + c[i];
+        let want = if s.is_nan() { s } else { s.max(0.0) };
+        assert!(
+            r.to_bits() == want.to_bits() || (r.is_nan() && want.is_nan()) || (r == 0.0 && want == 0.0),
+            "{i}: {r} {want}"
+        );
+    }
 }

@@ -78,6 +78,9 @@ fn tiny_resnet_trains_on_two_devices_and_its_loss_decreases() {
         Some(f64::from(s.heldout_accuracy))
     );
     assert!((json["images_per_sec"].as_f64().unwrap() - s.images_per_sec).abs() < 1e-9 * s.images_per_sec);
+    let median = s.median_step_seconds.expect("80 steps have a steady state");
+    assert!(median > 0.0 && median.is_finite(), "{median}");
+    assert_eq!(json["median_step_seconds"].as_f64(), Some(median));
     assert_eq!(json["losses"].as_array().map(Vec::len), Some(80));
     // The exported predictor and ONNX model load and give probabilities.
     let p = dpm::Predictor::load(dir.join("model/init_net.pb"), dir.join("model/predict_net.pb")).unwrap();

@@ -8,6 +8,10 @@
 //! - `SpatialBN → Relu` (the relu reading the batch norm's output, and waiting
 //!   on nothing else) becomes `SpatialBN+Relu`: `relu(Y)` is written plane by
 //!   plane with Y, while Y is in cache, instead of in a second pass over Y.
+//! - `Sum → Relu` (or `Add → Relu`: a residual connection) becomes `Sum+Relu`:
+//!   the sum and its relu are written block by block in one pass, instead of
+//!   copying the first input to the output, adding the others to it, and
+//!   reading the result again for the relu.
 //! - `ReluGradient → SpatialBNGradient` (the latter reading the former's dY)
 //!   becomes `ReluGradient+SpatialBNGradient`: each plane of dY is masked and then summed
 //!   while in cache, instead of being written in one pass and read in another.
@@ -27,7 +31,7 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
     }
     // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside
     // another. (Neither can be an op the loop fuses from: those are batch
-    // norms and relu gradients.)
+    // norms, sums and relu gradients.)
     let mut replaced: Vec<Option<OperatorDef>> = vec![None; ops.len()];
     let mut absorbed = vec![false; ops.len()];
     for i in 0..ops.len() {
@@ -35,10 +39,17 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
             continue;
         }
         match ops[i].op_type() {
-            "SpatialBN" => {
-                if let Some(j) = bn_relu(net, deps, &absorbed, i) {
+            "SpatialBN" | "Sum" | "Add" => {
+                if ops[i].op_type() != "SpatialBN" && !sum_out_of_place(&ops[i]) {
+                    continue;
+                }
+                if let Some(j) = absorbable_relu(net, deps, &absorbed, i) {
                     let mut f = ops[i].clone();
-                    f.r#type = Some("SpatialBN+Relu".into());
+                    let fused = match ops[i].op_type() {
+                        "SpatialBN" => "SpatialBN+Relu",
+                        _ => "Sum+Relu",
+                    };
+                    f.r#type = Some(fused.into());
                     f.output.push(ops[j].output[0].clone());
                     replaced[i] = Some(f);
                     absorbed[j] = true;
@@ -76,11 +87,19 @@ fn on_cpu(net: &NetDef, op: &OperatorDef) -> bool {
     d.is_none_or(|d| matches!(Device::from_proto(d), Ok(Device::Cpu(_))))
 }
 
-/// The `Relu` that `SpatialBN` op `i` can absorb: it reads only the batch
-/// norm's output, waits on no other op (so nothing between them touches its
-/// output) and writes a blob of its own.
-fn bn_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usize) -> Option<usize> {
-    let (bn, y) = (&net.op[i], net.op[i].output.first()?);
+/// Whether `Sum`/`Add` op `op` is one the unfused kernel accepts (so that
+/// errors stay the unfused op's) and writes a blob none of its inputs names
+/// (an in-place sum, a gradient accumulation, gains nothing from fusion).
+fn sum_out_of_place(op: &OperatorDef) -> bool {
+    let accepted = crate::ops::cpu::elementwise::sum_arity(op).is_ok_and(|a| a.contains(&op.input.len()));
+    accepted && op.output.len() == 1 && !op.input.contains(&op.output[0])
+}
+
+/// The `Relu` that op `i` (a batch norm or a sum) can absorb: it reads only
+/// op `i`'s first output, waits on no other op (so nothing between them
+/// touches its output) and writes a blob of its own.
+fn absorbable_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usize) -> Option<usize> {
+    let (op, y) = (&net.op[i], net.op[i].output.first()?);
     let j = (i + 1..net.op.len()).find(|&j| net.op[j].input.contains(y))?;
     let relu = &net.op[j];
     let fits = relu.op_type() == "Relu"
@@ -89,9 +108,9 @@ fn bn_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usize) -> Op
         && relu.output.len() == 1
         && relu.control_input.is_empty()
         && deps[j] == [i]
-        && relu.device_option == bn.device_option
-        && !bn.output.contains(&relu.output[0])
-        && !bn.input.contains(&relu.output[0]);
+        && relu.device_option == op.device_option
+        && !op.output.contains(&relu.output[0])
+        && !op.input.contains(&relu.output[0]);
     fits.then_some(j)
 }
 
@@ -210,6 +229,55 @@ mod tests {
         let mut n = m.into_proto();
         n.op.iter_mut().for_each(|o| o.device_option = None);
         assert_eq!(run(&n).0, ["SpatialBN", "Relu"]);
+    }
+
+    #[test]
+    fn a_sum_then_relu_fuse_in_the_sums_place_unless_the_sum_is_in_place() {
+        for ty in ["Sum", "Add"] {
+            let n = net(|n| {
+                n.op(ty).inputs(["a", "b"]).output("s").build();
+                n.op("Relu").input("s").output("r").build();
+            });
+            let deps = super::super::plan::dependencies(&n.op).unwrap();
+            let (ops, index) = fuse(&n, &deps);
+            assert_eq!(index, [0]);
+            assert_eq!(ops[0].op_type(), "Sum+Relu");
+            assert_eq!(
+                (&ops[0].input[..], &ops[0].output[..]),
+                (
+                    &["a".to_string(), "b".into()][..],
+                    &["s".to_string(), "r".into()][..]
+                )
+            );
+        }
+        let three = net(|n| {
+            n.op("Sum").inputs(["a", "b", "c"]).output("s").build();
+            n.op("Relu").input("s").output("r").build();
+        });
+        assert_eq!(run(&three).0, ["Sum+Relu"]);
+        // Accumulating in place (a gradient sum), an `Add` its kernel would
+        // reject (three inputs, broadcasting): the ops run apart, and the
+        // rejection names the `Add`.
+        let in_place = net(|n| {
+            n.op("Sum").inputs(["a", "b"]).output("a").build();
+            n.op("Relu").input("a").output("r").build();
+        });
+        let add3 = net(|n| {
+            n.op("Add").inputs(["a", "b", "c"]).output("s").build();
+            n.op("Relu").input("s").output("r").build();
+        });
+        let broadcast = net(|n| {
+            n.op("Add")
+                .inputs(["a", "b"])
+                .output("s")
+                .arg("broadcast", 1i64)
+                .build();
+            n.op("Relu").input("s").output("r").build();
+        });
+        for n in [in_place, add3, broadcast] {
+            assert_eq!(run(&n).0.last().map(String::as_str), Some("Relu"));
+            assert_eq!(run(&n).0.len(), 2);
+        }
     }
 
     fn grads(n: &mut Net, between: impl FnOnce(&mut Net)) {

@@ -125,6 +125,59 @@ impl Kernel for Sum {
     }
 }
 
+/// `Sum` (or `Add`) and the `Relu` of its result in one pass (the executor's
+/// `Sum+Relu`, see `exec::fuse`): `Y = X0 + X1 + …` and `R = relu(Y)`, both
+/// written while a block of Y is in cache. Y is summed in `Sum`'s order, so
+/// both outputs have the bits of the pair run apart, which also copied X0
+/// into Y before adding to it.
+pub struct SumRelu;
+
+/// Elements per block: the partial sums of a block stay in L1 across inputs.
+const SUM_BLOCK: usize = 2048;
+
+impl Kernel for SumRelu {
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(1..=usize::MAX)?;
+        ctx.expect_outputs(2..=2)?;
+        let (x0, first) = ctx.input_f32(0)?;
+        let shape = x0.shape().clone();
+        let others = (1..ctx.num_inputs())
+            .map(|i| {
+                same_shape(ctx, i, &shape)?;
+                ctx.input_data::<f32>(i)
+            })
+            .collect::<Result<crate::ops::OpList<_>>>()?;
+        let names = &ctx.def().output;
+        let [y, r] = ctx.outputs() else {
+            unreachable!("two outputs checked above")
+        };
+        let y = y
+            .resize::<f32>(shape.clone())
+            .map_err(|e| e.with_blob(&names[0]))?;
+        let r = r.resize::<f32>(shape).map_err(|e| e.with_blob(&names[1]))?;
+        if let [x1] = others[..] {
+            for (((y, r), &a), &b) in y.iter_mut().zip(r.iter_mut()).zip(first).zip(x1) {
+                *y = a + b;
+                *r = relu(*y);
+            }
+            return Ok(());
+        }
+        for (k, (yb, rb)) in y.chunks_mut(SUM_BLOCK).zip(r.chunks_mut(SUM_BLOCK)).enumerate() {
+            let at = k * SUM_BLOCK;
+            yb.copy_from_slice(&first[at..at + yb.len()]);
+            for x in &others {
+                for (y, &x) in yb.iter_mut().zip(&x[at..]) {
+                    *y += x;
+                }
+            }
+            for (r, &y) in rb.iter_mut().zip(&*yb) {
+                *r = relu(y);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `Scale(X) → scale · X`. With `require_scalar = 1` (set on the loss scaling the
 /// parallel layer injects), X must hold exactly one element.
 pub struct Scale {
