@@ -444,3 +444,109 @@ fn spatial_bn_is_accurate_when_the_mean_dwarfs_the_spread() {
         "mean {mean} var {var}"
     );
 }
+
+/// Channel `ch` of an `[n, c, …]` tensor, as an `[n, 1, …]` one.
+fn channel(t: &Tensor, ch: usize) -> Tensor {
+    let d = t.dims();
+    let plane: usize = d[2..].iter().product();
+    let v: Vec<f32> = t
+        .data::<f32>()
+        .unwrap()
+        .chunks(plane)
+        .skip(ch)
+        .step_by(d[1])
+        .flatten()
+        .copied()
+        .collect();
+    let mut shape = d.to_vec();
+    shape[1] = 1;
+    Tensor::from_vec(shape, v).unwrap()
+}
+
+#[test]
+fn batch_norm_of_a_large_tensor_gives_each_channel_the_bits_it_gets_alone() {
+    // Tensors of 320 KiB, about 2 MiB in all that the passes touch: each channel is
+    // normalised, and its gradient taken, with its own statistics only, summed
+    // in the same order as for the channel alone. Forward and backward, fused
+    // with relu and apart, training and inference.
+    let (n, c, side) = (4, 5, 64);
+    let full = [
+        ("x", random(&[n, c, side, side], 41, -2.0, 3.0, 0.0)),
+        ("scale", random(&[c], 42, 0.5, 1.5, 0.0)),
+        ("bias", random(&[c], 43, -1.0, 1.0, 0.0)),
+        ("rm", random(&[c], 44, -0.5, 0.5, 0.0)),
+        ("rv", random(&[c], 45, 0.5, 1.5, 0.0)),
+        ("dr", random(&[n, c, side, side], 46, -1.0, 1.0, 0.0)),
+    ];
+    for (is_test, fuse) in [(0i64, 1i64), (0, 0), (1, 1)] {
+        let mut net = Net::new("bn");
+        net.set_arg("dpm_fuse", fuse);
+        let outs: &[&str] = if is_test == 1 {
+            &["y"]
+        } else {
+            &["y", "rm", "rv", "sm", "siv"]
+        };
+        net.op("SpatialBN")
+            .inputs(["x", "scale", "bias", "rm", "rv"])
+            .outputs(outs.iter().copied())
+            .arg("is_test", is_test)
+            .build();
+        net.op("Relu").input("y").output("r").build();
+        net.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+        let stats = if is_test == 1 { ["rm", "rv"] } else { ["sm", "siv"] };
+        net.op("SpatialBNGradient")
+            .inputs(["x", "scale", "dy", stats[0], stats[1]])
+            .outputs(["dx", "dscale", "dbias"])
+            .arg("is_test", is_test)
+            .build();
+        let run = |feeds: &[(&str, Tensor)]| {
+            let ws = Workspace::new();
+            ws.set_profiling(true);
+            for (k, v) in feeds {
+                ws.feed(*k, v.clone());
+            }
+            ws.run_net_once(net.proto()).unwrap();
+            ws
+        };
+        let whole = run(&full);
+        let ran: Vec<String> = whole.op_times().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(ran.iter().any(|t| t.contains('+')), fuse == 1, "{ran:?}");
+        for ch in 0..c {
+            let one: Vec<(&str, Tensor)> = full
+                .iter()
+                .map(|(k, v)| {
+                    let v = if v.dims().len() == 4 {
+                        channel(v, ch)
+                    } else {
+                        Tensor::from_vec([1], vec![v.data::<f32>().unwrap()[ch]]).unwrap()
+                    };
+                    (*k, v)
+                })
+                .collect();
+            let alone = run(&one);
+            for blob in ["y", "r", "dy", "dx"] {
+                let (w, a) = (
+                    channel(&whole.fetch(blob).unwrap(), ch),
+                    alone.fetch(blob).unwrap(),
+                );
+                assert!(
+                    w.bitwise_eq(&a),
+                    "is_test {is_test}, fuse {fuse}: `{blob}` of channel {ch}"
+                );
+            }
+            let mut per_channel = vec!["dscale", "dbias"];
+            if is_test == 0 {
+                per_channel.extend(["rm", "rv", "sm", "siv"]);
+            }
+            for blob in per_channel {
+                let w = whole.fetch(blob).unwrap().data::<f32>().unwrap()[ch];
+                let a = alone.fetch(blob).unwrap().data::<f32>().unwrap()[0];
+                assert_eq!(
+                    w.to_bits(),
+                    a.to_bits(),
+                    "is_test {is_test}, fuse {fuse}: `{blob}`[{ch}]"
+                );
+            }
+        }
+    }
+}

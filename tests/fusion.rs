@@ -168,7 +168,10 @@ fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
     let inputs = ["a", "b", "c"];
     for k in 1..=3 {
         let s = format!("s{k}");
-        net.op("Sum").inputs(inputs[..k].iter().copied()).output(&s).build();
+        net.op("Sum")
+            .inputs(inputs[..k].iter().copied())
+            .output(&s)
+            .build();
         net.op("Relu").input(&s).output(format!("r{k}")).build();
     }
     let run = |fuse: bool| {
