@@ -161,6 +161,8 @@ fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
 
 #[test]
 fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
+    // (Apart, each `Sum` writes a blob other than its first input: it reads
+    // X0 itself and writes X0 + X1 in one pass, see `Kernel::reads_in_place_source`.)
     // Long enough for several blocks and a partial one; NaN, ±0 and both
     // signs among the inputs.
     let len = 5001;
@@ -190,20 +192,29 @@ fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
     let (fused, apart) = (run(true), run(false));
     same_blobs(&fused, &apart);
     assert_eq!(op_types(&fused), ["Sum+Relu"]);
-    // Against the definition too.
-    let r3 = fused.fetch("r3").unwrap();
-    let (a, b, c) = (
-        fused.fetch("a").unwrap(),
-        fused.fetch("b").unwrap(),
-        fused.fetch("c").unwrap(),
-    );
-    let (a, b, c) = (
-        a.data::<f32>().unwrap(),
-        b.data::<f32>().unwrap(),
-        c.data::<f32>().unwrap(),
-    );
-    for (i, &r) in r3.data::<f32>().unwrap().iter().enumerate() {
-        let s = a[i] + b[i] + c[i];
+    // Against the definition too: the sums bitwise (in input order), the relu
+    // of the last one.
+    let get = |b: &str| fused.fetch(b).unwrap().data::<f32>().unwrap().to_vec();
+    let (a, b, c) = (get("a"), get("b"), get("c"));
+    let sums: [Vec<f32>; 3] = [
+        a.clone(),
+        (0..len).map(|i| a[i] + b[i]).collect(),
+        (0..len).map(|i| a[i] + b[i] + c[i]).collect(),
+    ];
+    for (k, want) in sums.iter().enumerate() {
+        let got = get(&format!("s{}", k + 1));
+        for i in 0..len {
+            assert!(
+                got[i].to_bits() == want[i].to_bits() || (got[i].is_nan() && want[i].is_nan()),
+                "s{}[{i}]: {} {}",
+                k + 1,
+                got[i],
+                want[i]
+            );
+        }
+    }
+    for (i, &r) in get("r3").iter().enumerate() {
+        let s = sums[2][i];
         let want = if s.is_nan() { s } else { s.max(0.0) };
         assert!(
             r.to_bits() == want.to_bits() || (r.is_nan() && want.is_nan()) || (r == 0.0 && want == 0.0),

@@ -104,6 +104,8 @@ impl Step {
                 let l = lock_of(name);
                 match kernel.in_place().iter().find(|(ii, _)| *ii == i) {
                     Some(&(_, o)) if def.output[o] == *name => InputSrc::InPlace { out: o, from: None },
+                    // The kernel reads a source of its own itself.
+                    Some(_) if kernel.reads_in_place_source() && !names[l].1 => InputSrc::Read(l),
                     Some(&(_, o)) => InputSrc::InPlace {
                         out: o,
                         from: Some(l),

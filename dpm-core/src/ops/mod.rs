@@ -28,6 +28,14 @@ pub trait Kernel: Send + Sync {
     fn in_place(&self) -> &[(usize, usize)] {
         &[]
     }
+
+    /// Whether, for an in-place pair whose two blobs differ, the kernel reads
+    /// the input itself ([`OpContext::in_place_input`]) instead of having the
+    /// executor copy it into the output first: one pass fewer over memory
+    /// (`Sum` writes `X0 + X1` straight into Y).
+    fn reads_in_place_source(&self) -> bool {
+        false
+    }
 }
 
 /// A per-op list (inputs, outputs, locks) that needs no allocation for up to
@@ -132,6 +140,13 @@ impl<'a> OpContext<'a> {
             .ok_or_else(|| Error::MissingBlob {
                 name: self.def.input.get(i).cloned().unwrap_or_default(),
             })
+    }
+
+    /// Input `i` of an in-place pair (see [`Kernel::reads_in_place_source`]):
+    /// `Some` when it is a blob of its own, for the kernel to read; `None` when
+    /// its value is already in the output (the two names are one blob).
+    pub fn in_place_input(&self, i: usize) -> Option<&'a Tensor> {
+        self.inputs.get(i).copied().flatten()
     }
 
     /// The elements of input `i`, which must be of type `T`.

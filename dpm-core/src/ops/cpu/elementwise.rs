@@ -72,7 +72,8 @@ impl Kernel for ReluGradient {
 }
 
 /// `Sum(X0, X1, …) → Y`, all of one shape (also `Add(A, B)`). Accumulates into
-/// output 0 in place, so gradient accumulation allocates nothing.
+/// output 0 in place when Y is X0, so gradient accumulation allocates nothing;
+/// otherwise writes `X0 + X1` in one pass, then adds the rest.
 pub struct Sum {
     arity: std::ops::RangeInclusive<usize>,
 }
@@ -105,19 +106,43 @@ impl Kernel for Sum {
         &[(0, 0)]
     }
 
+    fn reads_in_place_source(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         ctx.expect_inputs(self.arity.clone())?;
         ctx.expect_outputs(1..=1)?;
-        let shape = ctx.output(0).shape().clone();
+        // X0 is its own blob (Y = X0 + X1 + …, written in one pass) or already
+        // in Y (accumulated into in place).
+        let first = ctx.in_place_input(0);
+        let shape = first.map_or_else(|| ctx.output(0).shape().clone(), |x| x.shape().clone());
         let others = (1..ctx.num_inputs())
             .map(|i| {
                 same_shape(ctx, i, &shape)?;
                 ctx.input_data::<f32>(i)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let y = ctx.output_data::<f32>(0)?;
-        for x in others {
-            for (y, x) in y.iter_mut().zip(x) {
+            .collect::<Result<crate::ops::OpList<_>>>()?;
+        let mut rest = &others[..];
+        let y = match first {
+            Some(_) => {
+                let x0 = ctx.input_data::<f32>(0)?;
+                let y = ctx.resize_output::<f32>(0, shape)?;
+                match others.split_first() {
+                    Some((x1, more)) => {
+                        for ((y, &a), &b) in y.iter_mut().zip(x0).zip(*x1) {
+                            *y = a + b;
+                        }
+                        rest = more;
+                    }
+                    None => y.copy_from_slice(x0),
+                }
+                y
+            }
+            None => ctx.output_data::<f32>(0)?,
+        };
+        for x in rest {
+            for (y, x) in y.iter_mut().zip(*x) {
                 *y += x;
             }
         }
