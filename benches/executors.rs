@@ -3,7 +3,8 @@
 //! the `dag` executor (the default) and `simple`, in alternating rounds;
 //! prints the median time per step of each configuration and the ratios.
 //! `cargo bench --bench executors [-- ROUNDS STEPS]`; with `PROFILE=1`, the
-//! step time of the README MLP on 1 and 2 devices against the time in its ops.
+//! step time of the README MLP on 1 and 2 devices against the time in its ops;
+//! with `ATOMIC=0`, without atomic steps (what saving the state costs).
 
 use std::time::Instant;
 
@@ -61,6 +62,7 @@ fn trainer(model: usize, devices: usize, net_type: Option<&str>) -> Result<Train
         p = p.net_type(t);
     }
     let mut t = p.build()?;
+    t.set_atomic_steps(std::env::var("ATOMIC").map_or(true, |v| v != "0"));
     t.run_init()?;
     t.run(5)?;
     Ok(t)

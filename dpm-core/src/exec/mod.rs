@@ -5,19 +5,21 @@
 //! dependencies computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
 //! on the calling thread) or the `dag` executor (ops as soon as their data and
 //! control dependencies are done, on a pool of worker threads; `dag.rs`, the
-//! threads kept between runs in `pool.rs`).
+//! threads kept between runs in `pool.rs`). A trainer's atomic steps save the
+//! state blobs an op is about to change, as the op runs (`snapshot.rs`).
 
 mod dag;
 mod fuse;
 mod plan;
 mod pool;
 mod profile;
+mod snapshot;
 pub mod trace;
 mod tune;
 mod workspace;
 
-pub(crate) use plan::BlobCell;
 pub use profile::OpTime;
+pub(crate) use snapshot::Snapshot;
 pub use trace::{Overlap, Trace, TraceEvent};
 pub use workspace::Workspace;
 

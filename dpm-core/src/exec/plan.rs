@@ -44,6 +44,15 @@ pub(crate) struct Step {
     inputs: Vec<InputSrc>,
     /// Lock index of each output.
     outputs: Vec<usize>,
+    /// What the op saves in an atomic step; `None` if it writes no guarded blob.
+    saves: Option<Saves>,
+}
+
+/// The atomic-step guard, with `(lock, slot)` of each guarded blob an op
+/// writes (see `snapshot.rs`).
+struct Saves {
+    snap: Arc<super::Snapshot>,
+    slots: OpList<(usize, usize)>,
 }
 
 enum Guard<'a> {
@@ -116,7 +125,14 @@ impl Step {
             })
             .collect();
         let outputs = def.output.iter().map(|n| lock_of(n)).collect();
-        let locks = names.iter().map(|(n, w)| (ws.cell(n), *w)).collect();
+        let locks: Vec<(BlobCell, bool)> = names.iter().map(|(n, w)| (ws.cell(n), *w)).collect();
+        let saves = ws.snapshot().and_then(|snap| {
+            let slots: OpList<(usize, usize)> = (locks.iter().enumerate())
+                .filter(|(_, (_, w))| *w)
+                .filter_map(|(l, (c, _))| Some((l, snap.slot_of(c)?)))
+                .collect();
+            (!slots.is_empty()).then_some(Saves { snap, slots })
+        });
         Ok(Step {
             index,
             device,
@@ -126,6 +142,7 @@ impl Step {
             locks,
             inputs,
             outputs,
+            saves,
         })
     }
 
@@ -146,6 +163,12 @@ impl Step {
                 false => Guard::R(c.read().unwrap_or_else(|e| e.into_inner())),
             })
             .collect();
+        // In an atomic step, what the op is about to change is saved first.
+        if let Some(s) = &self.saves {
+            for &(l, slot) in &s.slots {
+                s.snap.save(slot, guards[l].get())?;
+            }
+        }
         // Values that must be read from blobs the op is about to overwrite.
         let mut clones: OpList<Option<Tensor>> = OpList::new();
         for (i, src) in self.inputs.iter().enumerate() {

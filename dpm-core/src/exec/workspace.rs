@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::plan::{BlobCell, Plan};
 use super::profile::{OpTime, Profile};
+use super::snapshot::Snapshot;
 use crate::error::{Error, Result};
 use crate::proto::NetDef;
 use crate::tensor::Tensor;
@@ -18,6 +19,8 @@ pub struct Workspace {
     nets: Mutex<HashMap<String, Arc<Plan>>>,
     kernel_threads: AtomicUsize,
     profile: Profile,
+    /// The blobs atomic steps guard (see [`Workspace::guard`]).
+    snapshot: RwLock<Option<Arc<Snapshot>>>,
 }
 
 impl Default for Workspace {
@@ -27,6 +30,7 @@ impl Default for Workspace {
             nets: Mutex::default(),
             kernel_threads: AtomicUsize::new(1),
             profile: Profile::default(),
+            snapshot: RwLock::default(),
         }
     }
 }
@@ -118,6 +122,21 @@ impl Workspace {
 
     fn profile(&self) -> Option<&Profile> {
         self.profile.active().then_some(&self.profile)
+    }
+
+    /// Guards blobs `names` for atomic steps (the first call decides; later
+    /// ones keep it): the nets created from now on save each of them before
+    /// an op changes it during a guarded step (see [`Snapshot`]). Returns the
+    /// guard, to begin, end and undo steps with.
+    pub(crate) fn guard(&self, names: &[String]) -> Arc<Snapshot> {
+        let mut g = write(&self.snapshot);
+        g.get_or_insert_with(|| Arc::new(Snapshot::new(names.iter().map(|n| self.cell(n)).collect())))
+            .clone()
+    }
+
+    /// The guard of [`Workspace::guard`], if any (for the nets being compiled).
+    pub(crate) fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        read(&self.snapshot).clone()
     }
 
     /// The cell of `name`, created empty if absent.

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{analysis, Group};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::{BlobCell, Workspace};
+use crate::exec::{Snapshot, Workspace};
 use crate::graph::{BlobRef, Device, Net};
 use crate::model::ModelHelper;
 use crate::proto::NetDef;
@@ -55,10 +55,10 @@ pub struct Trainer {
     sync_net: NetDef,
     initialized: bool,
     blob_devices: HashMap<String, Device>,
-    /// The state before the current step, for undoing a failed one: each
-    /// state blob's cell (resolved once: a workspace never drops a cell) and
-    /// its copy.
-    snapshot: Vec<(String, BlobCell, Tensor)>,
+    /// The guard of the state blobs, which saves each before a step's op
+    /// changes it, for undoing a failed step (see `exec::Snapshot`); made by
+    /// `run_init`.
+    snapshot: Option<std::sync::Arc<Snapshot>>,
     atomic: bool,
     finite: FiniteCheck,
     /// The batches of a failed step, fed again by the next.
@@ -118,7 +118,7 @@ impl Trainer {
             sync_net: sync.into_proto(),
             initialized: false,
             blob_devices,
-            snapshot: Vec::new(),
+            snapshot: None,
             atomic: true,
             finite: FiniteCheck::Off,
             pending: None,
@@ -167,18 +167,16 @@ impl Trainer {
         ]
     }
 
-    /// Whether a failed step is undone (default on): before each step the
-    /// parameters, momenta, computed params and `ITER` of every device are copied
-    /// aside, and a step that fails anywhere (any op, any device, a non-finite
-    /// check) puts them back and keeps its batch for the next `step()`, which
-    /// therefore computes exactly what the failed one would have. Off, a step
-    /// costs one copy of that state less, and a failed step may leave replicas
+    /// Whether a failed step is undone (default on): during each step the
+    /// parameters, momenta, computed params and `ITER` of every device are
+    /// copied aside (each by the op about to change it, just before), and a
+    /// step that fails anywhere (any op, any device, a non-finite check) puts
+    /// them back and keeps its batch for the next `step()`, which therefore
+    /// computes exactly what the failed one would have. Off, a step costs one
+    /// copy of that state less, and a failed step may leave replicas
     /// half-updated. Across ranks, a failed step ends the job.
     pub fn set_atomic_steps(&mut self, on: bool) {
         self.atomic = on;
-        if !on {
-            self.snapshot.clear();
-        }
     }
 
     /// What each step checks is finite (see [`FiniteCheck`]).
@@ -208,33 +206,6 @@ impl Trainer {
         v.sort();
         v.dedup();
         v
-    }
-
-    fn take_snapshot(&mut self) -> Result<()> {
-        if self.snapshot.is_empty() {
-            self.snapshot = (self.state_blobs().into_iter())
-                .map(|name| (name.clone(), self.ws.cell(&name), Tensor::default()))
-                .collect();
-        }
-        for (name, cell, copy) in &mut self.snapshot {
-            let cur = cell.read().unwrap_or_else(|e| e.into_inner());
-            let cur = cur
-                .as_ref()
-                .ok_or_else(|| Error::MissingBlob { name: name.clone() })?;
-            copy.copy_from(cur)?;
-        }
-        Ok(())
-    }
-
-    fn restore_snapshot(&self) -> Result<()> {
-        for (name, cell, copy) in &self.snapshot {
-            let mut cur = cell.write().unwrap_or_else(|e| e.into_inner());
-            let cur = cur
-                .as_mut()
-                .ok_or_else(|| Error::MissingBlob { name: name.clone() })?;
-            cur.copy_from(copy)?;
-        }
-        Ok(())
     }
 
     /// The finite check after a step that ran.
@@ -272,6 +243,8 @@ impl Trainer {
             self.check_same_collectives()?;
         }
         self.ws.run_net_once(self.p.model.init_net().proto())?;
+        // Before the nets are compiled: they save what they change of it.
+        self.snapshot = Some(self.ws.guard(&self.state_blobs()));
         self.ws.create_net(self.p.model.net().proto())?;
         self.ws.create_net(&self.sync_net)?;
         if self.p.accumulate > 1 {
@@ -314,9 +287,6 @@ impl Trainer {
         } else {
             (Vec::new(), None)
         };
-        if self.atomic {
-            self.take_snapshot()?;
-        }
         // The next batches are drawn here (sources need not be `Send`), then
         // split and sent to the devices by a helper thread while this step runs
         // — when that pays: for GPUs (uploads) or batches of 256 KiB and more.
@@ -329,6 +299,10 @@ impl Trainer {
             _ => None,
         };
         let split = (self.p.devices.clone(), self.shard_id(), self.num_shards());
+        let guard = self.snapshot.clone().filter(|_| self.atomic);
+        if let Some(g) = &guard {
+            g.begin();
+        }
         let ran = std::thread::scope(|scope| {
             let next = next_host.map(|host| {
                 scope.spawn(move || -> Result<Ahead> {
@@ -351,9 +325,16 @@ impl Trainer {
             }
             ran
         });
+        let restored = match (&ran, &guard) {
+            (Err(_), Some(g)) => g.restore(),
+            _ => Ok(()),
+        };
+        if let Some(g) = &guard {
+            g.end();
+        }
         if let Err(e) = ran {
-            if self.atomic {
-                self.restore_snapshot()?;
+            restored?;
+            if guard.is_some() {
                 self.pending = Some(batches).filter(|b| !b.is_empty());
             }
             return Err(e);
