@@ -196,7 +196,7 @@ pub(crate) fn reduce_local(ctx: &mut OpContext<'_>, spec: &AllreduceSpec, scale:
             return Ok(());
         }
     }
-    let names: Vec<String> = (0..n).map(|o| ctx.output_name(o).to_owned()).collect();
+    let names = &ctx.def().output[..n];
     for (outs, names) in ctx.outputs().chunks_mut(devices).zip(names.chunks(devices)) {
         let mut bufs = Vec::with_capacity(devices);
         for (t, name) in outs.iter_mut().zip(names) {

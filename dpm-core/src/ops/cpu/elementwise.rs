@@ -298,7 +298,7 @@ impl Kernel for WeightedSum {
                 same_shape(ctx, 2 * p, &shape)?;
                 Ok((ctx.input_data::<f32>(2 * p)?, ctx.input_scalar(2 * p + 1)?))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<crate::ops::OpList<_>>>()?;
         let y = ctx.output_data::<f32>(0)?;
         if w0 != 1.0 {
             y.iter_mut().for_each(|v| *v *= w0);

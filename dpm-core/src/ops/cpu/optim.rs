@@ -67,7 +67,7 @@ impl Kernel for MomentumSgdUpdate {
         ctx.expect_inputs(4..=4)?;
         ctx.expect_outputs(3..=3)?;
         let lr = ctx.input_scalar(2)?;
-        let names: Vec<String> = (0..3).map(|o| ctx.output_name(o).to_owned()).collect();
+        let names = &ctx.def().output;
         let outs = ctx.outputs();
         let n = outs[2].numel();
         for (o, t) in outs.iter().enumerate() {
