@@ -1033,5 +1033,8 @@ mod on_a_gpu {
         let ck = dpm::checkpoint::load(&path).unwrap();
         let (_, w) = ck.tensors.iter().find(|(k, _)| k == "hidden_w").unwrap();
         assert!(w.bitwise_eq(&saved), "the checkpoint changed");
+        // The failed step changed nothing on the GPU either (atomic steps).
+        let now = t.fetch("hidden_w", GPU).unwrap();
+        assert!(now.bitwise_eq(&saved), "the failed step changed the parameters");
     }
 }
