@@ -213,6 +213,11 @@ fn images() -> impl FnMut() -> Result<Vec<(String, Tensor)>> {
 }
 
 fn trainer(net_type: &str, lr: f32) -> Trainer {
+    accumulating_trainer(net_type, lr, 1)
+}
+
+/// [`trainer`], each step accumulating the gradients of `k` batches.
+fn accumulating_trainer(net_type: &str, lr: f32, k: usize) -> Trainer {
     let mut model = ModelHelper::new("convnet");
     model.set_seed(3);
     let mut t = Parallelize::new(model)
@@ -223,6 +228,7 @@ fn trainer(net_type: &str, lr: f32) -> Trainer {
         .net_type(net_type)
         // Small gradient buckets: several all-reduces, some of several tensors.
         .bucket_bytes(64)
+        .gradient_accumulation(k)
         .build()
         .unwrap();
     t.run_init().unwrap();
@@ -370,6 +376,46 @@ fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly(
                 t.run(STEPS - 2).unwrap();
                 same(&state(&t), &want, &format!("{net_type}, {op} #{nth}: at the end"));
             }
+        }
+    }
+}
+
+#[test]
+fn with_gradient_accumulation_a_failed_step_changes_nothing_either() {
+    // A step runs several nets (a forward and backward per batch, then the
+    // all-reduce and update): state the first batch changed (batch-norm
+    // running statistics) is put back when a later net fails.
+    let _serial = serial();
+    install_faults();
+    const STEPS: usize = 4;
+    for net_type in ["dag", "simple"] {
+        let mut reference = accumulating_trainer(net_type, 0.05, 2);
+        reference.run(STEPS).unwrap();
+        let want = state(&reference);
+        // Batch norm + relu runs once per device and batch: calls 2 and 3 are
+        // the second batch's.
+        for (op, nth) in [
+            ("SpatialBN+Relu", 2),
+            ("SpatialBN+Relu", 3),
+            ("ReluGradient+SpatialBNGradient", 3),
+            ("MomentumSGDUpdate", 0),
+            ("MomentumSGDUpdate", 11),
+        ] {
+            let mut t = accumulating_trainer(net_type, 0.05, 2);
+            t.run(1).unwrap();
+            let before = state(&t);
+            *FAULT.lock().unwrap() = Some((op, nth));
+            let injected = INJECTED.load(Ordering::Relaxed);
+            let e = t.step().expect_err("the fault must fail the step");
+            assert!(
+                INJECTED.load(Ordering::Relaxed) > injected,
+                "{op} #{nth} never ran"
+            );
+            assert!(e.to_string().contains("injected fault"), "{e}");
+            let what = format!("{net_type}, accumulating, {op} #{nth}");
+            same(&state(&t), &before, &format!("{what}: after the failed step"));
+            t.run(STEPS - 1).unwrap();
+            same(&state(&t), &want, &format!("{what}: at the end"));
         }
     }
 }
