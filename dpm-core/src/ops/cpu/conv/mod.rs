@@ -390,19 +390,21 @@ impl ConvGradient {
         packed.clear();
         let mut offsets = Vec::with_capacity(phases.len());
         dx_taps.resize_with(phases.len(), Taps::default);
+        // Where column (output channel, tap of p) of input channel 0 is in W:
+        // computed once per column, not per element (a division and a
+        // remainder per weight cost about 1% of a ResNet-20 step).
+        let mut col_at = Vec::new();
         for (p, dx_taps) in phases.iter().zip(dx_taps.iter_mut()) {
             offsets.push(packed.len());
             let nt = p.kernel_taps.len();
             for gi in 0..d.groups {
-                pack_panels(
-                    cg,
-                    mg * nt,
-                    |c, col| {
-                        let (ki, kj, _) = p.kernel_taps[col % nt];
-                        w[(((gi * mg + col / nt) * cg + c) * kh + ki) * kw + kj]
-                    },
-                    packed,
-                );
+                col_at.clear();
+                for mi in 0..mg {
+                    for &(ki, kj, _) in &p.kernel_taps {
+                        col_at.push(((gi * mg + mi) * cg * kh + ki) * kw + kj);
+                    }
+                }
+                pack_panels(cg, mg * nt, |c, col| w[col_at[col] + c * kh * kw], packed);
             }
             grad.taps(p, mg, dx_taps);
         }
