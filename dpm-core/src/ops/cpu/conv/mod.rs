@@ -484,11 +484,14 @@ impl ConvGradient {
                 }
             }
         });
-        // dW[g][m][kk] = Σ over workers of dWᵀ[g][kk][m], in worker order.
-        for (i, v) in dw.iter_mut().enumerate() {
-            let (gi, m, kk) = (i / (mg * k), i / k % mg, i % k);
-            let at = (gi * k + kk) * mgp + m;
-            *v = workers.iter().map(|wk| wk.dwt[at]).sum();
+        // dW[g][m][kk] = Σ over workers of dWᵀ[g][kk][m], in worker order
+        // (a row of dW at a time: no division per element).
+        for (row, dw_row) in dw.chunks_exact_mut(k.max(1)).enumerate() {
+            let (gi, m) = (row / mg, row % mg);
+            for (kk, v) in dw_row.iter_mut().enumerate() {
+                let at = (gi * k + kk) * mgp + m;
+                *v = workers.iter().map(|wk| wk.dwt[at]).sum();
+            }
         }
     }
 }
