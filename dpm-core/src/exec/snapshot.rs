@@ -108,8 +108,9 @@ impl Snapshot {
             .iter()
             .filter(|s| s.taken.load(Ordering::Acquire) == step)
         {
-            let saved = s.saved.lock().unwrap_or_else(|e| e.into_inner());
+            // The blob's lock first, then the copy's: the order `save` takes them in.
             let mut cur = s.cell.write().unwrap_or_else(|e| e.into_inner());
+            let saved = s.saved.lock().unwrap_or_else(|e| e.into_inner());
             match (saved.as_ref(), cur.as_mut()) {
                 (Some(copy), Some(t)) => t.copy_from(copy)?,
                 (Some(copy), None) => *cur = Some(copy.try_clone()?),
