@@ -328,6 +328,32 @@ faulty!(
     "MomentumSGDUpdate"
 );
 
+/// Fails `t`'s next step at call `fault.1` of op type `fault.0`, checks the
+/// step failed with the injected fault and changed no state, then runs
+/// `steps` more (the retried step takes the same batch) and checks the run
+/// ends with state `want`, as if nothing had happened.
+fn fail_once_then_finish(
+    t: &mut Trainer,
+    fault: (&'static str, usize),
+    steps: usize,
+    want: &[(String, Tensor)],
+    what: &str,
+) {
+    let (op, nth) = fault;
+    let before = state(t);
+    *FAULT.lock().unwrap() = Some(fault);
+    let injected = INJECTED.load(Ordering::Relaxed);
+    let e = t.step().expect_err("the fault must fail the step");
+    assert!(
+        INJECTED.load(Ordering::Relaxed) > injected,
+        "{op} #{nth} never ran"
+    );
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    same(&state(t), &before, &format!("{what}: after the failed step"));
+    t.run(steps).unwrap();
+    same(&state(t), want, &format!("{what}: at the end"));
+}
+
 #[test]
 fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly() {
     let _serial = serial();
@@ -357,24 +383,8 @@ fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly(
             for &nth in calls {
                 let mut t = trainer(net_type, 0.05);
                 t.run(2).unwrap();
-                let before = state(&t);
-                *FAULT.lock().unwrap() = Some((op, nth));
-                let injected = INJECTED.load(Ordering::Relaxed);
-                let e = t.step().expect_err("the fault must fail the step");
-                assert!(
-                    INJECTED.load(Ordering::Relaxed) > injected,
-                    "{op} #{nth} never ran"
-                );
-                assert!(e.to_string().contains("injected fault"), "{e}");
-                same(
-                    &state(&t),
-                    &before,
-                    &format!("{net_type}, {op} #{nth}: after the failed step"),
-                );
-                // The retried step takes the same batch: the run continues as if
-                // nothing had happened.
-                t.run(STEPS - 2).unwrap();
-                same(&state(&t), &want, &format!("{net_type}, {op} #{nth}: at the end"));
+                let what = format!("{net_type}, {op} #{nth}");
+                fail_once_then_finish(&mut t, (op, nth), STEPS - 2, &want, &what);
             }
         }
     }
@@ -403,19 +413,8 @@ fn with_gradient_accumulation_a_failed_step_changes_nothing_either() {
         ] {
             let mut t = accumulating_trainer(net_type, 0.05, 2);
             t.run(1).unwrap();
-            let before = state(&t);
-            *FAULT.lock().unwrap() = Some((op, nth));
-            let injected = INJECTED.load(Ordering::Relaxed);
-            let e = t.step().expect_err("the fault must fail the step");
-            assert!(
-                INJECTED.load(Ordering::Relaxed) > injected,
-                "{op} #{nth} never ran"
-            );
-            assert!(e.to_string().contains("injected fault"), "{e}");
             let what = format!("{net_type}, accumulating, {op} #{nth}");
-            same(&state(&t), &before, &format!("{what}: after the failed step"));
-            t.run(STEPS - 1).unwrap();
-            same(&state(&t), &want, &format!("{what}: at the end"));
+            fail_once_then_finish(&mut t, (op, nth), STEPS - 1, &want, &what);
         }
     }
 }

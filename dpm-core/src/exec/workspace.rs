@@ -126,15 +126,14 @@ impl Workspace {
 
     /// Guards blobs `names` for atomic steps (the first call decides; later
     /// ones keep it): the nets created from now on save each of them before
-    /// an op changes it during a guarded step (see [`Snapshot`]). Returns the
-    /// guard, to begin, end and undo steps with.
-    pub(crate) fn guard(&self, names: &[String]) -> Arc<Snapshot> {
-        let mut g = write(&self.snapshot);
-        g.get_or_insert_with(|| Arc::new(Snapshot::new(names.iter().map(|n| self.cell(n)).collect())))
-            .clone()
+    /// an op changes it during a guarded step (see [`Snapshot`]).
+    pub(crate) fn guard(&self, names: &[String]) {
+        write(&self.snapshot)
+            .get_or_insert_with(|| Arc::new(Snapshot::new(names.iter().map(|n| self.cell(n)).collect())));
     }
 
-    /// The guard of [`Workspace::guard`], if any (for the nets being compiled).
+    /// The guard of [`Workspace::guard`], if any: for the nets being compiled,
+    /// and to begin, end and undo steps with.
     pub(crate) fn snapshot(&self) -> Option<Arc<Snapshot>> {
         read(&self.snapshot).clone()
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::{analysis, Group};
 use crate::checkpoint;
 use crate::error::{Error, Result};
-use crate::exec::{Snapshot, Workspace};
+use crate::exec::Workspace;
 use crate::graph::{BlobRef, Device, Net};
 use crate::model::ModelHelper;
 use crate::proto::NetDef;
@@ -55,10 +55,6 @@ pub struct Trainer {
     sync_net: NetDef,
     initialized: bool,
     blob_devices: HashMap<String, Device>,
-    /// The guard of the state blobs, which saves each before a step's op
-    /// changes it, for undoing a failed step (see `exec::Snapshot`); made by
-    /// `run_init`.
-    snapshot: Option<std::sync::Arc<Snapshot>>,
     atomic: bool,
     finite: FiniteCheck,
     /// The batches of a failed step, fed again by the next.
@@ -118,7 +114,6 @@ impl Trainer {
             sync_net: sync.into_proto(),
             initialized: false,
             blob_devices,
-            snapshot: None,
             atomic: true,
             finite: FiniteCheck::Off,
             pending: None,
@@ -243,8 +238,9 @@ impl Trainer {
             self.check_same_collectives()?;
         }
         self.ws.run_net_once(self.p.model.init_net().proto())?;
-        // Before the nets are compiled: they save what they change of it.
-        self.snapshot = Some(self.ws.guard(&self.state_blobs()));
+        // The state blobs are guarded before the nets are compiled: an op
+        // saves what it changes of them (see `exec::Snapshot`).
+        self.ws.guard(&self.state_blobs());
         self.ws.create_net(self.p.model.net().proto())?;
         self.ws.create_net(&self.sync_net)?;
         if self.p.accumulate > 1 {
@@ -299,7 +295,7 @@ impl Trainer {
             _ => None,
         };
         let split = (self.p.devices.clone(), self.shard_id(), self.num_shards());
-        let guard = self.snapshot.clone().filter(|_| self.atomic);
+        let guard = self.ws.snapshot().filter(|_| self.atomic);
         if let Some(g) = &guard {
             g.begin();
         }
