@@ -341,6 +341,17 @@ fn conv_matches_the_naive_reference_on_larger_shapes_and_threads() {
         case(2, 3, 16, 16, 8, (5, 5), (3, 3), 2, 1),
         case(4, 4, 10, 18, 6, (2, 2), (2, 2), 0, 1),
         case(5, 9, 8, 8, 12, (3, 3), (1, 1), 1, 3),
+        // 1×1 stride-2 shortcuts, whose tiles read x (and dX's read dY) in
+        // place: channels 4 KiB apart (the forward lays them out, dW reads in
+        // place), 1 KiB apart (both in place), 6 KiB apart with rows of three
+        // segments; rows of part-filled segments (laid out, dY copied); stride
+        // 2 across only; and two groups.
+        case(3, 16, 32, 32, 32, (1, 1), (2, 2), 0, 1),
+        case(3, 12, 16, 16, 20, (1, 1), (2, 2), 0, 1),
+        case(2, 7, 32, 48, 9, (1, 1), (2, 2), 0, 1),
+        case(2, 5, 28, 28, 7, (1, 1), (2, 2), 0, 1),
+        case(2, 6, 8, 32, 10, (1, 1), (1, 2), 0, 1),
+        case(2, 8, 16, 16, 12, (1, 1), (2, 2), 0, 2),
         // Long reductions, forward and for dX.
         case(2, 17, 10, 10, 18, (3, 3), (2, 2), 1, 1),
         case(1, 60, 6, 6, 8, (3, 3), (1, 1), 1, 1),

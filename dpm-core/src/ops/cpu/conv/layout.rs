@@ -10,12 +10,17 @@
 //! - [`GradPlanes`] pads dY so that each phase of dX is again a stride-1
 //!   correlation, of dY with the taps of that phase, flipped ([`DxPhase`]).
 //!
+//! Two layouts are the data itself: a 1×1 window with stride 2 across and no
+//! padding reads every second pixel of the image ([`InputPlanes::reads_image`],
+//! segments of step 2), and a dY with no padding around it is its own padded
+//! layout ([`GradPlanes::is_dy`]).
+//!
 //! Buffers are written only where data goes: their zero padding is written once,
 //! when the caller sizes them, and survives reuse with the same geometry.
 
 use std::ops::Range;
 
-use super::tiles::{gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps};
+use super::tiles::{gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps, LANES};
 use super::window::Window;
 
 /// The `i` with `stride·i + phase − pad ∈ [0, len)`, capped at `limit`, as `lo..hi`.
@@ -25,16 +30,30 @@ fn span(phase: usize, pad: usize, stride: usize, len: usize, limit: usize) -> (u
     (lo, hi.max(lo))
 }
 
-/// `dst[j] = src[stride·j]`.
-fn gather(isa: Isa, dst: &mut [f32], src: &[f32], stride: usize) {
-    match stride {
-        1 => dst.copy_from_slice(&src[..dst.len()]),
-        2 => gather_even(isa, dst, src),
-        s => {
-            let src = &src[..s * dst.len().saturating_sub(1) + 1];
-            for (j, d) in dst.iter_mut().enumerate() {
-                *d = src[s * j];
-            }
+/// For each row `r < rows`: `dst[r·pitch + j] = src[r·src_pitch + stride·j]`
+/// for `j < n`.
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    isa: Isa,
+    src: &[f32],
+    src_pitch: usize,
+    rows: usize,
+    dst: &mut [f32],
+    n: usize,
+    pitch: usize,
+    stride: usize,
+) {
+    if stride == 2 {
+        return gather_even(isa, src, src_pitch, rows, dst, n, pitch);
+    }
+    for r in 0..rows {
+        let (src, dst) = (&src[r * src_pitch..], &mut dst[r * pitch..][..n]);
+        if stride == 1 {
+            dst.copy_from_slice(&src[..n]);
+            continue;
+        }
+        for (j, d) in dst.iter_mut().enumerate() {
+            *d = src[stride * j];
         }
     }
 }
@@ -78,6 +97,10 @@ pub struct InputPlanes {
     wq: usize,
     /// The phases some tap reads, in slot order.
     phases: Vec<(usize, usize)>,
+    /// Whether the tiles read the image itself, every second pixel of a row: a
+    /// 1×1 window with stride 2 across and no padding (ResNet's shortcuts),
+    /// where a layout would be one more pass over the input for nothing.
+    reads_image: bool,
 }
 
 impl InputPlanes {
@@ -93,6 +116,11 @@ impl InputPlanes {
                 }
             }
         }
+        // The tiles load `2·LANES` inputs for each segment of a row: the last
+        // row's must not leave its channel.
+        let last_row = sh * (oh - 1) * w + 2 * ((ow - 1) / LANES * LANES);
+        let reads_image =
+            win.kernel == (1, 1) && win.pad == (0, 0, 0, 0) && sw == 2 && last_row + 2 * LANES <= h * w;
         InputPlanes {
             win: *win,
             c,
@@ -103,11 +131,42 @@ impl InputPlanes {
             hq: oh + (kh - 1) / sh,
             wq: ow + (kw - 1) / sw,
             phases,
+            reads_image,
         }
+    }
+
+    /// This layout, written out even where the tiles could read the image in
+    /// place.
+    pub fn laid_out(self) -> InputPlanes {
+        InputPlanes {
+            reads_image: false,
+            ..self
+        }
+    }
+
+    /// Whether [`correlate`](super::tiles::correlate) tiles reading the image in
+    /// place would run slower than from a layout: with rows of part-filled
+    /// segments (a layout's runs cross rows), or with channels a multiple of
+    /// 4 KiB apart, which share L1 sets: a tile's 16 or more of them overflow
+    /// its ways, and every panel of weights reloads them (1×1 stride 2, 16→32
+    /// channels on 32×32 images: 98 µs a batch of 32 in place, 76 laid out; on
+    /// 28×28 and 30×30 images in place is the faster by 23–31%).
+    pub fn tiles_prefer_layout(&self) -> bool {
+        !self.ow.is_multiple_of(LANES) || (self.h * self.w * 4).is_multiple_of(4096)
+    }
+
+    /// Whether the tiles read the images themselves (at step 2, see
+    /// [`Segments::reset`]) instead of a layout [`Self::fill`] writes: the
+    /// offsets of [`Self::taps`] and [`Self::segments`] are then into `x`.
+    pub fn reads_image(&self) -> bool {
+        self.reads_image
     }
 
     /// Elements per channel.
     pub fn channel_len(&self) -> usize {
+        if self.reads_image {
+            return self.h * self.w;
+        }
         self.phases.len() * self.hq * self.wq
     }
 
@@ -119,6 +178,7 @@ impl InputPlanes {
     /// Writes the valid part of consecutive images `x` (`c × h × w` each) into
     /// `out`, [`Self::image_len`] apart; the padding must already be zero.
     pub fn fill(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        debug_assert!(!self.reads_image, "no layout to fill");
         let ((sh, sw), (pt, pl)) = (self.win.stride, (self.win.pad.0, self.win.pad.1));
         let plane = self.hq * self.wq;
         let slot = |a: usize, b: usize| self.phases.iter().position(|&p| p == (a, b));
@@ -154,15 +214,9 @@ impl InputPlanes {
                     );
                     continue;
                 }
-                for i in i0..i1 {
-                    let row = &x[(sh * i + a - pt) * self.w + sw * j0 + b - pl..];
-                    gather(
-                        isa,
-                        &mut out[s * plane + i * self.wq + j0..s * plane + i * self.wq + j1],
-                        row,
-                        sw,
-                    );
-                }
+                let first = &x[(sh * i0 + a - pt) * self.w + sw * j0 + b - pl..];
+                let dst = &mut out[s * plane + i0 * self.wq + j0..(s + 1) * plane];
+                gather(isa, first, sh * self.w, i1 - i0, dst, j1 - j0, self.wq, sw);
             }
         }
     }
@@ -171,8 +225,12 @@ impl InputPlanes {
     /// into a channel-major run of images laid out by [`Self::fill`].
     pub fn taps(&self, cg: usize, taps: &mut Taps) {
         let ((kh, kw), (sh, sw)) = (self.win.kernel, self.win.stride);
-        let plane = self.hq * self.wq;
         taps.clear();
+        if self.reads_image {
+            (0..cg).for_each(|ci| taps.push(ci * self.h * self.w));
+            return;
+        }
+        let plane = self.hq * self.wq;
         for ci in 0..cg {
             for ki in 0..kh {
                 for kj in 0..kw {
@@ -187,6 +245,20 @@ impl InputPlanes {
     /// The output pixels of `images` consecutive images, whose outputs are
     /// `out_image` elements apart.
     pub fn segments(&self, images: usize, out_image: usize, segs: &mut Segments) {
+        if self.reads_image {
+            segs.reset(2);
+            let rows = self.win.stride.0 * self.w;
+            for img in 0..images {
+                for oy in 0..self.oh {
+                    segs.push_run(
+                        img * self.image_len() + oy * rows,
+                        img * out_image + oy * self.ow,
+                        self.ow,
+                    );
+                }
+            }
+            return;
+        }
         segs.clear();
         for img in 0..images {
             let (src, dst) = (img * self.image_len(), img * out_image);
@@ -261,6 +333,17 @@ impl GradPlanes {
             hd,
             wd,
         }
+    }
+
+    /// Whether dY itself is this layout, so that the tiles may read it in
+    /// place: no padding around it (a window no larger than its stride, like
+    /// 1×1 stride 2, and none around the input) and whole vectors per row, so
+    /// that no tile reads past the end of dY.
+    pub fn is_dy(&self) -> bool {
+        (self.ty, self.tx) == (0, 0)
+            && (self.hd, self.wd) == (self.oh, self.ow)
+            && self.win.pad == (0, 0, 0, 0)
+            && self.ow.is_multiple_of(LANES)
     }
 
     /// Elements per channel.
@@ -363,26 +446,36 @@ impl GradPlanes {
         };
         let empty = |p: &DxPhase| p.kernel_taps.is_empty();
         if (sh, sw) == (2, 2) {
-            // Each row of dX interleaves one row of two phases (zeros for a
-            // phase no tap reaches, as in a 1×1 stride-2 convolution): every
-            // element is written once, no read-modify-write.
+            // The rows of one parity of dX interleave the rows of two phases
+            // (zeros for a phase no tap reaches, as in a 1×1 stride-2
+            // convolution): every element is written once, no read-modify-write,
+            // a plane's rows of one parity in one call.
             let zeros = vec![0.0; self.w.div_ceil(2)];
             for (n, dx) in dx.chunks_exact_mut(self.h * self.w).take(images * c).enumerate() {
                 let (img, ci) = (n / c, n % c);
-                for (y, dx) in dx.chunks_exact_mut(self.w).enumerate() {
-                    let (a, i) = ((y + pt) % 2, (y + pt) / 2);
+                for a in 0..2 {
                     let (even, odd) = (2 * a + pl % 2, 2 * a + (pl + 1) % 2);
+                    let (i0, i1) = phases[even].rows;
+                    if i0 == i1 {
+                        continue;
+                    }
+                    let dst = &mut dx[(2 * i0 + a - pt) * self.w..];
                     let half = |p: usize| {
                         if empty(&phases[p]) {
-                            &zeros[..]
+                            (&zeros[..], 0)
                         } else {
-                            row(p, img, ci, i)
+                            // The phase's plane for this channel, from its first row.
+                            let plane =
+                                &dense[at[p] + (img * c + ci) * phases[p].plane()..][..phases[p].plane()];
+                            (plane, phases[p].cols.1 - phases[p].cols.0)
                         }
                     };
                     if empty(&phases[even]) && empty(&phases[odd]) {
-                        dx.fill(0.0);
+                        for r in 0..i1 - i0 {
+                            dst[2 * r * self.w..][..self.w].fill(0.0);
+                        }
                     } else {
-                        interleave(isa, half(even), half(odd), dx);
+                        interleave(isa, half(even), half(odd), i1 - i0, dst, self.w, 2 * self.w);
                     }
                 }
             }

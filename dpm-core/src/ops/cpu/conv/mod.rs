@@ -10,6 +10,10 @@
 //! small channel counts of ResNets, where im2col's copy costs as much as the
 //! product.
 //!
+//! A 1×1 stride-2 window (ResNet's shortcuts) needs no layout at all: its tiles
+//! read every second pixel of the image itself, and dX's read dY in place (see
+//! `layout.rs` for when), which leaves only the products and dX's interleaving.
+//!
 //! 1×1 stride-1 convolutions and very narrow outputs go to im2col + GEMM instead
 //! (`im2col.rs`; outputs under 6 pixels wide), as does any `Conv` whose `engine` is
 //! `IM2COL`.
@@ -235,6 +239,26 @@ fn block_images(bytes: usize, n: usize) -> usize {
     (BLOCK_BYTES / bytes.max(1)).clamp(1, n.max(1))
 }
 
+/// What the tiles read for `images` (a block of at most `nb`) of the batch `x`
+/// (`image` elements each) under `lay`: the images themselves, from the block's first to the end of
+/// `x`, where the layout reads them in place; otherwise their phase planes,
+/// written into `planes`.
+fn laid_out<'a>(
+    isa: Isa,
+    lay: &InputPlanes,
+    planes: &'a mut Padded<InputPlanes>,
+    (x, image): (&'a [f32], usize),
+    images: Range<usize>,
+    nb: usize,
+) -> &'a [f32] {
+    if lay.reads_image() {
+        return &x[images.start * image..];
+    }
+    let planes = planes.get(lay, nb * lay.image_len() + LANES);
+    lay.fill(isa, &x[images.start * image..images.end * image], planes);
+    planes
+}
+
 /// Runs `f(images, worker, out)` on `workers` contiguous ranges of `n` images in
 /// parallel, `out` being the range's part of `out` (`per_image` elements each).
 fn for_ranges<F>(n: usize, workers: &mut [Worker], out: &mut [f32], per_image: usize, f: F)
@@ -305,7 +329,10 @@ impl Conv {
             let mut state = lock(&self.state, 1);
             return im2col::forward(&self.win, d, (x, w, bias), y, &mut state.col);
         }
-        let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
+        let mut lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
+        if lay.tiles_prefer_layout() {
+            lay = lay.laid_out();
+        }
         let (cg, mg, k) = d.per_group(&self.win);
         let (x_image, y_image, ohw) = (d.c * d.h * d.w, d.m * d.oh * d.ow, d.oh * d.ow);
         let nb = block_images(lay.image_len() * 4, d.n);
@@ -325,8 +352,7 @@ impl Conv {
         for_ranges(d.n, workers, y, y_image, |images, s, y| {
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
-                let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
-                lay.fill(isa, &x[b0 * x_image..(b0 + count) * x_image], planes);
+                let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
                 lay.segments(count, y_image, &mut s.segs);
                 let yb = &mut y[(b0 - images.start) * y_image..][..count * y_image];
                 for gi in 0..d.groups {
@@ -366,6 +392,7 @@ impl ConvGradient {
             let mut state = lock(&self.state, 1);
             return im2col::backward(&self.win, d, (x, w, dy), dw, dx, &mut state.col);
         }
+        // dW's tiles read each input once per pass: in place, whatever the width.
         let lay = InputPlanes::new(&self.win, d.c, d.h, d.w);
         let grad = GradPlanes::new(&self.win, d.m, d.h, d.w);
         let (cg, mg, k) = d.per_group(&self.win);
@@ -422,8 +449,7 @@ impl ConvGradient {
                 let count = nb.min(images.end - b0);
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
                 // dW += dY · (the window's inputs)ᵀ
-                let planes = s.planes.get(&lay, nb * lay.image_len() + LANES);
-                lay.fill(isa, &x[b0 * x_image..(b0 + count) * x_image], planes);
+                let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
                 // Pixel `p` of image `i` is row `i·ohw + p` of dYᵀ.
                 lay.segments(count, ohw, &mut s.segs);
                 let dyt = s.dyt.get(&(mg, mgp), nb * ohw * mgp);
@@ -444,8 +470,13 @@ impl ConvGradient {
                 }
                 // dX: per phase, the padded dY correlated with that phase's taps.
                 let dxb = &mut dx[(b0 - images.start) * x_image..][..count * x_image];
-                let gp = s.grad.get(&grad, nb * grad.image_len() + LANES);
-                grad.fill(dyb, gp);
+                let gp: &[f32] = if grad.is_dy() {
+                    &dy[b0 * y_image..]
+                } else {
+                    let gp = s.grad.get(&grad, nb * grad.image_len() + LANES);
+                    grad.fill(dyb, gp);
+                    gp
+                };
                 // Stride 1 has one phase, dX itself; otherwise the phases go
                 // one after another into `s.dense` and are interleaved after.
                 if strided {

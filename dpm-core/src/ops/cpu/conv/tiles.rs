@@ -31,7 +31,8 @@ pub const WV: usize = 2;
 pub const WK: usize = 6;
 
 /// Output pixels `dst..dst + len` whose inputs, for each tap `t`, are
-/// `src + t..src + t + len` of the source buffer.
+/// `src + t + step·l` (`l < len`) of the source buffer, `step` being that of
+/// their [`Segments`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Segment {
     /// Offset of the run in the source buffer (before adding the tap).
@@ -43,33 +44,66 @@ pub struct Segment {
 }
 
 /// A list of segments with the bounds the tiles check once per call.
-#[derive(Default)]
 pub struct Segments {
     list: Vec<Segment>,
+    /// Distance in the source between consecutive pixels of a segment: 1, or 2
+    /// where a 1×1 stride-2 window reads the image itself (no layout).
+    step: usize,
+    /// One past the last source element a pixel reads (before adding the tap).
     src_end: usize,
+    /// One past the last source element a whole vector load reads: tiles load
+    /// `step · LANES` elements per segment, whatever its length.
+    reach: usize,
     dst_end: usize,
 }
 
+impl Default for Segments {
+    fn default() -> Segments {
+        Segments {
+            list: Vec::new(),
+            step: 1,
+            src_end: 0,
+            reach: 0,
+            dst_end: 0,
+        }
+    }
+}
+
 impl Segments {
-    /// Empties the list, keeping its allocation.
+    /// Empties the list, keeping its allocation; runs to come read consecutive
+    /// inputs.
     pub fn clear(&mut self) {
+        self.reset(1);
+    }
+
+    /// Empties the list, keeping its allocation; runs to come read every
+    /// `step`-th input (1 or 2: the tiles have loads for those two).
+    pub fn reset(&mut self, step: usize) {
+        assert!(step == 1 || step == 2, "segments: step {step} is not 1 or 2");
         self.list.clear();
+        self.step = step;
         self.src_end = 0;
+        self.reach = 0;
         self.dst_end = 0;
     }
 
-    /// Appends the runs `src..src + n`, `dst..dst + n` cut into segments.
+    /// Appends the runs `src, src + step, …` (`n` pixels) to `dst..dst + n`, cut
+    /// into segments.
     pub fn push_run(&mut self, src: usize, dst: usize, n: usize) {
         for o in (0..n).step_by(LANES) {
             let len = LANES.min(n - o);
             self.list.push(Segment {
-                src: src + o,
+                src: src + self.step * o,
                 dst: dst + o,
                 len,
             });
         }
         if n > 0 {
-            self.src_end = self.src_end.max(src + n);
+            // The last segment starts at pixel `(n − 1)` rounded down to a
+            // whole number of segments.
+            let last = src + self.step * ((n - 1) / LANES * LANES);
+            self.src_end = self.src_end.max(src + self.step * (n - 1) + 1);
+            self.reach = self.reach.max(last + self.step * LANES);
             self.dst_end = self.dst_end.max(dst + n);
         }
     }
@@ -169,21 +203,49 @@ impl Isa {
     }
 }
 
-/// `dst[j] = src[2j]`: splitting a row of a stride-2 plane into its phases.
-/// Vectors may read past `src[2·(dst.len() − 1)]`, up to the end of `src`.
-pub fn gather_even(isa: Isa, dst: &mut [f32], src: &[f32]) {
-    assert!(src.len() >= (2 * dst.len()).saturating_sub(1));
+/// For each row `r < rows`: `dst[r·pitch + t] = src[r·src_pitch + 2t]` for
+/// `t < n`: the even phase of a stride-2 plane, in one pass over its rows.
+/// Vectors may read on up to the end of `src`.
+pub fn gather_even(
+    isa: Isa,
+    src: &[f32],
+    src_pitch: usize,
+    rows: usize,
+    dst: &mut [f32],
+    n: usize,
+    pitch: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let last = (rows - 1) * src_pitch;
+    assert!(src.len() > last + 2 * (n - 1), "gather: source too short");
+    assert!(
+        dst.len() >= (rows - 1) * pitch + n,
+        "gather: destination too short"
+    );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
-        // Blocks whose 16 inputs all lie inside `src`.
-        done = (src.len() / 16).min(dst.len() / LANES) * LANES;
-        // SAFETY: blocks `..done` read `src[..2·done]` and write `dst[..done]`.
-        unsafe { avx2::gather_even(dst.as_mut_ptr(), src.as_ptr(), done / LANES) };
+        // Whole blocks of 16 inputs, within `src` on the last row too.
+        done = ((src.len() - last) / 16).min(n / LANES) * LANES;
+        // SAFETY: the asserts above and the choice of `done` bound every row.
+        unsafe {
+            avx2::gather_even(
+                src.as_ptr(),
+                src_pitch,
+                rows,
+                dst.as_mut_ptr(),
+                pitch,
+                done / LANES,
+            )
+        };
     }
     let _ = isa;
-    for j in done..dst.len() {
-        dst[j] = src[2 * j];
+    for r in 0..rows {
+        for t in done..n {
+            dst[r * pitch + t] = src[r * src_pitch + 2 * t];
+        }
     }
 }
 
@@ -265,21 +327,57 @@ pub fn split_even_odd(
     }
 }
 
-/// `dst[2t] = even[t]`, `dst[2t + 1] = odd[t]`: the inverse of [`split_even_odd`],
-/// for all of `dst`.
-pub fn interleave(isa: Isa, even: &[f32], odd: &[f32], dst: &mut [f32]) {
-    let n = dst.len();
-    assert!(even.len() >= n.div_ceil(2) && odd.len() >= n / 2);
+/// For each row `r < rows` and `x < n`: `dst[r·pitch + x]` is `even[r·ep + x/2]`
+/// for even `x`, `odd[r·op + x/2]` for odd `x`: the inverse of
+/// [`split_even_odd`]. A pitch of 0 gives every row the same source row (a row
+/// of zeros, say).
+pub fn interleave(
+    isa: Isa,
+    (even, ep): (&[f32], usize),
+    (odd, op): (&[f32], usize),
+    rows: usize,
+    dst: &mut [f32],
+    n: usize,
+    pitch: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        even.len() >= (rows - 1) * ep + n.div_ceil(2),
+        "interleave: even too short"
+    );
+    assert!(odd.len() >= (rows - 1) * op + n / 2, "interleave: odd too short");
+    assert!(
+        dst.len() >= (rows - 1) * pitch + n,
+        "interleave: destination too short"
+    );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
-        done = (n / 16).min(even.len() / LANES).min(odd.len() / LANES) * LANES;
-        // SAFETY: blocks `..done` read `..done` of both and write `dst[..2·done]`.
-        unsafe { avx2::interleave(even.as_ptr(), odd.as_ptr(), dst.as_mut_ptr(), done / LANES) };
+        done = n / 16 * LANES;
+        // SAFETY: per row, blocks `..done` read `..done` of both sources and
+        // write `..2·done` of `dst`, all bounded by the asserts.
+        unsafe {
+            avx2::interleave(
+                (even.as_ptr(), ep),
+                (odd.as_ptr(), op),
+                rows,
+                dst.as_mut_ptr(),
+                pitch,
+                done / LANES,
+            )
+        };
     }
     let _ = isa;
-    for x in 2 * done..n {
-        dst[x] = if x % 2 == 0 { even[x / 2] } else { odd[x / 2] };
+    for r in 0..rows {
+        for x in 2 * done..n {
+            dst[r * pitch + x] = if x % 2 == 0 {
+                even[r * ep + x / 2]
+            } else {
+                odd[r * op + x / 2]
+            };
+        }
     }
 }
 
@@ -294,16 +392,16 @@ pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out:
     }
 }
 
-/// `out[r·pitch + s.dst + l] = init[r] + Σ_k a[r][k] · src[taps[k] + s.src + l]` for
-/// every row `r < rows` (`a` packed by [`pack_panels`]), segment `s` of `segs` and
-/// lane `l < s.len`. `init` defaults to zeros.
+/// `out[r·pitch + s.dst + l] = init[r] + Σ_k a[r][k] · src[taps[k] + s.src + step·l]`
+/// for every row `r < rows` (`a` packed by [`pack_panels`]), segment `s` of
+/// `segs` and lane `l < s.len`. `init` defaults to zeros.
 ///
 /// Pixel tiles are the outer loop, so the source data of one tile stays in L1
 /// while every panel of `a` streams past it.
 ///
 /// # Panics
-/// If a read or write would leave `src` or `out`: `src` must extend [`LANES`]
-/// elements past `taps.max + segs.src_end` (tiles load whole vectors).
+/// If a read or write would leave `src` or `out`: `src` must hold whole
+/// vectors (`step · LANES` elements) from every segment's start past the last tap.
 #[allow(clippy::too_many_arguments)]
 pub fn correlate(
     isa: Isa,
@@ -322,15 +420,49 @@ pub fn correlate(
     }
     assert!(a.len() >= rows * k, "correlate: packed weights too short");
     assert!(init.is_none_or(|b| b.len() >= rows));
-    assert!(
-        taps.max + segs.src_end + LANES <= src.len(),
-        "correlate: source too short"
-    );
+    assert!(taps.max + segs.reach <= src.len(), "correlate: source too short");
     assert!(
         (rows - 1) * pitch + segs.dst_end <= out.len(),
         "correlate: output too short"
     );
-    let (src, out) = (src.as_ptr(), out.as_mut_ptr());
+    type Step = unsafe fn(Isa, &[f32], usize, &Taps, *const f32, &Segments, Option<&[f32]>, *mut f32, usize);
+    let run: Step = match segs.step {
+        2 => correlate_step::<2>,
+        _ => correlate_step::<1>,
+    };
+    // SAFETY: the asserts above bound every read and write.
+    unsafe {
+        run(
+            isa,
+            a,
+            rows,
+            taps,
+            src.as_ptr(),
+            segs,
+            init,
+            out.as_mut_ptr(),
+            pitch,
+        )
+    }
+}
+
+/// [`correlate`] with its bounds checked, for segments of step `P`.
+///
+/// # Safety
+/// `src` and `out` must hold every element [`correlate`]'s asserts bound.
+#[allow(clippy::too_many_arguments)]
+unsafe fn correlate_step<const P: usize>(
+    isa: Isa,
+    a: &[f32],
+    rows: usize,
+    taps: &Taps,
+    src: *const f32,
+    segs: &Segments,
+    init: Option<&[f32]>,
+    out: *mut f32,
+    pitch: usize,
+) {
+    let k = taps.len();
     // With AVX-512, tiles of 2·Z512 segments (two per 512-bit vector); the
     // segments left over go through the AVX2 tiles below.
     let mut list = &segs.list[..];
@@ -341,13 +473,14 @@ pub fn correlate(
             for (r0, mr) in panels(rows) {
                 let panel = a[r0 * k..].as_ptr();
                 let init = init.map(|b| &b[r0..r0 + mr]);
-                // SAFETY: the asserts above bound every tap, segment and row, and
-                // `Kind::Avx512` exists only where detection found AVX-512F, AVX2
-                // and FMA.
+                // SAFETY: the caller's bounds cover every tap, segment and row,
+                // and `Kind::Avx512` exists only where detection found AVX-512F,
+                // AVX2 and FMA.
                 unsafe {
                     let out = out.add(r0 * pitch);
                     by_rows!(
                         mr,
+                        P,
                         avx512::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
                     );
                 }
@@ -359,7 +492,7 @@ pub fn correlate(
         for (r0, mr) in panels(rows) {
             let panel = a[r0 * k..].as_ptr();
             let init = init.map(|b| &b[r0..r0 + mr]);
-            // SAFETY: the asserts above bound every tap, segment and row.
+            // SAFETY: the caller's bounds cover every tap, segment and row.
             unsafe {
                 let out = out.add(r0 * pitch);
                 match isa.0 {
@@ -368,12 +501,14 @@ pub fn correlate(
                         by_rows_segs!(
                             mr,
                             tile.len(),
+                            P,
                             avx2::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
                         )
                     }
                     _ => by_rows_segs!(
                         mr,
                         tile.len(),
+                        P,
                         portable::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
                     ),
                 }
@@ -386,7 +521,7 @@ pub fn correlate(
 /// taps over a pass stay in L1 while every block of channels reads them.
 pub const DW_CHUNK: usize = 32;
 
-/// `out[j·cols + m] += Σ_s Σ_{l < s.len} src[taps[j] + s.src + l] · dyt[(s.dst + l)·cols + m]`
+/// `out[j·cols + m] += Σ_s Σ_{l < s.len} src[taps[j] + s.src + step·l] · dyt[(s.dst + l)·cols + m]`
 /// for every tap `j` and column `m < cols` (a multiple of [`LANES`]).
 ///
 /// `dyt` is dY transposed, one row of `cols` output channels per pixel, so a
@@ -436,7 +571,7 @@ pub fn weight_grad(
                         by_vecs_taps512!(
                             vecs,
                             taps.len(),
-                            avx512::weight_grad(dyt, cols, taps, src, pass, out)
+                            avx512::weight_grad(dyt, cols, taps, src, segs.step, pass, out)
                         );
                     }
                     m0 += vecs * 2 * LANES;
@@ -446,7 +581,11 @@ pub fn weight_grad(
                     for (i, taps) in taps.chunks(WK).enumerate() {
                         unsafe {
                             let (dyt, out) = (dyt.add(m0), outp.add((j0 + i * WK) * cols + m0));
-                            by_rows_taps!(1, taps.len(), avx2::weight_grad(dyt, cols, taps, src, pass, out));
+                            by_rows_taps!(
+                                1,
+                                taps.len(),
+                                avx2::weight_grad(dyt, cols, taps, src, segs.step, pass, out)
+                            );
                         }
                     }
                 }
@@ -469,13 +608,13 @@ pub fn weight_grad(
                             by_rows_taps!(
                                 vecs,
                                 taps.len(),
-                                avx2::weight_grad(dyt, cols, taps, src, pass, out)
+                                avx2::weight_grad(dyt, cols, taps, src, segs.step, pass, out)
                             )
                         }
                         _ => by_rows_taps!(
                             vecs,
                             taps.len(),
-                            portable::weight_grad(dyt, cols, taps, src, pass, out)
+                            portable::weight_grad(dyt, cols, taps, src, segs.step, pass, out)
                         ),
                     }
                 }
@@ -526,37 +665,37 @@ pub fn transpose_into(
     }
 }
 
-/// Calls `f::<rows, segs>(args)` for a runtime [`correlate`] tile shape.
+/// Calls `f::<rows, segs, step>(args)` for a runtime [`correlate`] tile shape.
 macro_rules! by_rows_segs {
-    ($rows:expr, $segs:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+    ($rows:expr, $segs:expr, $p:ident, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match ($rows, $segs) {
-            (1, 1) => $($f)::+::<1, 1>($($arg),*),
-            (1, _) => $($f)::+::<1, 2>($($arg),*),
-            (2, 1) => $($f)::+::<2, 1>($($arg),*),
-            (2, _) => $($f)::+::<2, 2>($($arg),*),
-            (3, 1) => $($f)::+::<3, 1>($($arg),*),
-            (3, _) => $($f)::+::<3, 2>($($arg),*),
-            (4, 1) => $($f)::+::<4, 1>($($arg),*),
-            (4, _) => $($f)::+::<4, 2>($($arg),*),
-            (5, 1) => $($f)::+::<5, 1>($($arg),*),
-            (5, _) => $($f)::+::<5, 2>($($arg),*),
-            (_, 1) => $($f)::+::<6, 1>($($arg),*),
-            (_, _) => $($f)::+::<6, 2>($($arg),*),
+            (1, 1) => $($f)::+::<1, 1, $p>($($arg),*),
+            (1, _) => $($f)::+::<1, 2, $p>($($arg),*),
+            (2, 1) => $($f)::+::<2, 1, $p>($($arg),*),
+            (2, _) => $($f)::+::<2, 2, $p>($($arg),*),
+            (3, 1) => $($f)::+::<3, 1, $p>($($arg),*),
+            (3, _) => $($f)::+::<3, 2, $p>($($arg),*),
+            (4, 1) => $($f)::+::<4, 1, $p>($($arg),*),
+            (4, _) => $($f)::+::<4, 2, $p>($($arg),*),
+            (5, 1) => $($f)::+::<5, 1, $p>($($arg),*),
+            (5, _) => $($f)::+::<5, 2, $p>($($arg),*),
+            (_, 1) => $($f)::+::<6, 1, $p>($($arg),*),
+            (_, _) => $($f)::+::<6, 2, $p>($($arg),*),
         }
     };
 }
 use by_rows_segs;
 
-/// Calls `f::<rows>(args)` for a runtime panel height (1 to [`MR`]).
+/// Calls `f::<rows, step>(args)` for a runtime panel height (1 to [`MR`]).
 macro_rules! by_rows {
-    ($rows:expr, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+    ($rows:expr, $p:ident, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match $rows {
-            1 => $($f)::+::<1>($($arg),*),
-            2 => $($f)::+::<2>($($arg),*),
-            3 => $($f)::+::<3>($($arg),*),
-            4 => $($f)::+::<4>($($arg),*),
-            5 => $($f)::+::<5>($($arg),*),
-            _ => $($f)::+::<6>($($arg),*),
+            1 => $($f)::+::<1, $p>($($arg),*),
+            2 => $($f)::+::<2, $p>($($arg),*),
+            3 => $($f)::+::<3, $p>($($arg),*),
+            4 => $($f)::+::<4, $p>($($arg),*),
+            5 => $($f)::+::<5, $p>($($arg),*),
+            _ => $($f)::+::<6, $p>($($arg),*),
         }
     };
 }
@@ -737,34 +876,74 @@ mod avx2 {
         }
     }
 
-    /// `blocks` blocks of 8 even and 8 odd inputs interleaved into 16 outputs.
+    /// `blocks` blocks of 8 even and 8 odd inputs interleaved into 16 outputs,
+    /// per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn interleave(even: *const f32, odd: *const f32, dst: *mut f32, blocks: usize) {
-        for i in 0..blocks {
-            let (e, o) = unsafe { (_mm256_loadu_ps(even.add(8 * i)), _mm256_loadu_ps(odd.add(8 * i))) };
-            // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
-            let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
-            unsafe {
-                _mm256_storeu_ps(dst.add(16 * i), _mm256_permute2f128_ps::<0x20>(lo, hi));
-                _mm256_storeu_ps(dst.add(16 * i + 8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+    pub unsafe fn interleave(
+        (even, ep): (*const f32, usize),
+        (odd, op): (*const f32, usize),
+        rows: usize,
+        dst: *mut f32,
+        pitch: usize,
+        blocks: usize,
+    ) {
+        for r in 0..rows {
+            let (even, odd, dst) = unsafe { (even.add(r * ep), odd.add(r * op), dst.add(r * pitch)) };
+            for i in 0..blocks {
+                let (e, o) = unsafe { (_mm256_loadu_ps(even.add(8 * i)), _mm256_loadu_ps(odd.add(8 * i))) };
+                // [e0 o0 e1 o1 | e4 o4 e5 o5] and [e2 o2 e3 o3 | e6 o6 e7 o7].
+                let (lo, hi) = (_mm256_unpacklo_ps(e, o), _mm256_unpackhi_ps(e, o));
+                unsafe {
+                    _mm256_storeu_ps(dst.add(16 * i), _mm256_permute2f128_ps::<0x20>(lo, hi));
+                    _mm256_storeu_ps(dst.add(16 * i + 8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+                }
             }
         }
     }
 
-    /// `blocks` blocks of 8 outputs `dst[j] = src[2j]`.
+    /// `blocks` blocks of 8 outputs `dst[j] = src[2j]` per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gather_even(dst: *mut f32, src: *const f32, blocks: usize) {
-        for i in 0..blocks {
-            let (a, b) = unsafe {
-                (
-                    _mm256_loadu_ps(src.add(16 * i)),
-                    _mm256_loadu_ps(src.add(16 * i + 8)),
-                )
-            };
-            // [a0 a2 b0 b2 | a4 a6 b4 b6], then the middle 64-bit lanes swapped.
-            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-            let even = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even)));
-            unsafe { _mm256_storeu_ps(dst.add(8 * i), even) };
+    pub unsafe fn gather_even(
+        src: *const f32,
+        src_pitch: usize,
+        rows: usize,
+        dst: *mut f32,
+        pitch: usize,
+        blocks: usize,
+    ) {
+        for r in 0..rows {
+            let (src, dst) = unsafe { (src.add(r * src_pitch), dst.add(r * pitch)) };
+            for i in 0..blocks {
+                let (a, b) = unsafe {
+                    (
+                        _mm256_loadu_ps(src.add(16 * i)),
+                        _mm256_loadu_ps(src.add(16 * i + 8)),
+                    )
+                };
+                unsafe { _mm256_storeu_ps(dst.add(8 * i), evens(a, b)) };
+            }
+        }
+    }
+
+    /// The even elements of `a` then `b`: `[a0 a2 a4 a6 b0 b2 b4 b6]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn evens(a: __m256, b: __m256) -> __m256 {
+        // [a0 a2 b0 b2 | a4 a6 b4 b6], then the middle 64-bit lanes swapped.
+        let v = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+    }
+
+    /// The 8 inputs of a segment of step `P` (1 or 2) starting at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load<const P: usize>(p: *const f32) -> __m256 {
+        unsafe {
+            if P == 1 {
+                _mm256_loadu_ps(p)
+            } else {
+                evens(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANES)))
+            }
         }
     }
 
@@ -790,7 +969,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn correlate<const M: usize, const S: usize>(
+    pub unsafe fn correlate<const M: usize, const S: usize, const P: usize>(
         a: *const f32,
         taps: &[usize],
         src: *const f32,
@@ -813,7 +992,7 @@ mod avx2 {
         for &t in taps {
             let mut b = [_mm256_setzero_ps(); S];
             for s in 0..S {
-                b[s] = unsafe { _mm256_loadu_ps(base[s].add(t)) };
+                b[s] = unsafe { load::<P>(base[s].add(t)) };
             }
             for r in 0..M {
                 let av = _mm256_set1_ps(unsafe { *a.add(r) });
@@ -845,6 +1024,7 @@ mod avx2 {
         cols: usize,
         taps: &[usize],
         src: *const f32,
+        step: usize,
         segs: &[Segment],
         out: *mut f32,
     ) {
@@ -861,7 +1041,7 @@ mod avx2 {
                     dv[v] = unsafe { _mm256_loadu_ps(d.add(l * cols + v * LANES)) };
                 }
                 for j in 0..K {
-                    let x = _mm256_set1_ps(unsafe { *base[j].add(seg.src + l) });
+                    let x = _mm256_set1_ps(unsafe { *base[j].add(seg.src + step * l) });
                     for v in 0..V {
                         acc[j][v] = _mm256_fmadd_ps(x, dv[v], acc[j][v]);
                     }
@@ -881,7 +1061,7 @@ mod avx2 {
 mod portable {
     use super::{Segment, LANES};
 
-    pub unsafe fn correlate<const M: usize, const S: usize>(
+    pub unsafe fn correlate<const M: usize, const S: usize, const P: usize>(
         a: *const f32,
         taps: &[usize],
         src: *const f32,
@@ -898,11 +1078,11 @@ mod portable {
         }
         for (k, &t) in taps.iter().enumerate() {
             for s in 0..S {
-                let b = unsafe { std::slice::from_raw_parts(src.add(segs[s].src + t), LANES) };
+                let b = unsafe { std::slice::from_raw_parts(src.add(segs[s].src + t), P * LANES) };
                 for r in 0..M {
                     let av = unsafe { *a.add(k * M + r) };
                     for l in 0..LANES {
-                        acc[r][s][l] += av * b[l];
+                        acc[r][s][l] += av * b[P * l];
                     }
                 }
             }
@@ -922,6 +1102,7 @@ mod portable {
         cols: usize,
         taps: &[usize],
         src: *const f32,
+        step: usize,
         segs: &[Segment],
         out: *mut f32,
     ) {
@@ -930,7 +1111,7 @@ mod portable {
             for l in 0..seg.len {
                 let d = unsafe { std::slice::from_raw_parts(dyt.add((seg.dst + l) * cols), V * LANES) };
                 for j in 0..K {
-                    let x = unsafe { *src.add(taps[j] + seg.src + l) };
+                    let x = unsafe { *src.add(taps[j] + seg.src + step * l) };
                     for v in 0..V {
                         for i in 0..LANES {
                             acc[j][v][i] += x * d[v * LANES + i];
@@ -966,6 +1147,7 @@ mod avx512 {
         cols: usize,
         taps: &[usize],
         src: *const f32,
+        step: usize,
         segs: &[Segment],
         out: *mut f32,
     ) {
@@ -982,7 +1164,7 @@ mod avx512 {
                     dv[v] = unsafe { _mm512_loadu_ps(d.add(l * cols + v * 2 * LANES)) };
                 }
                 for j in 0..K {
-                    let x = _mm512_set1_ps(unsafe { *base[j].add(seg.src + l) });
+                    let x = _mm512_set1_ps(unsafe { *base[j].add(seg.src + step * l) });
                     for v in 0..V {
                         acc[j][v] = _mm512_fmadd_ps(x, dv[v], acc[j][v]);
                     }
@@ -997,10 +1179,17 @@ mod avx512 {
         }
     }
 
-    /// Segments `2z` and `2z + 1` at tap offset `t`, as one vector.
+    /// The inputs of two segments of step `P` (1 or 2) starting at `lo` and
+    /// `hi`, as one vector.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn load_pair(lo: *const f32, hi: *const f32) -> __m512 {
+    unsafe fn load_pair<const P: usize>(lo: *const f32, hi: *const f32) -> __m512 {
+        if P == 2 {
+            // Every second element of 16 from each: one two-source permute.
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let (lo, hi) = unsafe { (_mm512_loadu_ps(lo), _mm512_loadu_ps(hi)) };
+            return _mm512_permutex2var_ps(lo, even, hi);
+        }
         let (lo, hi) = unsafe { (_mm256_loadu_ps(lo), _mm256_loadu_ps(hi)) };
         _mm512_castpd_ps(_mm512_insertf64x4::<1>(
             _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
@@ -1033,7 +1222,7 @@ mod avx512 {
 
     /// `M` rows × `2·Z512` segments (exactly), as [`super::correlate`] says.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn correlate<const M: usize>(
+    pub unsafe fn correlate<const M: usize, const P: usize>(
         a: *const f32,
         taps: &[usize],
         src: *const f32,
@@ -1056,7 +1245,7 @@ mod avx512 {
         for &t in taps {
             let mut b = [_mm512_setzero_ps(); Z512];
             for z in 0..Z512 {
-                b[z] = unsafe { load_pair(base[2 * z].add(t), base[2 * z + 1].add(t)) };
+                b[z] = unsafe { load_pair::<P>(base[2 * z].add(t), base[2 * z + 1].add(t)) };
             }
             for r in 0..M {
                 let av = _mm512_set1_ps(unsafe { *a.add(r) });
@@ -1068,6 +1257,14 @@ mod avx512 {
         }
         for z in 0..Z512 {
             let (lo, hi) = (&segs[2 * z], &segs[2 * z + 1]);
+            if lo.len == LANES && hi.len == LANES && hi.dst == lo.dst + LANES {
+                // Consecutive whole segments (rows of one output channel end to
+                // end): one store.
+                for r in 0..M {
+                    unsafe { _mm512_storeu_ps(out.add(lo.dst + r * pitch), acc[r][z]) };
+                }
+                continue;
+            }
             for r in 0..M {
                 let v = acc[r][z];
                 let (vlo, vhi) = (
@@ -1103,16 +1300,22 @@ mod tests {
     fn even_gather_and_scatter_match_plain_loops() {
         for isa in Isa::supported() {
             for n in [0, 1, 7, 8, 9, 16, 17, 40] {
-                let src = random(2 * n + 1, n as u32);
-                let mut dst = vec![0.0; n];
-                gather_even(isa, &mut dst, &src);
-                assert!(
-                    dst.iter().enumerate().all(|(j, &v)| v == src[2 * j]),
-                    "{isa:?} gather {n}"
-                );
+                // Three rows: 2n + 3 apart, 2n + 1 long.
+                let (rows, src_pitch, pitch) = (3, 2 * n + 3, n + 2);
+                let src = random(2 * src_pitch + 2 * n + 1, n as u32);
+                let mut dst = vec![0.0; 2 * pitch + n];
+                gather_even(isa, &src, src_pitch, rows, &mut dst, n, pitch);
+                for r in 0..rows {
+                    assert!(
+                        (0..n).all(|j| dst[r * pitch + j] == src[r * src_pitch + 2 * j]),
+                        "{isa:?} gather {n}, row {r}"
+                    );
+                }
+                let dst = &dst[..n];
+                let src = &src[..2 * n + 1];
                 let mut back = random(2 * n + 1, 99);
                 let keep = back.clone();
-                scatter_even(isa, &mut back, &dst);
+                scatter_even(isa, &mut back, dst);
                 for (i, (&b, &k)) in back.iter().zip(&keep).enumerate() {
                     let want = if i % 2 == 0 && i / 2 < n { src[i] } else { k };
                     assert_eq!(b, want, "{isa:?} scatter {n} at {i}");
@@ -1140,27 +1343,45 @@ mod tests {
                         "{isa:?} odd {n}"
                     );
                 }
-                let mut back = vec![0.0; n];
-                interleave(isa, &even[..ne], &odd[..no], &mut back);
-                assert_eq!(back, src[..n], "{isa:?} interleave {n}");
+                // Back into rows `n + 3` apart; the odd phase of one row for all.
+                let mut back = vec![f32::NAN; 2 * (n + 3) + n];
+                interleave(isa, (&even, pitch), (&odd, 0), rows, &mut back, n, n + 3);
+                for r in 0..rows {
+                    for x in 0..n {
+                        let want = if x % 2 == 0 { src[r * n + x] } else { src[x] };
+                        assert_eq!(back[r * (n + 3) + x], want, "{isa:?} interleave {n}, row {r}");
+                    }
+                    if r + 1 < rows {
+                        assert!(back[r * (n + 3) + n..(r + 1) * (n + 3)]
+                            .iter()
+                            .all(|v| v.is_nan()));
+                    }
+                }
             }
         }
     }
 
-    /// Every tile shape of both implementations against plain loops, with full
-    /// and partial segments.
+    /// Every tile shape of every implementation against plain loops, with full
+    /// and partial segments, reading consecutive inputs and every second one.
     #[test]
     fn tiles_match_plain_loops() {
+        for step in [1, 2] {
+            tiles_match_plain_loops_at(step);
+        }
+    }
+
+    fn tiles_match_plain_loops_at(step: usize) {
         let isas = Isa::supported();
         // Rows 17 and 33: dW tiles of one and two 512-bit vectors of channels
         // plus an 8-channel rest; 14 taps: a whole 12-tap AVX-512 block and 2.
         for rows in (1..=9).chain([17, 33]) {
             for k in [1, 2, 5, 9, 14] {
-                let src = random(300, rows as u32 * 31 + k as u32);
+                let src = random(600, rows as u32 * 31 + k as u32);
                 let w = random(rows * k, 7);
                 let mut taps = Taps::default();
                 (0..k).for_each(|i| taps.push(i * 13 % 40));
                 let mut segs = Segments::default();
+                segs.reset(step);
                 segs.push_run(3, 0, 21); // 8 + 8 + 5
                 segs.push_run(60, 21, 11); // 8 + 3
                 segs.push_run(100, 32, 2);
@@ -1199,19 +1420,23 @@ mod tests {
                             for l in 0..s.len {
                                 let mut acc = init[r];
                                 for (kk, &t) in taps.offsets.iter().enumerate() {
-                                    acc += w[r * k + kk] * src[t + s.src + l];
-                                    want_dw[r * k + kk] += dy[r * pitch + s.dst + l] * src[t + s.src + l];
+                                    let x = src[t + s.src + step * l];
+                                    acc += w[r * k + kk] * x;
+                                    want_dw[r * k + kk] += dy[r * pitch + s.dst + l] * x;
                                 }
                                 let got = out[r * pitch + s.dst + l];
                                 assert!(
                                     (got - acc).abs() < 1e-4,
-                                    "{isa:?} rows {rows} k {k}: {got} vs {acc}"
+                                    "{isa:?} step {step} rows {rows} k {k}: {got} vs {acc}"
                                 );
                             }
                         }
                     }
                     for (g, w) in dw.iter().zip(&want_dw) {
-                        assert!((g - w).abs() < 1e-4, "{isa:?} dW rows {rows} k {k}: {g} vs {w}");
+                        assert!(
+                            (g - w).abs() < 1e-4,
+                            "{isa:?} step {step} dW rows {rows} k {k}: {g} vs {w}"
+                        );
                     }
                 }
             }
