@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot|conv [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot|conv}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -28,6 +28,9 @@ case $group in
   sum) files=(dpm-core/src/ops/cpu/elementwise.rs dpm-core/src/exec/fuse.rs dpm-core/src/exec/plan.rs); tests=(fusion gradients parallel executors --lib) ;;
   # What atomic steps save, op by op (with its unit test).
   snapshot) files=(dpm-core/src/exec/snapshot.rs); tests=(reliability checkpoints --lib) ;;
+  # Direct convolution: layouts (and reading in place) and register tiles
+  # (add --re to pick functions: the whole of it is some 400 mutants).
+  conv) files=('dpm-core/src/ops/cpu/conv/*.rs'); tests=(conv_ops gradients --lib) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 args=()
