@@ -241,12 +241,17 @@ fn close(a: &[f32], b: &[f32], what: &str) {
 /// Runs Conv and ConvGradient on random data, with each engine (dpm's choice,
 /// `DIRECT` and `IM2COL`), and compares with the naive loops.
 fn check_against_reference(c: &ConvCase, seed: u64) {
+    check_with_threads(c, seed, 1);
+}
+
+/// The three engines, their kernels splitting the batch over `threads`.
+fn check_with_threads(c: &ConvCase, seed: u64, threads: usize) {
     for engine in ["", "DIRECT", "IM2COL"] {
-        check_engine(c, seed, engine);
+        check_engine(c, seed, engine, threads);
     }
 }
 
-fn check_engine(c: &ConvCase, seed: u64, engine: &str) {
+fn check_engine(c: &ConvCase, seed: u64, engine: &str, threads: usize) {
     let (oh, ow) = c.out();
     let (k, g) = (c.k, c.g);
     let x = random(&[c.n, c.c, c.h, c.w], seed, -1.0, 1.0, 0.0);
@@ -254,6 +259,7 @@ fn check_engine(c: &ConvCase, seed: u64, engine: &str) {
     let dy = random(&[c.n, c.m, oh, ow], seed + 200, -1.0, 1.0, 0.0);
     let (ry, rdx, rdw) = c.reference(x.data().unwrap(), wt.data().unwrap(), dy.data().unwrap());
     let ws = Workspace::new();
+    ws.set_kernel_threads(threads);
     ws.feed("x", x);
     ws.feed("w", wt);
     ws.feed("dy", dy);
@@ -279,7 +285,7 @@ fn check_engine(c: &ConvCase, seed: u64, engine: &str) {
     .build();
     ws.run_net_once(net.proto()).unwrap();
     let what = format!(
-        "seed {seed}, engine {engine:?}: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
+        "seed {seed}, engine {engine:?}, {threads} threads: N{} C{} {}×{} M{} k{:?} s{:?} p{} g{}",
         c.n, c.c, c.h, c.w, c.m, k, c.s, c.p, g
     );
     close(ws.fetch("y").unwrap().data().unwrap(), &ry, &format!("{what} y"));
@@ -357,13 +363,13 @@ fn conv_matches_the_naive_reference_on_larger_shapes_and_threads() {
         case(1, 60, 6, 6, 8, (3, 3), (1, 1), 1, 1),
         case(1, 8, 6, 6, 60, (3, 3), (1, 1), 1, 1),
     ];
+    // The workspace's kernel threads, not the calling thread's setting, are
+    // what its nets' kernels get.
     for threads in [1, 3] {
-        dpm::ops::cpu::set_threads(threads);
         for (i, c) in cases.iter().enumerate() {
-            check_against_reference(c, 1000 + i as u64);
+            check_with_threads(c, 1000 + i as u64, threads);
         }
     }
-    dpm::ops::cpu::set_threads(1);
 }
 
 #[test]
