@@ -145,14 +145,17 @@ impl InputPlanes {
     }
 
     /// Whether [`correlate`](super::tiles::correlate) tiles reading the image in
-    /// place would run slower than from a layout: with rows of part-filled
-    /// segments (a layout's runs cross rows), or with channels a multiple of
-    /// 4 KiB apart, which share L1 sets: a tile's 16 or more of them overflow
-    /// its ways, and every panel of weights reloads them (1×1 stride 2, 16→32
-    /// channels on 32×32 images: 98 µs a batch of 32 in place, 76 laid out; on
-    /// 28×28 and 30×30 images in place is the faster by 23–31%).
+    /// place would run slower than from a layout: with rows whose segments
+    /// leave more than a quarter of their lanes idle (a layout's runs cross
+    /// rows: 1×1 stride 2, 32→64 channels on 18×18 images, 9 outputs a row,
+    /// 113 µs a batch of 32 in place, 105 laid out), or with channels a
+    /// multiple of 4 KiB apart, which share L1 sets: a tile's 16 or more of
+    /// them overflow its ways, and every panel of weights reloads them (32×32
+    /// images: 98 µs in place, 76 laid out; on 28×28 and 30×30 images in
+    /// place is the faster by 23–31%).
     pub fn tiles_prefer_layout(&self) -> bool {
-        !self.ow.is_multiple_of(LANES) || (self.h * self.w * 4).is_multiple_of(4096)
+        let lanes = self.ow.div_ceil(LANES) * LANES;
+        4 * self.ow < 3 * lanes || (self.h * self.w * 4).is_multiple_of(4096)
     }
 
     /// Whether the tiles read the images themselves (at step 2, see
@@ -502,5 +505,60 @@ impl GradPlanes {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn win(k: usize, stride: (usize, usize), p: usize) -> Window {
+        Window {
+            kernel: (k, k),
+            stride,
+            pad: (p, p, p, p),
+        }
+    }
+
+    /// Which windows the tiles read in place, and where the forward's tiles
+    /// still take a layout (the results do not depend on it, the speed does).
+    #[test]
+    fn shortcuts_read_in_place_where_it_is_safe_and_pays() {
+        let shortcut = win(1, (2, 2), 0);
+        let lay = |h: usize, w: usize| InputPlanes::new(&shortcut, 16, h, w);
+        // 16×16: channels 1 KiB apart, whole segments.
+        assert!(lay(16, 16).reads_image() && !lay(16, 16).tiles_prefer_layout());
+        assert_eq!(lay(16, 16).channel_len(), 256);
+        assert_eq!(lay(16, 16).image_len(), 16 * 256);
+        // 28×28: 14 outputs a row, 8 + 6, in place.
+        assert!(lay(28, 28).reads_image() && !lay(28, 28).tiles_prefer_layout());
+        // 32×32: channels 4 KiB apart; 18×18: 9 outputs a row, 8 + 1.
+        assert!(lay(32, 32).reads_image() && lay(32, 32).tiles_prefer_layout());
+        assert!(lay(18, 18).reads_image() && lay(18, 18).tiles_prefer_layout());
+        // Laid out on request, the offsets are the layout's again.
+        let planes = lay(32, 32).laid_out();
+        assert!(!planes.reads_image());
+        assert_eq!(planes.channel_len(), 16 * 16);
+        // 15×15: the last row's vector loads would leave the channel.
+        assert!(!lay(15, 15).reads_image());
+        // Padding, a wider window or stride 1 across: a layout.
+        assert!(!InputPlanes::new(&win(1, (2, 2), 1), 16, 16, 16).reads_image());
+        assert!(!InputPlanes::new(&win(3, (2, 2), 1), 16, 16, 16).reads_image());
+        assert!(!InputPlanes::new(&win(1, (2, 1), 0), 16, 16, 16).reads_image());
+        // Stride 2 across only: rows one apart.
+        assert!(InputPlanes::new(&win(1, (1, 2), 0), 16, 8, 32).reads_image());
+    }
+
+    #[test]
+    fn dy_is_its_own_layout_only_without_padding_and_with_whole_segments() {
+        let grad = |k: usize, p: usize, side: usize| GradPlanes::new(&win(k, (2, 2), p), 8, side, side);
+        assert!(grad(1, 0, 32).is_dy());
+        assert_eq!(grad(1, 0, 32).channel_len(), 256);
+        assert!(
+            !grad(1, 0, 28).is_dy(),
+            "14 outputs a row: the last segment reads past dY"
+        );
+        assert!(!grad(1, 1, 32).is_dy());
+        assert!(!grad(3, 1, 32).is_dy());
     }
 }
