@@ -530,8 +530,10 @@ mod tests {
         assert!(lay(16, 16).reads_image() && !lay(16, 16).tiles_prefer_layout());
         assert_eq!(lay(16, 16).channel_len(), 256);
         assert_eq!(lay(16, 16).image_len(), 16 * 256);
-        // 28×28: 14 outputs a row, 8 + 6, in place.
+        // 28×28: 14 outputs a row, 8 + 6, in place; 24×24: 12, 8 + 4, a
+        // quarter of the lanes idle exactly, in place.
         assert!(lay(28, 28).reads_image() && !lay(28, 28).tiles_prefer_layout());
+        assert!(!lay(24, 24).tiles_prefer_layout());
         // 32×32: channels 4 KiB apart; 18×18: 9 outputs a row, 8 + 1.
         assert!(lay(32, 32).reads_image() && lay(32, 32).tiles_prefer_layout());
         assert!(lay(18, 18).reads_image() && lay(18, 18).tiles_prefer_layout());
