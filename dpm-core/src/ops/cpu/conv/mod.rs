@@ -240,9 +240,10 @@ fn block_images(bytes: usize, n: usize) -> usize {
 }
 
 /// What the tiles read for `images` (a block of at most `nb`) of the batch `x`
-/// (`image` elements each) under `lay`: the images themselves, from the block's first to the end of
-/// `x`, where the layout reads them in place; otherwise their phase planes,
-/// written into `planes`.
+/// (`image` elements each) under `lay`: where it reads in place, the images
+/// themselves, from the block's first to the end of `x` (the tiles' vector
+/// loads may run past the block); otherwise their phase planes, written into
+/// `planes`.
 fn laid_out<'a>(
     isa: Isa,
     lay: &InputPlanes,
