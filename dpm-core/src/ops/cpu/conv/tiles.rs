@@ -800,9 +800,12 @@ mod avx2 {
         pitch: usize,
         blocks: usize,
     ) {
-        // [a0 a2 b0 b2 | a4 a6 b4 b6] (and the odd ones), then the middle 64-bit
-        // lanes swapped.
-        let fix = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+        // The odd ones as `evens` takes the even ones: [a1 a3 b1 b3 | a5 a7 b5 b7],
+        // then the middle 64-bit lanes swapped.
+        let odds = |a: __m256, b: __m256| {
+            let v = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+        };
         for r in 0..rows {
             let (src, even, odd) =
                 unsafe { (src.add(r * src_pitch), even.add(r * pitch), odd.add(r * pitch)) };
@@ -814,8 +817,8 @@ mod avx2 {
                     )
                 };
                 unsafe {
-                    _mm256_storeu_ps(even.add(8 * i), fix(_mm256_shuffle_ps::<0b10_00_10_00>(a, b)));
-                    _mm256_storeu_ps(odd.add(8 * i), fix(_mm256_shuffle_ps::<0b11_01_11_01>(a, b)));
+                    _mm256_storeu_ps(even.add(8 * i), evens(a, b));
+                    _mm256_storeu_ps(odd.add(8 * i), odds(a, b));
                 }
             }
         }
