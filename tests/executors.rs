@@ -81,6 +81,8 @@ struct Journal {
     peak: usize,
     /// Probes that were running while `meet` or more probes were.
     met: Vec<i64>,
+    /// The thread each probe ran on.
+    threads: HashMap<i64, std::thread::ThreadId>,
 }
 
 fn journals() -> &'static (Mutex<HashMap<String, Journal>>, Condvar) {
@@ -127,6 +129,7 @@ impl Kernel for Probe {
         let mut map = lock.lock().unwrap();
         let j = map.entry(self.tag.clone()).or_default();
         j.events.push((self.id, true));
+        j.threads.insert(self.id, std::thread::current().id());
         j.running.push(self.id);
         j.peak = j.peak.max(j.running.len());
         if self.meet > 0 && j.running.len() >= self.meet {
@@ -349,6 +352,135 @@ fn the_first_error_stops_new_work() {
     within_a_minute(move || Workspace::new().run_net_once(net.proto()).unwrap_err());
     let ran = starts("stop_dag4").len();
     assert!(ran < 40, "{ran} ops started after the failure");
+}
+
+// --- Replicas: each on its worker, meeting where the net makes them. ---
+
+/// Adds probe `id` of `tag` writing `cpu_<replica>/p<id>` (`p<id>` for an op
+/// of no replica, as a collective is), reading `inputs`.
+fn replica_probe<'n>(
+    net: &'n mut Net,
+    tag: &str,
+    replica: Option<usize>,
+    id: i64,
+    inputs: &[&str],
+) -> dpm::graph::OpBuilder<'n> {
+    let out = match replica {
+        Some(r) => format!("cpu_{r}/p{id}"),
+        None => format!("p{id}"),
+    };
+    net.op("TestProbe")
+        .inputs(inputs.iter().copied())
+        .output(out.as_str())
+        .arg("tag", tag)
+        .arg("id", id)
+}
+
+fn replica_net(tag: &str) -> Net {
+    let mut net = Net::new(tag);
+    net.set_type("dag").set_num_workers(2);
+    net
+}
+
+#[test]
+fn replicas_run_at_once_each_on_one_thread_and_wait_for_a_collective() {
+    register_probe();
+    // Two replicas of a chain of 3 (ids r*10 + k); their first ops meet; an
+    // op of no replica reads both chains' ends; each replica's last op reads
+    // it. Three runs, so that any run could have moved a replica's op.
+    let mut net = replica_net("lanes");
+    for r in 0..2 {
+        for k in 0..3 {
+            let id = r * 10 + k;
+            let prev = format!("cpu_{r}/p{}", id - 1);
+            let inputs: &[&str] = if k == 0 { &[] } else { &[prev.as_str()] };
+            let mut b = replica_probe(&mut net, "lanes", Some(r as usize), id, inputs);
+            if k == 0 {
+                b = b.arg("meet", 2i64);
+            }
+            b.build();
+        }
+    }
+    replica_probe(&mut net, "lanes", None, 100, &["cpu_0/p2", "cpu_1/p12"]).build();
+    replica_probe(&mut net, "lanes", Some(0), 3, &["p100"]).build();
+    replica_probe(&mut net, "lanes", Some(1), 13, &["p100"]).build();
+    let ws = std::sync::Arc::new(Workspace::new());
+    ws.create_net(net.proto()).unwrap();
+    for _ in 0..3 {
+        let w = ws.clone();
+        within_a_minute(move || w.run_net("lanes").unwrap());
+        let value = |name: &str| ws.fetch(name).unwrap().data::<f32>().unwrap()[0];
+        assert_eq!(
+            (value("cpu_0/p0"), value("cpu_1/p10")),
+            (1.0, 1.0),
+            "the replicas ran one after the other"
+        );
+        let (events, threads) = journal("lanes", |j| (j.events.clone(), j.threads.clone()));
+        let at = |id: i64, start: bool| events.iter().rposition(|&e| e == (id, start)).unwrap();
+        for (before, after) in [(2, 100), (12, 100), (100, 3), (100, 13)] {
+            assert!(
+                at(before, false) < at(after, true),
+                "p{after} started before p{before} ended"
+            );
+        }
+        for r in [0, 10] {
+            let t = threads[&r];
+            assert!(
+                (r..r + 4).all(|id| threads[&id] == t),
+                "replica {} moved between threads",
+                r / 10
+            );
+        }
+        assert_ne!(threads[&0], threads[&10], "both replicas ran on one thread");
+    }
+}
+
+#[test]
+fn a_collective_waiting_for_another_replica_does_not_hold_up_its_workers_replica() {
+    register_probe();
+    // Replica 1's p10 waits until replica 0's p1 runs beside it. The op of no
+    // replica, p100, waits for p10 and comes before p1 in replica 0's worker's
+    // order (both at depth 1, p100 first in the net): that worker must run p1
+    // while p100 cannot run, or p10 and p1 never meet.
+    let mut net = replica_net("lookahead");
+    // Not a probe, so that it is no company for p10; its value is how long
+    // p1, which reads it, waits for company (ms).
+    net.op("ConstantFill")
+        .output("cpu_0/p0")
+        .arg("shape", vec![1i64])
+        .arg("value", 20_000.0f32)
+        .build();
+    replica_probe(&mut net, "lookahead", Some(1), 10, &[])
+        .arg("meet", 2i64)
+        .build();
+    replica_probe(&mut net, "lookahead", None, 100, &["cpu_1/p10"]).build();
+    replica_probe(&mut net, "lookahead", Some(0), 1, &["cpu_0/p0"])
+        .arg("meet", 2i64)
+        .build();
+    let ws = run_watched(net);
+    let value = |name: &str| ws.fetch(name).unwrap().data::<f32>().unwrap()[0];
+    assert_eq!(value("cpu_1/p10"), 1.0, "p10 and p1 did not meet");
+    assert_eq!(value("cpu_0/p1"), 1.0);
+}
+
+#[test]
+fn a_failing_replica_ends_the_run_for_the_replica_waiting_on_it() {
+    register_probe();
+    // Replica 1 fails after 50 ms, while replica 0 waits for it at a
+    // collective; replica 0's ops after the collective never start.
+    let mut net = replica_net("lane_fail");
+    replica_probe(&mut net, "lane_fail", Some(0), 0, &[]).build();
+    replica_probe(&mut net, "lane_fail", Some(1), 10, &[])
+        .arg("sleep_ms", 50i64)
+        .arg("fail", 1i64)
+        .build();
+    replica_probe(&mut net, "lane_fail", None, 100, &["cpu_0/p0", "cpu_1/p10"]).build();
+    replica_probe(&mut net, "lane_fail", Some(0), 1, &["p100"]).build();
+    let err = within_a_minute(move || Workspace::new().run_net_once(net.proto()).unwrap_err());
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    let mut ran = starts("lane_fail");
+    ran.sort_unstable();
+    assert_eq!(ran, [0, 10]);
 }
 
 // --- Failures: errors, not hangs or panics. ---

@@ -6,7 +6,8 @@
 //! Each worker prefers the ops of "its" replicas (lane `l` belongs to worker
 //! `l mod workers`), takes collectives and unscoped ops next, and the other
 //! replicas' ops only when none of those is ready. With one worker per replica,
-//! as CPU replicas get by default, each replica's chain of ops then stays on one
+//! as CPU replicas get by default (whose nets come here when their ops are
+//! long; short ones go to `lanes.rs`), each replica's chain of ops then stays on one
 //! thread, and a worker never runs another replica's op while its own replica
 //! has one ready: the replicas advance together, and neither waits at the
 //! all-reduces for the other to catch up.

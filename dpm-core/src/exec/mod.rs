@@ -4,12 +4,15 @@
 //! saves passes over memory, `fuse.rs`; kernels built, blobs resolved,
 //! dependencies computed; `plan.rs`), then run many times by the `simple` executor (ops in order,
 //! on the calling thread) or the `dag` executor (ops as soon as their data and
-//! control dependencies are done, on a pool of worker threads; `dag.rs`, the
-//! threads kept between runs in `pool.rs`). A trainer's atomic steps save the
+//! control dependencies are done, on a pool of worker threads kept between
+//! runs, `pool.rs`: through a shared queue, `dag.rs`, or, for data-parallel
+//! nets of short ops, in a fixed order per replica, `lanes.rs`; or inline
+//! when that is faster, `tune.rs`). A trainer's atomic steps save the
 //! state blobs an op is about to change, as the op runs (`snapshot.rs`).
 
 mod dag;
 mod fuse;
+mod lanes;
 mod plan;
 mod pool;
 mod profile;
@@ -18,6 +21,7 @@ pub mod trace;
 mod tune;
 mod workspace;
 
+pub(crate) use plan::BlobCell;
 pub use profile::OpTime;
 pub(crate) use snapshot::Snapshot;
 pub use trace::{Overlap, Trace, TraceEvent};

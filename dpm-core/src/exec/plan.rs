@@ -299,6 +299,10 @@ pub(crate) struct Plan {
     /// The `dag` executor's worker threads, started by the first run that
     /// uses them (asleep while the net runs inline).
     pool: std::sync::Mutex<Option<super::pool::Pool>>,
+    /// For a net of CPU replicas (two or more lanes, no op that waits on
+    /// another process), the fixed order its workers run it in (`lanes.rs`)
+    /// while its ops are short; `None`, or long ops: the queue of `dag.rs`.
+    schedule: Option<super::lanes::Schedule>,
     /// Whether a `dag` net runs on its pool or inline (`tune.rs`).
     /// `dpm_executor_autotune = 0` keeps the pool on every run, for nets whose
     /// ops wait on each other running at the same time.
@@ -364,10 +368,22 @@ impl Plan {
         }
         let width = width(&deps);
         let lanes = steps.iter().filter_map(|s| s.lane).max().map_or(0, |l| l + 1);
+        // Replicas that may wait on another process (an engine's collective,
+        // a GPU's stream) keep the queue, whose idle workers take other work.
+        let local_cpu = steps
+            .iter()
+            .all(|s| matches!(s.device, Device::Cpu(_)) && s.def.engine.as_deref().unwrap_or("").is_empty());
+        let schedule = (lanes >= 2 && local_cpu && workers.min(width) >= 2).then(|| {
+            let lane_of: Vec<Option<usize>> = steps.iter().map(|s| s.lane).collect();
+            super::lanes::Schedule::new(deps.clone(), &lane_of, workers.min(width).min(lanes))
+        });
+        let useful = schedule
+            .as_ref()
+            .map_or(workers.min(width).max(1), |s| s.workers());
         let tuner = super::tune::Tuner::new(
             Args(&net.arg).int("dpm_executor_autotune", 1)? != 0,
             steps.len(),
-            workers.min(width).max(1),
+            useful,
         );
         Ok(Plan {
             name,
@@ -380,6 +396,7 @@ impl Plan {
             lanes,
             num_deps: deps.iter().map(Vec::len).collect(),
             width,
+            schedule,
             runs: AtomicU64::new(0),
             pool: Default::default(),
             tuner,
@@ -406,7 +423,12 @@ impl Plan {
                 let pool = || match self.pool.try_lock() {
                     Ok(mut p) => {
                         let p = p.get_or_insert_with(|| super::pool::Pool::new(&self.name, workers - 1));
-                        super::dag::run(self, p, threads, profile)
+                        match &self.schedule {
+                            Some(s) if !self.tuner.long_ops() => {
+                                super::lanes::run(self, s, p, threads, profile, run + 1)
+                            }
+                            _ => super::dag::run(self, p, threads, profile),
+                        }
                     }
                     Err(_) => inline(),
                 };
@@ -437,9 +459,11 @@ impl Plan {
     }
 
     /// The workers worth starting: no more than `num_workers`, nor than the
-    /// ops that can run at once.
+    /// ops that can run at once, nor (with a fixed schedule) than the replicas.
     fn useful_workers(&self) -> usize {
-        self.workers.min(self.width).max(1)
+        self.schedule
+            .as_ref()
+            .map_or(self.workers.min(self.width).max(1), |s| s.workers())
     }
 
     #[cfg(feature = "cuda")]

@@ -8,7 +8,7 @@
 //! spin, so a machine with more threads than cores still makes progress.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,22 +46,40 @@ struct JobRef(*const (dyn Fn(usize) + Sync));
 unsafe impl Send for JobRef {}
 
 struct Slot {
+    /// The last job posted: called only by workers that saw `epoch` move
+    /// past the run before it, so a stale pointer is never called.
     job: Option<JobRef>,
-    /// Workers asleep on `Control::wake`.
-    sleepers: usize,
-    /// Whether the caller of `run` sleeps on `Control::done`.
-    caller_asleep: bool,
     shutdown: bool,
 }
 
+/// The handshake of a run: the caller posts the job and bumps `epoch`; each
+/// helper counts itself out of `remaining`. The locks are taken only to read
+/// the job and around sleeping, not to finish a run: each cache line handed
+/// between cores costs a small net's run about a tenth of a µs.
 struct Control {
     slot: Mutex<Slot>,
     /// Bumped when a job (or the shutdown) is posted: what spinning workers watch.
-    epoch: AtomicU64,
-    /// Workers yet to finish the current job.
-    remaining: AtomicUsize,
+    epoch: Line<AtomicU64>,
+    /// Workers yet to finish the current job: what the spinning caller watches.
+    remaining: Line<AtomicUsize>,
+    /// Workers asleep on `wake` (counted under `slot`).
+    sleepers: AtomicUsize,
+    /// Whether the caller of `run` sleeps on `done` (set under `slot`).
+    caller_asleep: AtomicBool,
     wake: Condvar,
     done: Condvar,
+}
+
+/// A value on cache lines of its own: a thread spinning on one line does not
+/// slow the writes to another.
+#[repr(align(128))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 impl Control {
@@ -69,16 +87,21 @@ impl Control {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    // Sleeping and waking pair up as in Dekker's algorithm: the sleeper
+    // counts itself (SeqCst) under the lock and then checks; the waker
+    // publishes (SeqCst) and then checks for sleepers, and takes the lock to
+    // notify. One of the two sees the other.
+
     fn worker(&self, w: usize) {
         let mut seen = 0;
         loop {
             if !spin_until(|| self.epoch.load(Ordering::Acquire) != seen) {
                 let mut slot = self.lock();
-                while self.epoch.load(Ordering::Acquire) == seen {
-                    slot.sleepers += 1;
+                self.sleepers.fetch_add(1, Ordering::SeqCst);
+                while self.epoch.load(Ordering::SeqCst) == seen {
                     slot = self.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
-                    slot.sleepers -= 1;
                 }
+                self.sleepers.fetch_sub(1, Ordering::SeqCst);
             }
             let (job, shutdown) = {
                 let slot = self.lock();
@@ -95,12 +118,10 @@ impl Control {
                 // right should one escape.
                 let _ = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(w) }));
             }
-            if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                // Taking the lock orders this after the caller's last check:
-                // it is asleep (and told) or will see `remaining == 0`.
-                if self.lock().caller_asleep {
-                    self.done.notify_one();
-                }
+            if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 && self.caller_asleep.load(Ordering::SeqCst)
+            {
+                drop(self.lock());
+                self.done.notify_one();
             }
         }
     }
@@ -119,12 +140,12 @@ impl Pool {
         let control = Arc::new(Control {
             slot: Mutex::new(Slot {
                 job: None,
-                sleepers: 0,
-                caller_asleep: false,
                 shutdown: false,
             }),
-            epoch: AtomicU64::new(0),
-            remaining: AtomicUsize::new(0),
+            epoch: Line(AtomicU64::new(0)),
+            remaining: Line(AtomicUsize::new(0)),
+            sleepers: AtomicUsize::new(0),
+            caller_asleep: AtomicBool::new(false),
             wake: Condvar::new(),
             done: Condvar::new(),
         });
@@ -154,14 +175,12 @@ impl Pool {
         // let this function return or unwind before every helper has counted
         // itself out of `remaining`, after its last use of the job.
         let erased: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(job) };
-        {
-            let mut slot = c.lock();
-            slot.job = Some(JobRef(erased));
-            c.remaining.store(self.threads.len(), Ordering::Release);
-            c.epoch.fetch_add(1, Ordering::AcqRel);
-            if slot.sleepers > 0 {
-                c.wake.notify_all();
-            }
+        c.lock().job = Some(JobRef(erased));
+        c.remaining.store(self.threads.len(), Ordering::SeqCst);
+        c.epoch.fetch_add(1, Ordering::SeqCst);
+        if c.sleepers.load(Ordering::SeqCst) > 0 {
+            drop(c.lock());
+            c.wake.notify_all();
         }
         struct Wait<'a>(&'a Control);
         impl Drop for Wait<'_> {
@@ -169,13 +188,12 @@ impl Pool {
                 let c = self.0;
                 if !spin_until(|| c.remaining.load(Ordering::Acquire) == 0) {
                     let mut slot = c.lock();
-                    while c.remaining.load(Ordering::Acquire) != 0 {
-                        slot.caller_asleep = true;
+                    c.caller_asleep.store(true, Ordering::SeqCst);
+                    while c.remaining.load(Ordering::SeqCst) != 0 {
                         slot = c.done.wait(slot).unwrap_or_else(|e| e.into_inner());
                     }
-                    slot.caller_asleep = false;
+                    c.caller_asleep.store(false, Ordering::SeqCst);
                 }
-                c.lock().job = None;
             }
         }
         let _wait = Wait(c);
@@ -188,7 +206,7 @@ impl Drop for Pool {
         {
             let mut slot = self.control.lock();
             slot.shutdown = true;
-            self.control.epoch.fetch_add(1, Ordering::AcqRel);
+            self.control.epoch.fetch_add(1, Ordering::SeqCst);
             self.control.wake.notify_all();
         }
         for t in self.threads.drain(..) {
@@ -234,7 +252,7 @@ mod tests {
             let start = Instant::now();
             let mut asleep: Option<Instant> = None;
             while asleep.is_none_or(|t| t.elapsed() < Duration::from_millis(5)) {
-                let sleepers = pool.control.lock().sleepers;
+                let sleepers = pool.control.sleepers.load(Ordering::SeqCst);
                 assert!(sleepers <= 2, "{sleepers} sleepers among 2 workers");
                 if sleepers == 2 {
                     asleep.get_or_insert_with(Instant::now);

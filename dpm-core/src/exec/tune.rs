@@ -5,7 +5,9 @@
 //! them, and which way it goes depends on the machine's state as much as on
 //! the net: on a virtual machine whose second core is busy elsewhere, a pool's
 //! hand-offs cost several times what they cost on an idle one. So the choice is
-//! measured, and measured again every [`WINDOW`] runs. Both ways give the same
+//! measured, and measured again [`WINDOW`] runs after each decision; while
+//! the decisions agree, the gap doubles up to [`MAX_WINDOW`] runs, as each
+//! measurement costs the runs it makes the slower way. Both ways give the same
 //! bits.
 
 use std::sync::Mutex;
@@ -20,8 +22,11 @@ const BLOCK: u64 = 3;
 const BLOCK_TIME: Duration = Duration::from_micros(500);
 /// Blocks of each way at most per measurement (they alternate, pool first).
 const BLOCKS: u64 = 2;
-/// A measurement starts every this many runs (once the last one decided).
+/// Runs from a decision to the next measurement, when the last two decisions
+/// differed (or after the first)...
 pub(super) const WINDOW: u64 = 512;
+/// ... and at most, after decisions that agreed.
+pub(super) const MAX_WINDOW: u64 = 16 * WINDOW;
 /// Pool runs whose ops take this long each (time × workers / ops) make
 /// hand-offs (µs) irrelevant: the pool is kept without timing inline runs,
 /// which for such a net would each cost up to `workers` times a pool run.
@@ -40,8 +45,14 @@ pub(super) enum Choice {
 
 #[derive(Default)]
 struct State {
-    /// The window of the measurement below.
+    /// The run the next measurement starts at (once `decided`).
+    next: u64,
+    /// Runs from the last decision to `next`.
     window: u64,
+    /// The last run chosen for.
+    run: u64,
+    /// The decision before the current measurement's, if any.
+    last: Option<bool>,
     inline: Vec<Duration>,
     pool: Vec<Duration>,
     /// Blocks finished in this measurement (even: pool's turn).
@@ -59,6 +70,8 @@ pub(super) struct Tuner {
     enabled: bool,
     /// Ops per worker of the net: a run's time over this is its time per op.
     ops_per_worker: f64,
+    /// Whether a measurement found the ops long (see [`LONG_OPS`]).
+    long_ops: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -68,9 +81,11 @@ impl Tuner {
         Tuner {
             enabled,
             ops_per_worker: ops as f64 / workers.max(1) as f64,
+            long_ops: Default::default(),
             state: Mutex::new(State {
                 // Until the first measurement decides, the pool.
                 decided: true,
+                next: START,
                 ..State::default()
             }),
         }
@@ -85,12 +100,15 @@ impl Tuner {
         if !self.enabled || run < START {
             return Choice::Pool;
         }
-        let window = (run - START) / WINDOW + 1;
         let mut s = self.lock();
-        if s.decided && window != s.window {
+        s.run = s.run.max(run);
+        if s.decided && run >= s.next {
             // A new measurement (it times both ways, whatever the last chose).
+            let last = (s.next > START).then_some(s.inline_wins);
             *s = State {
-                window,
+                window: s.window,
+                run: s.run,
+                last,
                 ..State::default()
             };
         }
@@ -101,6 +119,13 @@ impl Tuner {
                 inline: s.blocks % 2 == 1,
             },
         }
+    }
+
+    /// Whether the last measurement found ops so long that hand-offs between
+    /// threads cost nothing next to them (then the pool's queue, which
+    /// balances the workers as they go, beats a fixed order).
+    pub(super) fn long_ops(&self) -> bool {
+        self.long_ops.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The time a measured run took.
@@ -130,7 +155,9 @@ impl Tuner {
         let p = median(&s.pool);
         let decision = if s.blocks == 1 {
             // The pool's first block: long ops keep it.
-            (p / self.ops_per_worker.max(1.0) >= LONG_OPS.as_secs_f64()).then_some(false)
+            let long = p / self.ops_per_worker.max(1.0) >= LONG_OPS.as_secs_f64();
+            self.long_ops.store(long, std::sync::atomic::Ordering::Relaxed);
+            long.then_some(false)
         } else if s.blocks.is_multiple_of(2) {
             let i = median(&s.inline);
             // A clear difference (1.5×) decides after one block of each.
@@ -142,6 +169,11 @@ impl Tuner {
         if let Some(inline_wins) = decision {
             s.decided = true;
             s.inline_wins = inline_wins;
+            s.window = match s.last {
+                Some(last) if last == inline_wins => (2 * s.window).min(MAX_WINDOW),
+                _ => WINDOW,
+            };
+            s.next = s.run + 1 + s.window;
         }
     }
 }
@@ -257,33 +289,68 @@ mod tests {
         assert!(c[100..].iter().all(|&c| c == Choice::Pool), "{c:?}");
     }
 
+    /// `(first run, runs)` of each measurement in `c` (runs from 0).
+    fn measurements(c: &[Choice]) -> Vec<(usize, usize)> {
+        let mut m: Vec<(usize, usize)> = Vec::new();
+        for (r, x) in c.iter().enumerate() {
+            if let Choice::Measure { .. } = x {
+                match m.last_mut() {
+                    Some((first, n)) if *first + *n == r => *n += 1,
+                    _ => m.push((r, 1)),
+                }
+            }
+        }
+        m
+    }
+
+    /// Runs between the end of each measurement and the start of the next.
+    fn gaps(m: &[(usize, usize)]) -> Vec<usize> {
+        m.windows(2).map(|w| w[1].0 - (w[0].0 + w[0].1)).collect()
+    }
+
     #[test]
-    fn the_choice_is_measured_again_every_window() {
+    fn the_choice_is_measured_again_and_less_often_while_it_holds() {
         let t = Tuner::new(true, 10, 2);
-        drive(&t, 0..100, 50, 200);
-        assert_eq!(t.choose(100), Choice::Inline);
-        // The machine changed: now the pool wins, and the next window sees it.
-        let c = drive(&t, 100..START + 2 * WINDOW, 200, 50);
-        let next = (START + WINDOW - 100) as usize;
-        assert_eq!(c[next - 1], Choice::Inline);
-        assert_eq!(c[next], Choice::Measure { inline: false });
-        assert!(c[next + 40..].iter().all(|&c| c == Choice::Pool));
+        let c = drive(&t, 0..40_000, 50, 200);
+        let m = measurements(&c);
+        assert_eq!(m[0].0, START as usize);
+        let w = WINDOW as usize;
+        assert_eq!(gaps(&m)[..6], [w, 2 * w, 4 * w, 8 * w, 16 * w, 16 * w]);
+        assert!(c[m[0].0 + m[0].1..].iter().all(|&x| x != Choice::Pool));
+        // The machine changes: the pool wins from the fourth measurement on.
+        // That one sees it, and the next comes a window later again.
+        let t = Tuner::new(true, 10, 2);
+        let flip = {
+            let c = drive(&t, 0..40_000, 50, 200);
+            measurements(&c)[3].0 as u64
+        };
+        let t = Tuner::new(true, 10, 2);
+        let mut c = drive(&t, 0..flip, 50, 200);
+        c.extend(drive(&t, flip..40_000, 200, 50));
+        let m = measurements(&c);
+        assert_eq!(m[3].0 as u64, flip);
+        assert_eq!(gaps(&m)[..5], [w, 2 * w, 4 * w, w, 2 * w]);
+        assert_eq!(c[flip as usize - 1], Choice::Inline);
+        assert!(c[m[3].0 + m[3].1..m[4].0].iter().all(|&x| x == Choice::Pool));
     }
 
     #[test]
     fn a_net_of_long_ops_keeps_the_pool_without_timing_inline_runs() {
         // 10 ops on 2 workers, 1 ms a run: 200 µs per op.
         let t = Tuner::new(true, 10, 2);
+        assert!(!t.long_ops(), "unknown until measured");
         let c = drive(&t, 0..2000, 1000, 1000);
         assert_eq!(
             count(&c, Choice::Measure { inline: true }) + count(&c, Choice::Inline),
             0
         );
+        assert!(t.long_ops());
         // 40 µs per op: measured.
         let t = Tuner::new(true, 10, 2);
         let c = drive(&t, 0..40, 150, 200);
         assert_eq!(c[5], Choice::Measure { inline: true });
         assert_eq!(c[39], Choice::Inline);
+        assert!(!t.long_ops());
     }
 
     #[test]

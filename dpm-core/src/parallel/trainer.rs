@@ -65,6 +65,9 @@ pub struct Trainer {
     /// With gradient accumulation: the nets of one micro-batch, of summing its
     /// gradients, and of the all-reduce and update (see `accumulation_nets`).
     accumulation: Vec<NetDef>,
+    /// Each input's blob on each device, resolved by the first feed (see
+    /// `feed_batch`).
+    input_cells: std::sync::Mutex<Vec<(String, Vec<crate::exec::BlobCell>)>>,
 }
 
 /// What [`Trainer::step`] checks is finite after each step; a non-finite value
@@ -119,6 +122,7 @@ impl Trainer {
             pending: None,
             ahead: None,
             accumulation: Vec::new(),
+            input_cells: Default::default(),
         }
     }
 
@@ -371,9 +375,41 @@ impl Trainer {
 
     /// Feeds this rank's slices of a global batch: every rank draws the same
     /// batch, and rank r's devices get parts r·n … r·n + n − 1.
+    /// CPU replicas' slices are copied into the blobs they replace, through
+    /// blob handles looked up once: a small batch's step then spends no time
+    /// allocating, freeing or hashing names (per device, per input).
     fn feed_batch(&self, batch: &[(String, Tensor)]) -> Result<()> {
-        let parts = split_to_devices(batch, &self.p.devices, self.shard_id(), self.num_shards())?;
-        self.feed_parts(parts)
+        let devices = &self.p.devices;
+        if devices.iter().any(|d| matches!(d, Device::Cuda(_))) {
+            let parts = split_to_devices(batch, devices, self.shard_id(), self.num_shards())?;
+            return self.feed_parts(parts);
+        }
+        let n = devices.len();
+        let first_part = self.shard_id() * n;
+        let mut cells = self.input_cells.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, t) in batch {
+            let per = rows_per_device(name, t, n * self.num_shards())?;
+            let k = match cells.iter().position(|(m, _)| m == name) {
+                Some(k) => k,
+                None => {
+                    let blobs = devices
+                        .iter()
+                        .map(|d| self.ws.cell(&format!("{}/{name}", d.namescope())))
+                        .collect();
+                    cells.push((name.clone(), blobs));
+                    cells.len() - 1
+                }
+            };
+            for (i, cell) in cells[k].1.iter().enumerate() {
+                let mut blob = cell.write().unwrap_or_else(|e| e.into_inner());
+                let first = (first_part + i) * per;
+                match blob.as_mut() {
+                    Some(b) => b.assign_rows(t, first, per)?,
+                    None => *blob = Some(t.rows_to_device(first, per, devices[i])?),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Feeds parts made by [`split_to_devices`], after their uploads.
@@ -449,7 +485,13 @@ impl Trainer {
         let mut total = 0.0f64;
         for ls in &self.p.losses {
             for l in ls {
-                total += f64::from(self.ws.fetch(l)?.data::<f32>().map_or(f32::NAN, |d| d[0]));
+                // Read in place: a host copy only for a GPU's loss.
+                let first = |t: &Tensor| t.data::<f32>().ok().and_then(|d| d.first().copied());
+                let v = self.ws.with_blob(l, |t| match t.is_on_host() {
+                    true => Ok(first(t)),
+                    false => t.to_host().map(|h| first(&h)),
+                })??;
+                total += f64::from(v.unwrap_or(f32::NAN));
             }
         }
         self.mean_over_ranks(total / self.p.devices.len() as f64, "the loss")
@@ -847,25 +889,29 @@ fn split_to_devices(
     shards: usize,
 ) -> Result<DeviceParts> {
     let n = devices.len();
-    let total = n * shards;
     let mut out = Vec::with_capacity(batch.len() * n);
     for (name, t) in batch {
-        let Some(&rows) = t.dims().first() else {
-            return Err(Error::shape(name, "a batch dimension", t.shape()));
-        };
-        if rows % total != 0 {
-            return Err(Error::shape(
-                name,
-                format!("a batch divisible by the {total} devices"),
-                t.shape(),
-            ));
-        }
-        let per = rows / total;
+        let per = rows_per_device(name, t, n * shards)?;
         for (i, &d) in devices.iter().enumerate() {
             out.push((name.clone(), d, t.rows_to_device((shard * n + i) * per, per, d)?));
         }
     }
     Ok(out)
+}
+
+/// Rows of input `name` each of `total` devices gets.
+fn rows_per_device(name: &str, t: &Tensor, total: usize) -> Result<usize> {
+    let Some(&rows) = t.dims().first() else {
+        return Err(Error::shape(name, "a batch dimension", t.shape()));
+    };
+    if rows % total != 0 {
+        return Err(Error::shape(
+            name,
+            format!("a batch divisible by the {total} devices"),
+            t.shape(),
+        ));
+    }
+    Ok(rows / total)
 }
 
 /// What [`Trainer::load_params`] did, by parameter name (without a device

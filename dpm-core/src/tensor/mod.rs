@@ -388,13 +388,7 @@ impl Tensor {
     /// be [settled](Tensor::settle) before a net reads it. `first + count` must
     /// not pass the first dimension.
     pub(crate) fn rows_to_device(&self, first: usize, count: usize, device: Device) -> Result<Tensor> {
-        let mut dims = self.dims().to_vec();
-        let per_row = self.numel() / dims.first().copied().unwrap_or(1).max(1);
-        if let Some(d) = dims.first_mut() {
-            *d = count;
-        }
-        let shape = Shape::from(dims);
-        let range = first * per_row..(first + count) * per_row;
+        let (shape, range) = self.rows(first, count);
         match (&self.storage, device) {
             #[cfg(feature = "cuda")]
             (Storage::Cpu(s), Device::Cuda(n)) => Ok(Tensor {
@@ -411,6 +405,32 @@ impl Tensor {
             }),
             _ => self.to_host()?.rows_to_device(first, count, device),
         }
+    }
+
+    /// The shape of rows `first..first + count` along the first axis, and
+    /// their elements' range.
+    fn rows(&self, first: usize, count: usize) -> (Shape, std::ops::Range<usize>) {
+        let mut dims = self.dims().to_vec();
+        let per_row = self.numel() / dims.first().copied().unwrap_or(1).max(1);
+        if let Some(d) = dims.first_mut() {
+            *d = count;
+        }
+        (Shape::from(dims), first * per_row..(first + count) * per_row)
+    }
+
+    /// Makes `self` rows `first..first + count` of `src` on the host, in
+    /// `self`'s allocation when both are host tensors: a CPU replica's part of
+    /// each batch, fed without allocating every step.
+    pub(crate) fn assign_rows(&mut self, src: &Tensor, first: usize, count: usize) -> Result<()> {
+        match (&mut self.storage, &src.storage) {
+            (Storage::Cpu(dst), Storage::Cpu(s)) => {
+                let (shape, range) = src.rows(first, count);
+                dst.copy_range_from(s, range);
+                self.shape = shape;
+            }
+            _ => *self = src.rows_to_device(first, count, Device::Cpu(0))?,
+        }
+        Ok(())
     }
 
     /// Orders an upload made by [`Tensor::rows_to_device`] before any later
@@ -442,5 +462,29 @@ impl Tensor {
             ) => a.bitwise_eq(&b),
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assign_rows_copies_the_rows_into_the_tensors_own_memory() {
+        let src = Tensor::from_vec([4, 2], (0..8).map(|v| v as f32).collect()).unwrap();
+        let mut dst = Tensor::zeros::<f32>([2, 2]);
+        let before = dst.data::<f32>().unwrap().as_ptr();
+        dst.assign_rows(&src, 2, 2).unwrap();
+        assert_eq!(dst.dims(), [2, 2]);
+        assert_eq!(dst.data::<f32>().unwrap(), [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(dst.data::<f32>().unwrap().as_ptr(), before, "it allocated");
+        // Another shape or element type: the result is still those rows.
+        dst.assign_rows(&src, 1, 3).unwrap();
+        assert_eq!(dst.dims(), [3, 2]);
+        assert_eq!(dst.data::<f32>().unwrap(), [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        let labels = Tensor::from_vec([4], vec![7i32, 8, 9, 10]).unwrap();
+        dst.assign_rows(&labels, 3, 1).unwrap();
+        assert_eq!(dst.dtype(), DataType::I32);
+        assert_eq!(dst.data::<i32>().unwrap(), [10]);
     }
 }

@@ -128,15 +128,21 @@ impl CpuStorage {
     }
 
     pub(crate) fn copy_from(&mut self, src: &CpuStorage) {
+        self.copy_range_from(src, 0..src.len());
+    }
+
+    /// Makes `self` elements `range` of `src`, in `self`'s allocation when the
+    /// element types match.
+    pub(crate) fn copy_range_from(&mut self, src: &CpuStorage, range: std::ops::Range<usize>) {
         fn copy<T: Copy>(dst: &mut Vec<T>, src: &[T]) {
             dst.clear();
             dst.extend_from_slice(src);
         }
         match (self, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy(d, s),
-            (CpuStorage::I32(d), CpuStorage::I32(s)) => copy(d, s),
-            (CpuStorage::I64(d), CpuStorage::I64(s)) => copy(d, s),
-            (d, s) => *d = s.clone(),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy(d, &s[range]),
+            (CpuStorage::I32(d), CpuStorage::I32(s)) => copy(d, &s[range]),
+            (CpuStorage::I64(d), CpuStorage::I64(s)) => copy(d, &s[range]),
+            (d, s) => *d = s.slice_copy(range),
         }
     }
 
