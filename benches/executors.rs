@@ -5,6 +5,9 @@
 //! `cargo bench --bench executors [-- ROUNDS STEPS]`; with `PROFILE=1`, the
 //! step time of the README MLP on 1 and 2 devices against the time in its ops;
 //! with `ATOMIC=0`, without atomic steps (what saving the state costs).
+//! It also prints, before and after, the round trip of a cache line between
+//! two threads: on a shared VM it moves between phases (tens of ns, or
+//! hundreds), and every hand-off of a 2-device step pays it.
 
 use std::time::Instant;
 
@@ -68,6 +71,35 @@ fn trainer(model: usize, devices: usize, net_type: Option<&str>) -> Result<Train
     Ok(t)
 }
 
+/// Median ns for a value to go to another thread and back.
+fn round_trip_ns() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ball = std::sync::Arc::new(AtomicU64::new(0));
+    let other = ball.clone();
+    let n = 20_000u64;
+    let echo = std::thread::spawn(move || {
+        for i in 0..n {
+            while other.load(Ordering::Acquire) != 2 * i + 1 {
+                std::hint::spin_loop();
+            }
+            other.store(2 * i + 2, Ordering::Release);
+        }
+    });
+    let mut rounds = Vec::new();
+    for k in 0..n / 1000 {
+        let start = Instant::now();
+        for i in k * 1000..(k + 1) * 1000 {
+            ball.store(2 * i + 1, Ordering::Release);
+            while ball.load(Ordering::Acquire) != 2 * i + 2 {
+                std::hint::spin_loop();
+            }
+        }
+        rounds.push(start.elapsed().as_secs_f64() * 1e9 / 1000.0);
+    }
+    echo.join().expect("the echo thread");
+    median(rounds)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -116,6 +148,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|&(m, d, t)| trainer(m, d, t))
         .collect::<Result<_>>()?;
+    println!("cross-thread round trip before: {:.0} ns", round_trip_ns());
     let mut times = vec![Vec::new(); configs.len()];
     for _ in 0..rounds {
         for (i, t) in trainers.iter_mut().enumerate() {
@@ -125,6 +158,7 @@ fn main() -> Result<()> {
         }
     }
     let med: Vec<f64> = times.into_iter().map(median).collect();
+    println!("cross-thread round trip after: {:.0} ns", round_trip_ns());
     println!(
         "{:<12} {:>7} {:>12} {:>12} {:>12} {:>10}",
         "model", "devices", "default µs", "dag µs", "simple µs", "default/best"
