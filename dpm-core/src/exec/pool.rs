@@ -379,7 +379,9 @@ mod tests {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 let size = std::mem::size_of::<libc::cpu_set_t>();
                 assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0);
-                (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+                (0..libc::CPU_SETSIZE as usize)
+                    .filter(|&c| libc::CPU_ISSET(c, &set))
+                    .collect()
             }
         }
         let before = allowed();
