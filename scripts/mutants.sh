@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot|conv [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|sum|snapshot|conv}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -22,6 +22,8 @@ case $group in
   fusion) files=(dpm-core/src/tensor/flat.rs dpm-core/src/exec/fuse.rs); tests=(parallel fusion reliability trace --lib) ;;
   # The dag executor's kept threads and its pool-or-inline choice (with their unit tests).
   pool) files=(dpm-core/src/exec/pool.rs dpm-core/src/exec/tune.rs); tests=(executors parallel --lib) ;;
+  # The fixed order of data-parallel nets' replicas (with its unit test).
+  lanes) files=(dpm-core/src/exec/lanes.rs); tests=(executors parallel --lib) ;;
   # Sums: the kernel that reads its first input itself and the fused sum + relu
   # (their mutants only: add --re 'Sum|sum_|absorbable_relu' to skip the other
   # elementwise kernels, which other tests judge).
