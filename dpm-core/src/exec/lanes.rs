@@ -113,24 +113,51 @@ struct Shared<'p> {
     stamp: u64,
     progress: Progress,
     error: Mutex<Option<Error>>,
-    /// Workers asleep on `wake` (under `sleep`).
+}
+
+/// How far a run got, for workers waiting on each other: a count bumped by
+/// every published op and by a failure. A waiting worker spins on it, then
+/// sleeps until it moves.
+struct Progress {
+    hot: Hot,
+    /// Workers asleep on `wake` (counted under `sleep`).
     sleepers: AtomicUsize,
     sleep: Mutex<()>,
     wake: Condvar,
 }
 
-/// What a waiting worker spins on, on a cache line of its own: bumped by every
-/// published op and by a failure.
+/// What waiting workers spin on, on a cache line of its own.
 #[repr(align(128))]
-struct Progress {
+struct Hot {
     count: AtomicU64,
     failed: AtomicBool,
 }
 
-impl Shared<'_> {
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            hot: Hot {
+                count: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+            },
+            sleepers: AtomicUsize::new(0),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// The count now, to wait past.
+    fn now(&self) -> u64 {
+        self.hot.count.load(Ordering::Acquire)
+    }
+
+    fn failed(&self) -> bool {
+        self.hot.failed.load(Ordering::Acquire)
+    }
+
     /// Tells waiting workers that something they may wait for happened.
     fn bump(&self) {
-        self.progress.count.fetch_add(1, Ordering::SeqCst);
+        self.hot.count.fetch_add(1, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             // Taken so that a worker between its check and its sleep gets the
             // notification (it checks with the lock held).
@@ -139,28 +166,35 @@ impl Shared<'_> {
         }
     }
 
-    /// Waits until `progress` moves past `seen` or the run failed.
+    /// Marks the run failed, which ends every wait.
+    fn fail(&self) {
+        self.hot.failed.store(true, Ordering::SeqCst);
+        self.bump();
+    }
+
+    /// Waits until the count moves past `seen` or the run failed.
     fn wait(&self, seen: u64) {
-        let p = &self.progress;
-        let moved = || p.count.load(Ordering::Acquire) != seen || p.failed.load(Ordering::Acquire);
+        let h = &self.hot;
+        let moved = || h.count.load(Ordering::Acquire) != seen || h.failed.load(Ordering::Acquire);
         if spin_until(moved) {
             return;
         }
         let mut g = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
         self.sleepers.fetch_add(1, Ordering::SeqCst);
-        while p.count.load(Ordering::SeqCst) == seen && !p.failed.load(Ordering::SeqCst) {
+        while h.count.load(Ordering::SeqCst) == seen && !h.failed.load(Ordering::SeqCst) {
             g = self.wake.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
+}
 
+impl Shared<'_> {
     fn fail(&self, e: Error) {
         self.error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert(e);
-        self.progress.failed.store(true, Ordering::SeqCst);
-        self.bump();
+        self.progress.fail();
     }
 
     fn worker(&self, w: usize) {
@@ -180,12 +214,12 @@ impl Shared<'_> {
         // The first op not run yet: those before it all ran.
         let mut first = 0;
         while first < list.len() {
-            let seen = self.progress.count.load(Ordering::Acquire);
-            if self.progress.failed.load(Ordering::Acquire) {
+            let seen = self.progress.now();
+            if self.progress.failed() {
                 return;
             }
             let Some(k) = (first..list.len()).find(|&k| !has_run(&ran, k) && ready(&ran, list[k])) else {
-                self.wait(seen);
+                self.progress.wait(seen);
                 continue;
             };
             let i = list[k];
@@ -196,7 +230,7 @@ impl Shared<'_> {
             ran[k / 64] |= 1 << (k % 64);
             if sched.published[i] {
                 sched.done[i].store(self.stamp, Ordering::Release);
-                self.bump();
+                self.progress.bump();
             }
             while first < list.len() && has_run(&ran, first) {
                 first += 1;
@@ -222,14 +256,8 @@ pub(super) fn run(
         threads,
         profile,
         stamp,
-        progress: Progress {
-            count: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-        },
+        progress: Progress::new(),
         error: Mutex::new(None),
-        sleepers: AtomicUsize::new(0),
-        sleep: Mutex::new(()),
-        wake: Condvar::new(),
     };
     pool.run(&|w| shared.worker(w));
     match shared.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
@@ -279,5 +307,34 @@ mod tests {
         // Four replicas on two workers: worker 1 owns replicas 1 and 3.
         let s = Schedule::new(vec![vec![]; 4], &[Some(0), Some(1), Some(2), Some(3)], 2);
         assert_eq!(s.order, vec![vec![0, 2], vec![1, 3]]);
+    }
+
+    #[test]
+    fn a_waiter_returns_once_progress_moves_and_sleeps_until_then() {
+        use std::time::{Duration, Instant};
+        let p = Progress::new();
+        p.bump();
+        p.wait(0); // moved already: returns at once
+        for end in [Progress::bump, Progress::fail] {
+            std::thread::scope(|s| {
+                let seen = p.now();
+                let p = &p;
+                let waiter = s.spawn(move || p.wait(seen));
+                // It sleeps once it has spun for SPIN (later on a busy machine).
+                let start = Instant::now();
+                while p.sleepers.load(Ordering::SeqCst) == 0 {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "the waiter never slept"
+                    );
+                    std::thread::sleep(super::super::pool::SPIN);
+                }
+                assert!(!waiter.is_finished(), "it returned before the count moved");
+                end(p);
+                waiter.join().expect("the waiter");
+            });
+            assert_eq!(p.sleepers.load(Ordering::SeqCst), 0);
+        }
+        assert!(p.failed());
     }
 }
