@@ -281,7 +281,6 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 pub(crate) struct Plan {
     pub(super) name: String,
     pub(super) kind: NetKind,
-    pub(super) workers: usize,
     pub(super) first_iter_only_one_worker: bool,
     pub(super) steps: Vec<Step>,
     /// CUDA devices the net's ops run on: synchronised at the end of each run.
@@ -292,9 +291,10 @@ pub(crate) struct Plan {
     pub(super) lanes: usize,
     /// How many ops each op waits on.
     pub(super) num_deps: Vec<usize>,
-    /// The most ops that can run at once: the largest level of the dependency
-    /// graph (ops whose longest chain of dependencies is equally long).
-    pub(super) width: usize,
+    /// The workers worth starting: no more than `num_workers`, nor than the
+    /// ops that can run at once (the widest level of the dependency graph),
+    /// nor, with a fixed schedule, than the replicas.
+    useful_workers: usize,
     runs: AtomicU64,
     /// The `dag` executor's worker threads, started by the first run that
     /// uses them (asleep while the net runs inline).
@@ -373,13 +373,12 @@ impl Plan {
         let local_cpu = steps
             .iter()
             .all(|s| matches!(s.device, Device::Cpu(_)) && s.def.engine.as_deref().unwrap_or("").is_empty());
-        let schedule = (lanes >= 2 && local_cpu && workers.min(width) >= 2).then(|| {
+        let parallel = workers.min(width).max(1);
+        let schedule = (lanes >= 2 && local_cpu && parallel >= 2).then(|| {
             let lane_of: Vec<Option<usize>> = steps.iter().map(|s| s.lane).collect();
-            super::lanes::Schedule::new(deps.clone(), &lane_of, workers.min(width).min(lanes))
+            super::lanes::Schedule::new(deps.clone(), &lane_of, parallel.min(lanes))
         });
-        let useful = schedule
-            .as_ref()
-            .map_or(workers.min(width).max(1), |s| s.workers());
+        let useful = schedule.as_ref().map_or(parallel, |s| s.workers());
         let tuner = super::tune::Tuner::new(
             Args(&net.arg).int("dpm_executor_autotune", 1)? != 0,
             steps.len(),
@@ -388,14 +387,13 @@ impl Plan {
         Ok(Plan {
             name,
             kind,
-            workers,
             first_iter_only_one_worker,
             steps,
             gpus,
             dependents,
             lanes,
             num_deps: deps.iter().map(Vec::len).collect(),
-            width,
+            useful_workers: useful,
             schedule,
             runs: AtomicU64::new(0),
             pool: Default::default(),
@@ -416,7 +414,7 @@ impl Plan {
                 let workers = if first && self.first_iter_only_one_worker {
                     1
                 } else {
-                    self.useful_workers()
+                    self.useful_workers
                 };
                 let inline = || self.steps.iter().try_for_each(|s| s.run(threads, profile));
                 // Another thread running this net holds the pool: run inline.
@@ -456,14 +454,6 @@ impl Plan {
             p.net_ran(&self.name, started);
         }
         result.and(synced)
-    }
-
-    /// The workers worth starting: no more than `num_workers`, nor than the
-    /// ops that can run at once, nor (with a fixed schedule) than the replicas.
-    fn useful_workers(&self) -> usize {
-        self.schedule
-            .as_ref()
-            .map_or(self.workers.min(self.width).max(1), |s| s.workers())
     }
 
     #[cfg(feature = "cuda")]
