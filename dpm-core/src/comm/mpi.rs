@@ -35,7 +35,7 @@ use super::local::{
 use crate::error::{Error, Result};
 use crate::ops::{Kernel, OpContext, Registry};
 use crate::proto::OperatorDef;
-use crate::tensor::{CpuStorage, Storage, Tensor};
+use crate::tensor::{CpuStorage, HostVec, Storage, Tensor};
 
 /// Registers the `MPI`-engine collectives for CPU devices.
 pub fn register(r: &mut Registry) {
@@ -312,7 +312,7 @@ fn describe(ctx: &OpContext<'_>) -> String {
 fn host_storage(t: &Tensor, name: &str) -> Result<CpuStorage> {
     match &t.storage {
         Storage::Cpu(s) => Ok(s.clone()),
-        Storage::Flat(s) => Ok(CpuStorage::F32(s.as_slice().to_vec())),
+        Storage::Flat(s) => Ok(CpuStorage::F32(s.as_slice().into())),
         #[allow(unreachable_patterns)]
         _ => Err(Error::NotOnHost {
             blob: name.to_owned(),
@@ -345,7 +345,7 @@ impl Kernel for MpiAllreduce {
         reduce_local(ctx, &self.0, 1.0)?;
         // Device 0's sums, end to end: one message however many tensors.
         let d = self.0.devices;
-        let mut local = Vec::new();
+        let mut local = HostVec::new();
         for o in (0..ctx.num_outputs()).step_by(d) {
             let name = ctx.output_name(o).to_owned();
             local.extend_from_slice(ctx.output(o).data::<f32>().map_err(|e| e.for_blob(name))?);

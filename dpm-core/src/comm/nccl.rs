@@ -287,7 +287,7 @@ fn world_comms(ordinals: &[u32]) -> Result<Arc<Comms>> {
         }
     }
     let got = w.broadcast(
-        vec![crate::tensor::CpuStorage::I64(id.to_vec())],
+        vec![crate::tensor::CpuStorage::I64(id[..].into())],
         "sending the NCCL unique id",
     )?;
     let Some(crate::tensor::CpuStorage::I64(words)) = got.into_iter().next() else {

@@ -9,7 +9,7 @@ use cudarc::driver::CudaStream;
 use super::gpu::Gpu;
 use crate::error::{Error, Result};
 use crate::graph::Device;
-use crate::tensor::{CpuStorage, DataType, Shape, Storage, Tensor};
+use crate::tensor::{CpuStorage, DataType, HostVec, Shape, Storage, Tensor};
 
 /// Elements in one GPU's memory. Dropping it frees the memory in stream order,
 /// so work already enqueued that reads it is unaffected.
@@ -204,12 +204,12 @@ impl CudaStorage {
         self.gpu.bind()?;
         self.settle()?;
         let stream = self.gpu.stream.cu_stream();
-        fn get<T: Default + Clone>(
+        fn get<T: Default + Copy>(
             ptr: u64,
             len: usize,
             stream: cudarc::driver::sys::CUstream,
-        ) -> Result<Vec<T>, cudarc::driver::DriverError> {
-            let mut v = vec![T::default(); len];
+        ) -> Result<HostVec<T>, cudarc::driver::DriverError> {
+            let mut v = HostVec::from_elem(T::default(), len);
             if len > 0 {
                 unsafe { drv::memcpy_dtoh_async(&mut v, ptr, stream) }?;
             }

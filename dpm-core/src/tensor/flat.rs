@@ -17,7 +17,7 @@ use std::any::TypeId;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use super::{Element, Storage, Tensor};
+use super::{Element, HostVec, Storage, Tensor};
 
 /// One allocation of `f32`, freed when its last slice goes.
 #[derive(Debug)]
@@ -42,8 +42,8 @@ impl Buffer {
     fn zeroed(len: usize) -> Buffer {
         #[cfg(test)]
         LIVE.with(|l| l.set(l.get() + 1));
-        let boxed: Box<[f32]> = vec![0.0; len].into_boxed_slice();
-        let ptr = NonNull::new(Box::into_raw(boxed).cast::<f32>()).expect("Box pointers are not null");
+        // Aligned to cache lines like other host tensors (see `HostVec`).
+        let (ptr, len) = HostVec::<f32>::zeroed(len).into_raw();
         Buffer { ptr, len }
     }
 }
@@ -52,14 +52,9 @@ impl Drop for Buffer {
     fn drop(&mut self) {
         #[cfg(test)]
         LIVE.with(|l| l.set(l.get() - 1));
-        // SAFETY: `ptr` and `len` came from `Box::into_raw` of a `Box<[f32]>` of
-        // that length in `zeroed`, and this is the one place that frees it.
-        unsafe {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.ptr.as_ptr(),
-                self.len,
-            )))
-        };
+        // SAFETY: `ptr` and `len` came from `HostVec::into_raw` in `zeroed`,
+        // and this is the one place that takes them back.
+        drop(unsafe { HostVec::from_raw(self.ptr, self.len) });
     }
 }
 

@@ -4,11 +4,13 @@
 //! autodiff and the parallel layer only ever see names; kernels see tensors.
 
 pub(crate) mod flat;
+mod host;
 mod proto;
 mod shape;
 mod storage;
 
 pub use flat::FlatSlice;
+pub use host::{HostVec, ReserveError, ALIGN};
 pub use shape::Shape;
 pub use storage::{CpuStorage, Storage};
 
@@ -72,9 +74,11 @@ pub trait Element: Copy + Default + Send + Sync + 'static {
     /// The elements, if `storage` holds this type.
     fn slice(storage: &CpuStorage) -> Option<&[Self]>;
     /// The elements, mutably, if `storage` holds this type.
-    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut Vec<Self>>;
-    /// Wraps a vector into storage.
-    fn wrap(v: Vec<Self>) -> CpuStorage;
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut HostVec<Self>>;
+    /// Wraps elements into storage.
+    fn wrap(v: HostVec<Self>) -> CpuStorage;
+    /// `len` zeros.
+    fn zeros(len: usize) -> HostVec<Self>;
 }
 
 macro_rules! element {
@@ -87,14 +91,17 @@ macro_rules! element {
                     _ => None,
                 }
             }
-            fn slice_mut(storage: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+            fn slice_mut(storage: &mut CpuStorage) -> Option<&mut HostVec<Self>> {
                 match storage {
                     CpuStorage::$variant(v) => Some(v),
                     _ => None,
                 }
             }
-            fn wrap(v: Vec<Self>) -> CpuStorage {
+            fn wrap(v: HostVec<Self>) -> CpuStorage {
                 CpuStorage::$variant(v)
+            }
+            fn zeros(len: usize) -> HostVec<Self> {
+                HostVec::<$t>::zeroed(len)
             }
         }
     };
@@ -120,15 +127,23 @@ impl Tensor {
     /// A tensor of `shape` filled with zeros, in host memory.
     pub fn zeros<T: Element>(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
-        let v = vec![T::default(); shape.numel()];
+        let v = T::zeros(shape.numel());
         Tensor {
             shape,
             storage: Storage::Cpu(T::wrap(v)),
         }
     }
 
-    /// A host tensor from its elements in row-major order; `None` if the count is wrong.
+    /// A host tensor from its elements in row-major order; `None` if the count
+    /// is wrong. The elements are copied into memory aligned to cache lines
+    /// (see [`HostVec`]); [`Tensor::from_host_vec`] takes them as they are.
     pub fn from_vec<T: Element>(shape: impl Into<Shape>, data: Vec<T>) -> Option<Self> {
+        Tensor::from_host_vec(shape, HostVec::from(data))
+    }
+
+    /// A host tensor owning `data`, its elements in row-major order; `None`
+    /// if the count is wrong.
+    pub fn from_host_vec<T: Element>(shape: impl Into<Shape>, data: HostVec<T>) -> Option<Self> {
         let shape = shape.into();
         (shape.numel() == data.len()).then(|| Tensor {
             shape,
@@ -140,7 +155,7 @@ impl Tensor {
     pub fn scalar<T: Element>(value: T) -> Self {
         Tensor {
             shape: Shape::from([1]),
-            storage: Storage::Cpu(T::wrap(vec![value])),
+            storage: Storage::Cpu(T::wrap(HostVec::from_elem(value, 1))),
         }
     }
 
@@ -288,7 +303,7 @@ impl Tensor {
             Storage::Cuda(_) => false,
         };
         if !reused {
-            let mut v: Vec<T> = Vec::new();
+            let mut v: HostVec<T> = HostVec::new();
             v.try_reserve_exact(n).map_err(|_| refused())?;
             self.storage = Storage::Cpu(T::wrap(v));
         }

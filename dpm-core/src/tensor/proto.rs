@@ -1,6 +1,6 @@
 //! Conversion between [`Tensor`] and Caffe2's [`TensorProto`].
 
-use super::{CpuStorage, DataType, Shape, Storage, Tensor};
+use super::{CpuStorage, DataType, HostVec, Shape, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::proto::{TensorDataType, TensorProto};
 
@@ -28,15 +28,15 @@ impl Tensor {
         match s {
             CpuStorage::F32(v) => {
                 p.data_type = Some(TensorDataType::Float as i32);
-                p.float_data = v.clone();
+                p.float_data = v.to_vec();
             }
             CpuStorage::I32(v) => {
                 p.data_type = Some(TensorDataType::Int32 as i32);
-                p.int32_data = v.clone();
+                p.int32_data = v.to_vec();
             }
             CpuStorage::I64(v) => {
                 p.data_type = Some(TensorDataType::Int64 as i32);
-                p.int64_data = v.clone();
+                p.int64_data = v.to_vec();
             }
         }
         p
@@ -58,12 +58,18 @@ impl Tensor {
         let bad_len =
             |len: usize| Error::value(name.clone(), format!("{len} elements do not fill shape {shape}"));
         let t = match TensorDataType::try_from(dtype) {
-            Ok(TensorDataType::Float) => Tensor::from_vec(shape.clone(), p.float_data.clone())
-                .ok_or_else(|| bad_len(p.float_data.len()))?,
-            Ok(TensorDataType::Int32) => Tensor::from_vec(shape.clone(), p.int32_data.clone())
-                .ok_or_else(|| bad_len(p.int32_data.len()))?,
-            Ok(TensorDataType::Int64) => Tensor::from_vec(shape.clone(), p.int64_data.clone())
-                .ok_or_else(|| bad_len(p.int64_data.len()))?,
+            Ok(TensorDataType::Float) => {
+                Tensor::from_host_vec(shape.clone(), HostVec::from(&p.float_data[..]))
+                    .ok_or_else(|| bad_len(p.float_data.len()))?
+            }
+            Ok(TensorDataType::Int32) => {
+                Tensor::from_host_vec(shape.clone(), HostVec::from(&p.int32_data[..]))
+                    .ok_or_else(|| bad_len(p.int32_data.len()))?
+            }
+            Ok(TensorDataType::Int64) => {
+                Tensor::from_host_vec(shape.clone(), HostVec::from(&p.int64_data[..]))
+                    .ok_or_else(|| bad_len(p.int64_data.len()))?
+            }
             _ => {
                 return Err(Error::value(
                     name,

@@ -2,7 +2,7 @@
 //! device type: graph building, autodiff and the parallel layer never see it.
 
 use super::flat::FlatSlice;
-use super::DataType;
+use super::{DataType, HostVec};
 use crate::graph::{Device, DeviceType};
 
 /// A tensor's elements on some device.
@@ -18,13 +18,13 @@ pub enum Storage {
     Cuda(crate::cuda::CudaStorage),
 }
 
-/// Host-memory elements of each supported type.
+/// Host-memory elements of each supported type, aligned to cache lines.
 #[derive(Clone, Debug, PartialEq)]
 #[allow(missing_docs)]
 pub enum CpuStorage {
-    F32(Vec<f32>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
+    F32(HostVec<f32>),
+    I32(HostVec<i32>),
+    I64(HostVec<i64>),
 }
 
 impl Clone for Storage {
@@ -33,7 +33,7 @@ impl Clone for Storage {
     fn clone(&self) -> Storage {
         match self {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
-            Storage::Flat(s) => Storage::Cpu(CpuStorage::F32(s.as_slice().to_vec())),
+            Storage::Flat(s) => Storage::Cpu(CpuStorage::F32(HostVec::from(s.as_slice()))),
             #[cfg(feature = "cuda")]
             Storage::Cuda(s) => Storage::Cuda(s.clone()),
         }
@@ -116,9 +116,9 @@ impl CpuStorage {
     /// A copy of elements `range`.
     pub(crate) fn slice_copy(&self, range: std::ops::Range<usize>) -> CpuStorage {
         match self {
-            CpuStorage::F32(v) => CpuStorage::F32(v[range].to_vec()),
-            CpuStorage::I32(v) => CpuStorage::I32(v[range].to_vec()),
-            CpuStorage::I64(v) => CpuStorage::I64(v[range].to_vec()),
+            CpuStorage::F32(v) => CpuStorage::F32(HostVec::from(&v[range])),
+            CpuStorage::I32(v) => CpuStorage::I32(HostVec::from(&v[range])),
+            CpuStorage::I64(v) => CpuStorage::I64(HostVec::from(&v[range])),
         }
     }
 
@@ -134,7 +134,7 @@ impl CpuStorage {
     /// Makes `self` elements `range` of `src`, in `self`'s allocation when the
     /// element types match.
     pub(crate) fn copy_range_from(&mut self, src: &CpuStorage, range: std::ops::Range<usize>) {
-        fn copy<T: Copy>(dst: &mut Vec<T>, src: &[T]) {
+        fn copy<T: Copy>(dst: &mut HostVec<T>, src: &[T]) {
             dst.clear();
             dst.extend_from_slice(src);
         }

@@ -160,6 +160,6 @@ fn labels(
             format!("label {bad} is not below the number of classes {classes}"),
         ));
     }
-    let v: Vec<i32> = l.iter().map(|&v| v as i32).collect();
+    let v: crate::tensor::HostVec<i32> = l.iter().map(|&v| v as i32).collect();
     CudaStorage::upload(gpu, &crate::tensor::CpuStorage::I32(v))
 }

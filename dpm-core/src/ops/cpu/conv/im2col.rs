@@ -11,6 +11,7 @@
 
 use super::{Dims, Window};
 use crate::ops::cpu::gemm::{sgemm, Mat};
+use crate::tensor::HostVec;
 
 /// `a = q·s + r` with `0 ≤ r < s`.
 fn div_floor(a: isize, s: usize) -> (isize, usize) {
@@ -275,7 +276,7 @@ pub(super) fn forward(
     d: &Dims,
     (x, w, bias): (&[f32], &[f32], Option<&[f32]>),
     y: &mut [f32],
-    col: &mut Vec<f32>,
+    col: &mut HostVec<f32>,
 ) {
     let (g, cg, mg) = (d.groups, d.c / d.groups, d.m / d.groups);
     let (k, ohw, hw) = (col_rows(d, win), d.oh * d.ow, d.h * d.w);
@@ -321,7 +322,7 @@ pub(super) fn backward(
     (x, w, dy): (&[f32], &[f32], &[f32]),
     dw: &mut [f32],
     mut dx: Option<&mut [f32]>,
-    col: &mut Vec<f32>,
+    col: &mut HostVec<f32>,
 ) {
     let (g, cg, mg) = (d.groups, d.c / d.groups, d.m / d.groups);
     let (k, ohw, hw) = (col_rows(d, win), d.oh * d.ow, d.h * d.w);

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
-use crate::tensor::{Shape, Tensor};
+use crate::tensor::{HostVec, Shape, Tensor};
 
 /// Output widths below this leave too many lanes of a pixel tile idle: such
 /// convolutions go to im2col + GEMM, which vectorises over channels instead.
@@ -175,14 +175,14 @@ pub(crate) fn groups(op: &OperatorDef) -> Result<usize> {
 
 /// A buffer whose zero padding was written for layout `key`.
 struct Padded<K> {
-    data: Vec<f32>,
+    data: HostVec<f32>,
     key: Option<(K, usize)>,
 }
 
 impl<K> Default for Padded<K> {
     fn default() -> Self {
         Padded {
-            data: Vec::new(),
+            data: HostVec::new(),
             key: None,
         }
     }
@@ -206,24 +206,24 @@ struct Worker {
     planes: Padded<InputPlanes>,
     grad: Padded<GradPlanes>,
     /// The phases of dX for a block, before they are interleaved (strided convs).
-    dense: Vec<f32>,
+    dense: HostVec<f32>,
     segs: Segments,
     /// dY of a block, one group at a time, transposed to pixel-major rows
     /// (padded with zeros to whole vectors).
     dyt: Padded<(usize, usize)>,
     /// This worker's share of dWᵀ: per group, `k × mgp`.
-    dwt: Vec<f32>,
+    dwt: HostVec<f32>,
 }
 
 /// A kernel's buffers: per-call weight panels and taps, and the workers'.
 #[derive(Default)]
 struct State {
     workers: Vec<Worker>,
-    packed: Vec<f32>,
+    packed: HostVec<f32>,
     taps: Taps,
     dx_taps: Vec<Taps>,
     /// The column matrix of im2col.
-    col: Vec<f32>,
+    col: HostVec<f32>,
 }
 
 fn lock(state: &Mutex<State>, workers: usize) -> MutexGuard<'_, State> {
@@ -287,7 +287,7 @@ where
 }
 
 /// Packs each group's `mg × k` weights into panels, groups one after another.
-fn pack_groups(w: &[f32], groups: usize, mg: usize, k: usize, packed: &mut Vec<f32>) {
+fn pack_groups(w: &[f32], groups: usize, mg: usize, k: usize, packed: &mut HostVec<f32>) {
     packed.clear();
     for wg in w.chunks_exact(mg * k).take(groups) {
         pack_panels(mg, k, |r, kk| wg[r * k + kk], packed);

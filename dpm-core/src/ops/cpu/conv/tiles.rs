@@ -16,6 +16,8 @@
 //! ([`Isa`]), and a portable one, all with the same summation order per lane,
 //! so every variant gives the same bits.
 
+use crate::tensor::HostVec;
+
 /// Pixels per segment: one 256-bit vector of f32.
 pub const LANES: usize = 8;
 /// Rows (channels) per [`correlate`] tile.
@@ -383,8 +385,8 @@ pub fn interleave(
 
 /// Appends `rows × k` values `at(r, k)` to `out`, packed into [`panels`],
 /// `k`-major within a panel, as [`correlate`] reads them.
-pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
-    out.reserve(rows * k);
+pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut HostVec<f32>) {
+    out.reserve_exact(rows * k);
     for (r0, mr) in panels(rows) {
         for kk in 0..k {
             out.extend((r0..r0 + mr).map(|r| at(r, kk)));
@@ -1393,7 +1395,7 @@ mod tests {
                 segs.push_run(150, 40, 43); // 8 × 5 + 3
                 segs.push_run(200, 83, 33); // 8 × 4 + 1
                 let pitch = 120;
-                let mut packed = Vec::new();
+                let mut packed = HostVec::new();
                 pack_panels(rows, k, |r, kk| w[r * k + kk], &mut packed);
                 let init = random(rows, 3);
                 let dy = random(rows * pitch, 11);
