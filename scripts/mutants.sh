@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -33,6 +33,8 @@ case $group in
   # Direct convolution: layouts (and reading in place) and register tiles
   # (add --re to pick functions: the whole of it is some 400 mutants).
   conv) files=('dpm-core/src/ops/cpu/conv/*.rs'); tests=(conv_ops gradients --lib) ;;
+  # Host memory aligned to cache lines (with its unit tests).
+  host) files=(dpm-core/src/tensor/host.rs); tests=(proto checkpoints --lib) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 args=()

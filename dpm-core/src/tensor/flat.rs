@@ -20,10 +20,22 @@ use std::sync::Arc;
 use super::{Element, HostVec, Storage, Tensor};
 
 /// One allocation of `f32`, freed when its last slice goes.
-#[derive(Debug)]
 struct Buffer {
+    /// The elements, reached only through this pointer, taken once from
+    /// `memory` (aligned to cache lines like other host tensors).
     ptr: NonNull<f32>,
     len: usize,
+    /// Owns the elements and frees them when the buffer goes.
+    _memory: HostVec<f32>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
 }
 
 // SAFETY: the buffer is plain memory; all access goes through `FlatSlice`s,
@@ -42,19 +54,20 @@ impl Buffer {
     fn zeroed(len: usize) -> Buffer {
         #[cfg(test)]
         LIVE.with(|l| l.set(l.get() + 1));
-        // Aligned to cache lines like other host tensors (see `HostVec`).
-        let (ptr, len) = HostVec::<f32>::zeroed(len).into_raw();
-        Buffer { ptr, len }
+        let mut memory = HostVec::<f32>::zeroed(len);
+        let ptr = NonNull::new(memory.as_mut_ptr()).expect("slice pointers are not null");
+        Buffer {
+            ptr,
+            len,
+            _memory: memory,
+        }
     }
 }
 
+#[cfg(test)]
 impl Drop for Buffer {
     fn drop(&mut self) {
-        #[cfg(test)]
         LIVE.with(|l| l.set(l.get() - 1));
-        // SAFETY: `ptr` and `len` came from `HostVec::into_raw` in `zeroed`,
-        // and this is the one place that takes them back.
-        drop(unsafe { HostVec::from_raw(self.ptr, self.len) });
     }
 }
 

@@ -42,6 +42,17 @@ unsafe impl<T: Copy + Send> Send for HostVec<T> {}
 // SAFETY: as for `Send`.
 unsafe impl<T: Copy + Sync> Sync for HostVec<T> {}
 
+// Allocations made minus allocations freed on this thread, for the test that
+// every one is freed.
+#[cfg(test)]
+thread_local!(static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) });
+
+/// Counts an allocation made (`1`) or freed (`-1`) in tests.
+fn count(_delta: isize) {
+    #[cfg(test)]
+    LIVE.with(|l| l.set(l.get() + _delta));
+}
+
 /// The allocator refused memory, or the size would overflow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReserveError;
@@ -121,6 +132,9 @@ impl<T: Copy> HostVec<T> {
             unsafe { alloc::realloc(self.ptr.as_ptr().cast(), old, new.size()) }
         };
         self.ptr = NonNull::new(ptr.cast()).ok_or(ReserveError)?;
+        if self.cap == 0 {
+            count(1);
+        }
         self.cap = need;
         Ok(())
     }
@@ -174,28 +188,6 @@ impl<T: Copy> HostVec<T> {
         }
         self.len += src.len();
     }
-
-    /// The allocation, given up: pointer and length (which is also the
-    /// capacity, the allocation is shrunk to it). [`Self::from_raw`] frees it.
-    pub(crate) fn into_raw(mut self) -> (NonNull<T>, usize) {
-        if self.cap > self.len {
-            let mut exact = HostVec::new();
-            exact.extend_from_slice(&self);
-            std::mem::swap(&mut self, &mut exact);
-        }
-        let raw = (self.ptr, self.len);
-        std::mem::forget(self);
-        raw
-    }
-
-    /// Takes back an allocation from [`Self::into_raw`].
-    ///
-    /// # Safety
-    /// `ptr` and `len` must come from one call of [`Self::into_raw`] for the
-    /// same `T`, and be taken back once.
-    pub(crate) unsafe fn from_raw(ptr: NonNull<T>, len: usize) -> Self {
-        HostVec { ptr, len, cap: len }
-    }
 }
 
 macro_rules! zeroed {
@@ -213,6 +205,7 @@ macro_rules! zeroed {
                 // this type.
                 let ptr = unsafe { alloc::alloc_zeroed(layout) };
                 v.ptr = NonNull::new(ptr.cast()).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+                count(1);
                 v.len = len;
                 v.cap = len;
                 v
@@ -228,6 +221,7 @@ impl<T: Copy> Drop for HostVec<T> {
             let layout = Self::layout(self.cap).expect("the layout was valid when allocated");
             // SAFETY: allocated with this layout, freed once.
             unsafe { alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+            count(-1);
         }
     }
 }
@@ -352,18 +346,34 @@ mod tests {
     #[test]
     fn it_behaves_as_vec_does() {
         let mut v = HostVec::from(vec![1i32, 2, 3]);
+        assert!(!v.is_empty() && v.capacity() == 3);
         v.resize(5, 9);
-        assert_eq!(&v[..], &[1, 2, 3, 9, 9]);
+        // Growing allocates exactly what is asked, as `Vec::reserve_exact`.
+        assert_eq!((&v[..], v.capacity()), (&[1, 2, 3, 9, 9][..], 5));
         v.resize(2, 0);
         assert_eq!(&v[..], &[1, 2]);
-        let cap = v.capacity();
         v.clear();
-        assert!(v.is_empty() && v.capacity() == cap);
+        assert!(v.is_empty() && v.capacity() == 5);
         v.extend_from_slice(&[4, 5]);
         v.as_mut_slice()[0] = 6;
         assert_eq!(v.as_slice(), &[6, 5]);
-        let w: HostVec<i32> = (0..100).collect();
-        assert_eq!(w.to_vec(), (0..100).collect::<Vec<_>>());
+        for x in &mut v {
+            *x += 1;
+        }
+        assert_eq!((&v).into_iter().sum::<i32>(), 13);
+        assert!(v != HostVec::from(&[7, 5][..]) && v == HostVec::from(&[7, 6][..]));
+        // Pushes past the capacity double it.
+        let mut p = HostVec::new();
+        let caps: Vec<usize> = (0..9)
+            .map(|i| {
+                p.push(i);
+                p.capacity()
+            })
+            .collect();
+        assert_eq!(caps, [4, 4, 4, 4, 8, 8, 8, 8, 16]);
+        // An iterator that cannot say its length grows by pushes.
+        let w: HostVec<i32> = (0..100).filter(|x| x % 3 == 0).collect();
+        assert_eq!(w.to_vec(), (0..100).filter(|x| x % 3 == 0).collect::<Vec<_>>());
         assert_eq!(format!("{:?}", HostVec::from(&[1.5f32][..])), "[1.5]");
         assert_eq!(HostVec::<f32>::new(), HostVec::default());
     }
@@ -374,16 +384,23 @@ mod tests {
         assert_eq!(v.try_reserve_exact(usize::MAX), Err(ReserveError));
         assert_eq!(v.try_reserve_exact(isize::MAX as usize / 2), Err(ReserveError));
         assert_eq!((&v[..], v.capacity()), (&[1.0, 2.0][..], 2));
+        assert_eq!(ReserveError.to_string(), "memory allocation failed");
     }
 
     #[test]
-    fn raw_parts_round_trip_and_shrink_to_the_length() {
-        let mut v = HostVec::<f32>::zeroed(10);
-        v.resize(4, 1.0);
-        let (ptr, len) = v.into_raw();
-        assert_eq!(len, 4);
-        // SAFETY: from `into_raw` just above, taken back once.
-        let v = unsafe { HostVec::from_raw(ptr, len) };
-        assert!(aligned(&v) && v.capacity() == 4 && v.iter().all(|&x| x == 0.0));
+    fn every_allocation_is_freed() {
+        let live = || LIVE.with(|l| l.get());
+        let before = live();
+        {
+            let mut a = HostVec::<f32>::zeroed(1000);
+            a.extend_from_slice(&[1.0; 100]); // a reallocation
+            let b = a.clone();
+            let mut c: HostVec<i64> = HostVec::new();
+            c.resize(10, 3);
+            assert_eq!(live(), before + 3);
+            drop((a, b));
+            assert_eq!(live(), before + 1);
+        }
+        assert_eq!(live(), before);
     }
 }
