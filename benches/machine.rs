@@ -26,43 +26,29 @@ fn fma_portable(n: u64) -> u64 {
     n * (ACC * 2) as u64
 }
 
-/// `n` rounds of 512-bit multiply-adds on `ACC` accumulators; FLOPs.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_avx512(n: u64) -> u64 {
-    use std::arch::x86_64::*;
-    let (m, c) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    let mut a = [_mm512_set1_ps(1.0); ACC];
-    for _ in 0..n {
-        for x in a.iter_mut() {
-            *x = _mm512_fmadd_ps(*x, m, c);
+/// `unsafe fn $name(n) -> FLOPs`: `n` rounds of `$lanes`-lane multiply-adds
+/// on `ACC` accumulators, compiled for `$features` (the caller must have
+/// detected them).
+macro_rules! fma_kernel {
+    ($name:ident, $features:literal, $lanes:literal, $set1:ident, $fmadd:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(n: u64) -> u64 {
+            use std::arch::x86_64::*;
+            let (m, c) = ($set1(0.999_999), $set1(1e-7));
+            let mut a = [$set1(1.0); ACC];
+            for _ in 0..n {
+                for x in a.iter_mut() {
+                    *x = $fmadd(*x, m, c);
+                }
+            }
+            std::hint::black_box(a);
+            n * (ACC * $lanes * 2) as u64
         }
-    }
-    std::hint::black_box(a);
-    n * (ACC * 16 * 2) as u64
+    };
 }
-
-/// `n` rounds of 256-bit multiply-adds on `ACC` accumulators; FLOPs.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_avx2(n: u64) -> u64 {
-    use std::arch::x86_64::*;
-    let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-    let mut a = [_mm256_set1_ps(1.0); ACC];
-    for _ in 0..n {
-        for x in a.iter_mut() {
-            *x = _mm256_fmadd_ps(*x, m, c);
-        }
-    }
-    std::hint::black_box(a);
-    n * (ACC * 8 * 2) as u64
-}
+fma_kernel!(fma_avx512, "avx512f", 16, _mm512_set1_ps, _mm512_fmadd_ps);
+fma_kernel!(fma_avx2, "avx2,fma", 8, _mm256_set1_ps, _mm256_fmadd_ps);
 
 /// Multiply-adds with the widest vectors the CPU has; FLOPs done.
 fn fma(n: u64) -> u64 {
