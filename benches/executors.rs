@@ -4,7 +4,8 @@
 //! prints the median time per step of each configuration and the ratios.
 //! `cargo bench --bench executors [-- ROUNDS STEPS]`; with `PROFILE=1`, the
 //! step time of the README MLP on 1 and 2 devices against the time in its ops;
-//! with `ATOMIC=0`, without atomic steps (what saving the state costs).
+//! with `ATOMIC=0`, without atomic steps (what saving the state costs); with
+//! `FUSE=0`, without fused kernels (`exec::fuse`).
 //! It also prints, before and after, the round trip of a cache line between
 //! two threads: on a shared VM it moves between phases (tens of ns, or
 //! hundreds), and every hand-off of a 2-device step pays it.
@@ -64,6 +65,7 @@ fn trainer(model: usize, devices: usize, net_type: Option<&str>) -> Result<Train
     if let Some(t) = net_type {
         p = p.net_type(t);
     }
+    p = p.fuse_ops(std::env::var("FUSE").map_or(true, |v| v != "0"));
     let mut t = p.build()?;
     t.set_atomic_steps(std::env::var("ATOMIC").map_or(true, |v| v != "0"));
     t.run_init()?;

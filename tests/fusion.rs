@@ -1,6 +1,8 @@
 //! Fused execution (`exec::fuse`): the executor runs `SpatialBN → Relu`,
-//! `Sum → Relu` and `ReluGradient → SpatialBNGradient` as one kernel each, and
-//! every blob a user can fetch holds the same bits as when the ops run apart.
+//! `Sum → Relu`, `ReluGradient → SpatialBNGradient` and the weight decay
+//! before a momentum update (`WeightedSum → MomentumSGDUpdate`) as one kernel
+//! each, and every blob a user can fetch holds the same bits as when the ops
+//! run apart.
 
 mod common;
 
@@ -221,4 +223,115 @@ fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
             "{i}: {r} {want}"
         );
     }
+}
+
+#[test]
+fn training_with_weight_decay_fused_into_the_momentum_update_gives_the_same_bits() {
+    // small_cnn on 2 CPU devices, 4 steps, each executor, plain and Nesterov
+    // momentum; biases and norms skipped by the decay in one of the runs.
+    for (net_type, nesterov) in [("dag", false), ("simple", true)] {
+        let run = |fuse: bool| {
+            let sgd = Sgd::new(0.1)
+                .momentum(0.9)
+                .nesterov(nesterov)
+                .weight_decay(1e-2)
+                .skip_decay_on_biases_and_norms(nesterov);
+            let mut t = small_cnn_parallelize(net_type, 5)
+                .update(sgd)
+                .fuse_ops(fuse)
+                .build()
+                .unwrap();
+            t.run_init().unwrap();
+            t.workspace().set_profiling(true);
+            t.run(4).unwrap();
+            t
+        };
+        let (fused, apart) = (run(true), run(false));
+        same_blobs(fused.workspace(), apart.workspace());
+        let (f, a) = (op_types(fused.workspace()), op_types(apart.workspace()));
+        let t = "WeightedSum+MomentumSGDUpdate";
+        assert!(f.iter().any(|x| x == t) && !a.iter().any(|x| x == t), "{f:?}");
+        assert!(!f.iter().any(|x| x == "WeightedSum"), "{f:?}");
+    }
+}
+
+/// The decay `g ← w0·g + wd·p` and a momentum update of `p`.
+fn decay_and_update(nesterov: bool, update_decay: f32) -> Net {
+    let mut net = Net::new("update");
+    net.op("WeightedSum")
+        .inputs(["g", "w0", "p", "wd"])
+        .output("g")
+        .build();
+    net.op("MomentumSGDUpdate")
+        .inputs(["g", "m", "lr", "p"])
+        .outputs(["g", "m", "p"])
+        .arg("momentum", 0.9f32)
+        .arg("nesterov", i64::from(nesterov))
+        .arg("weight_decay", update_decay)
+        .build();
+    net
+}
+
+#[test]
+fn the_fused_decay_and_update_give_the_ops_bits_on_every_kind_of_value() {
+    // NaN, ±0 and ±∞ among gradients, moments and parameters; w0 of 1 (the
+    // optimizers') and not; the update's own decay argument; long enough for
+    // every vector width and a remainder.
+    let len = 1037;
+    for (nesterov, w0, update_decay) in [(false, 1.0, 0.0), (true, 1.0, 0.0), (false, 0.5, 1e-3)] {
+        let net = decay_and_update(nesterov, update_decay);
+        let run = |fuse: bool| {
+            let ws = Workspace::new();
+            ws.set_profiling(true);
+            for (i, name) in ["g", "m", "p"].iter().enumerate() {
+                let mut x = random(&[len], 11 + i as u64, -2.0, 2.0, 0.0);
+                let d = x.data_mut::<f32>().unwrap();
+                d[3 + i] = f32::NAN;
+                d[10 + i] = f32::INFINITY;
+                d[20 + i] = f32::NEG_INFINITY;
+                d[30] = 0.0;
+                d[31] = -0.0;
+                d[32] = if i == 0 { -0.0 } else { 0.0 };
+                ws.feed(*name, x);
+            }
+            for (name, v) in [("w0", w0), ("wd", 1e-2f32), ("lr", 0.1)] {
+                ws.feed(name, Tensor::from_vec([1], vec![v]).unwrap());
+            }
+            ws.run_net_once(&fusing(net.proto(), fuse)).unwrap();
+            ws
+        };
+        let (fused, apart) = (run(true), run(false));
+        same_blobs(&fused, &apart);
+        assert_eq!(op_types(&fused), ["WeightedSum+MomentumSGDUpdate"]);
+        assert_eq!(op_types(&apart).len(), 2);
+    }
+}
+
+#[test]
+fn a_fused_update_that_fails_names_the_update_and_changes_nothing() {
+    // A moment of the wrong size: the error names the update (whose place the
+    // fused op takes), and the gradient, moment and parameter keep their values.
+    let net = decay_and_update(false, 0.0);
+    let ws = Workspace::new();
+    ws.feed("g", Tensor::from_vec([3], vec![1.0f32, 2.0, 3.0]).unwrap());
+    ws.feed("p", Tensor::from_vec([3], vec![4.0f32, 5.0, 6.0]).unwrap());
+    ws.feed("m", Tensor::from_vec([2], vec![7.0f32, 8.0]).unwrap());
+    for name in ["w0", "wd", "lr"] {
+        ws.feed(name, Tensor::from_vec([1], vec![0.5f32]).unwrap());
+    }
+    let before: Vec<Tensor> = ["g", "m", "p"].iter().map(|b| ws.fetch(b).unwrap()).collect();
+    let e = ws.run_net_once(net.proto()).unwrap_err().to_string();
+    assert!(
+        e.contains("op #1 `WeightedSum+MomentumSGDUpdate`") && e.contains("`m`"),
+        "{e}"
+    );
+    for (b, t) in ["g", "m", "p"].iter().zip(&before) {
+        assert!(ws.fetch(b).unwrap().bitwise_eq(t), "`{b}` changed");
+    }
+    // A parameter of another shape than its gradient: named as WeightedSum would.
+    ws.feed("m", Tensor::from_vec([3], vec![0.0f32; 3]).unwrap());
+    ws.feed("p", Tensor::from_vec([1, 3], vec![4.0f32, 5.0, 6.0]).unwrap());
+    let e = ws.run_net_once(net.proto()).unwrap_err().to_string();
+    assert!(e.contains("`p`"), "{e}");
+    assert!(ws.fetch("g").unwrap().bitwise_eq(&before[0]), "`g` changed");
 }

@@ -320,12 +320,12 @@ macro_rules! faulty {
     };
 }
 // One op of each phase: forward, backward, all-reduce, update (batch norm and
-// relu run fused, see `exec::fuse`).
+// relu run fused, and so do the weight decay and the update, see `exec::fuse`).
 faulty!(
     "SpatialBN+Relu",
     "ReluGradient+SpatialBNGradient",
     "Allreduce",
-    "MomentumSGDUpdate"
+    "WeightedSum+MomentumSGDUpdate"
 );
 
 /// Fails `t`'s next step at call `fault.1` of op type `fault.0`, checks the
@@ -378,7 +378,7 @@ fn a_step_that_fails_in_any_phase_changes_nothing_and_the_run_continues_exactly(
             ("SpatialBN+Relu", &[0, 1][..]),
             ("ReluGradient+SpatialBNGradient", &[0, 1]),
             ("Allreduce", &[0, buckets / 2, buckets - 1]),
-            ("MomentumSGDUpdate", &[0, 5, 11]),
+            ("WeightedSum+MomentumSGDUpdate", &[0, 5, 11]),
         ] {
             for &nth in calls {
                 let mut t = trainer(net_type, 0.05);
@@ -408,8 +408,8 @@ fn with_gradient_accumulation_a_failed_step_changes_nothing_either() {
             ("SpatialBN+Relu", 2),
             ("SpatialBN+Relu", 3),
             ("ReluGradient+SpatialBNGradient", 3),
-            ("MomentumSGDUpdate", 0),
-            ("MomentumSGDUpdate", 11),
+            ("WeightedSum+MomentumSGDUpdate", 0),
+            ("WeightedSum+MomentumSGDUpdate", 11),
         ] {
             let mut t = accumulating_trainer(net_type, 0.05, 2);
             t.run(1).unwrap();

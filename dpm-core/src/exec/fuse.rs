@@ -3,7 +3,7 @@
 //! The net a user built, serialises and exports is untouched: only the plan
 //! the executor compiles from it runs the fused kernels. A fused kernel writes
 //! every blob the pair writes, with the same bits, so nothing a user can fetch
-//! changes. Two pairs, on CPU devices:
+//! changes. Four pairs, on CPU devices:
 //!
 //! - `SpatialBN → Relu` (the relu reading the batch norm's output, and waiting
 //!   on nothing else) becomes `SpatialBN+Relu`: `relu(Y)` is written plane by
@@ -15,6 +15,12 @@
 //! - `ReluGradient → SpatialBNGradient` (the latter reading the former's dY)
 //!   becomes `ReluGradient+SpatialBNGradient`: each plane of dY is masked and then summed
 //!   while in cache, instead of being written in one pass and read in another.
+//!
+//! - `WeightedSum → MomentumSGDUpdate` (the L2 decay `g ← g + wd·p` that
+//!   Caffe2's optimizers add before the update, on the same gradient and
+//!   parameter) becomes `WeightedSum+MomentumSGDUpdate` in the update's place:
+//!   one pass and one op per parameter instead of two, which small nets, whose
+//!   steps are mostly the cost of running ops, feel most.
 //!
 //! A net's `dpm_fuse` argument set to 0 turns this off.
 
@@ -31,7 +37,7 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
     }
     // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside
     // another. (Neither can be an op the loop fuses from: those are batch
-    // norms, sums and relu gradients.)
+    // norms, sums, relu gradients and weighted sums.)
     let mut replaced: Vec<Option<OperatorDef>> = vec![None; ops.len()];
     let mut absorbed = vec![false; ops.len()];
     for i in 0..ops.len() {
@@ -63,6 +69,26 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
                     f.input.push(ops[i].input[0].clone());
                     f.output.push(ops[i].output[0].clone());
                     replaced[k] = Some(f);
+                    absorbed[i] = true;
+                }
+            }
+            "WeightedSum" => {
+                if let Some(j) = decay_then_momentum(net, &absorbed, &replaced, i) {
+                    let (decay, update) = (&ops[i], &ops[j]);
+                    let mut f = update.clone();
+                    f.r#type = Some("WeightedSum+MomentumSGDUpdate".into());
+                    f.input = decay.input.clone();
+                    f.input.extend([update.input[1].clone(), update.input[2].clone()]);
+                    let mut control = decay.control_input.clone();
+                    control.extend(
+                        update
+                            .control_input
+                            .iter()
+                            .filter(|c| !decay.control_input.contains(c))
+                            .cloned(),
+                    );
+                    f.control_input = control;
+                    replaced[j] = Some(f);
                     absorbed[i] = true;
                 }
             }
@@ -147,6 +173,51 @@ fn relu_bn_gradient(
             && !op.input.iter().any(|b| b == r || b == dr)
             && !op.output.iter().any(ours)
             && op.device_option == rg.device_option;
+        return fits.then_some(k);
+    }
+    None
+}
+
+/// The `MomentumSGDUpdate` that can absorb `WeightedSum` op `i`, the L2 decay
+/// `g ← w0·g + wd·p` that Caffe2's optimizers put before it: the next op
+/// touching `g`, updating `g`, its moment and `p` in place; the ops between
+/// read none of the decay's outputs and write none of its blobs (so it may
+/// run later), and the blobs are distinct.
+fn decay_then_momentum(
+    net: &NetDef,
+    absorbed: &[bool],
+    replaced: &[Option<OperatorDef>],
+    i: usize,
+) -> Option<usize> {
+    let ws = &net.op[i];
+    let [g, w0, p, wd] = &ws.input[..] else {
+        return None;
+    };
+    if ws.output != [g.clone()] || [w0, p, wd].contains(&g) || [w0, wd].contains(&p) {
+        return None;
+    }
+    let ours = |b: &String| [g, w0, p, wd].contains(&b);
+    for k in i + 1..net.op.len() {
+        let op = &net.op[k];
+        if !op.input.contains(g) && !op.output.contains(g) {
+            if op.output.iter().any(ours) {
+                return None;
+            }
+            continue;
+        }
+        let [ug, m, lr, up] = &op.input[..] else {
+            return None;
+        };
+        let fits = op.op_type() == "MomentumSGDUpdate"
+            && !absorbed[k]
+            && replaced[k].is_none()
+            && ug == g
+            && up == p
+            && op.output == [g.clone(), m.clone(), p.clone()]
+            && !ours(m)
+            && !ours(lr)
+            && m != lr
+            && op.device_option == ws.device_option;
         return fits.then_some(k);
     }
     None
@@ -363,5 +434,134 @@ mod tests {
                 "an op between reading {reads} and writing {writes}"
             );
         }
+    }
+
+    fn decay_and_update(n: &mut Net, between: impl FnOnce(&mut Net)) {
+        n.op("WeightedSum")
+            .inputs(["g", "ONE", "p", "WD"])
+            .output("g")
+            .build();
+        between(n);
+        n.op("MomentumSGDUpdate")
+            .inputs(["g", "m", "lr", "p"])
+            .outputs(["g", "m", "p"])
+            .arg("momentum", 0.9f32)
+            .build();
+    }
+
+    #[test]
+    fn weight_decay_then_momentum_update_fuse_in_the_updates_place() {
+        let n = net(|n| {
+            decay_and_update(n, |n| {
+                n.op("Copy").input("p").output("c").build();
+            })
+        });
+        let deps = super::super::plan::dependencies(&n.op).unwrap();
+        let (ops, index) = fuse(&n, &deps);
+        assert_eq!(index, [1, 2]);
+        assert_eq!(ops[1].op_type(), "WeightedSum+MomentumSGDUpdate");
+        assert_eq!(ops[1].input, ["g", "ONE", "p", "WD", "m", "lr"]);
+        assert_eq!(ops[1].output, ["g", "m", "p"]);
+        assert_eq!(ops[1].arg, n.op[2].arg, "the update's arguments");
+        // Control inputs of both stay.
+        let mut n = net(|n| {
+            n.op("Copy").input("q").output("c1").build();
+            n.op("Copy").input("q").output("c2").build();
+            decay_and_update(n, |_| {})
+        });
+        n.op[2].control_input = vec!["c1".into()];
+        n.op[3].control_input = vec!["c2".into(), "c1".into()];
+        let deps = super::super::plan::dependencies(&n.op).unwrap();
+        let (ops, _) = fuse(&n, &deps);
+        assert_eq!(ops[2].control_input, ["c1", "c2"]);
+    }
+
+    #[test]
+    fn a_decay_whose_blobs_are_touched_before_the_update_or_that_is_not_l2_stays_apart() {
+        // Between them: an op reads the decayed gradient, or writes a blob of the decay.
+        for (reads, writes) in [("g", "c"), ("q", "p"), ("q", "WD"), ("q", "ONE"), ("q", "g")] {
+            let n = net(|n| {
+                decay_and_update(n, |n| {
+                    n.op("Copy").input(reads).output(writes).build();
+                })
+            });
+            assert_eq!(
+                run(&n).0,
+                ["WeightedSum", "Copy", "MomentumSGDUpdate"],
+                "an op between reading {reads} and writing {writes}"
+            );
+        }
+        let apart = ["WeightedSum", "MomentumSGDUpdate"];
+        // A weighted sum of three terms, or one not in place.
+        let three = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD", "p", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p"])
+                .outputs(["g", "m", "p"])
+                .build();
+        });
+        let out_of_place = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD"])
+                .output("h")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["h", "m", "lr", "p"])
+                .outputs(["h", "m", "p"])
+                .build();
+        });
+        // The update is of another parameter, or not in place.
+        let other_param = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p2"])
+                .outputs(["g", "m", "p2"])
+                .build();
+        });
+        let update_out_of_place = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p"])
+                .outputs(["g2", "m", "p"])
+                .build();
+        });
+        // The moment is one of the decay's blobs.
+        let shared_moment = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "WD", "lr", "p"])
+                .outputs(["g", "WD", "p"])
+                .build();
+        });
+        for (what, n) in [
+            ("three terms", three),
+            ("out of place", out_of_place),
+            ("another parameter", other_param),
+            ("update out of place", update_out_of_place),
+            ("shared moment", shared_moment),
+        ] {
+            assert_eq!(run(&n).0, apart, "{what}");
+        }
+        // On a GPU, or with fusion off.
+        let mut n = net(|n| decay_and_update(n, |_| {}));
+        for op in &mut n.op {
+            op.device_option = Some(Device::Cuda(0).to_proto());
+        }
+        assert_eq!(run(&n).0, apart);
+        let mut m = Net::from_proto(net(|n| decay_and_update(n, |_| {})));
+        m.set_arg("dpm_fuse", 0i64);
+        assert_eq!(run(&m.into_proto()).0, apart);
     }
 }

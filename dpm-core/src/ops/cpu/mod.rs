@@ -62,6 +62,11 @@ pub fn register(r: &mut Registry) {
     r.register("Iter", Cpu, |_| Ok(Box::new(optim::Iter)));
     r.register("LearningRate", Cpu, lr::LearningRate::create);
     r.register("MomentumSGDUpdate", Cpu, optim::MomentumSgdUpdate::create);
+    r.register(
+        "WeightedSum+MomentumSGDUpdate",
+        Cpu,
+        optim::DecayMomentumSgdUpdate::create,
+    );
     r.register("Adam", Cpu, optim::Adam::create);
     r.register("RmsProp", Cpu, optim::RmsProp::create);
     r.register("Adagrad", Cpu, optim::Adagrad::create);

@@ -83,18 +83,90 @@ impl Kernel for MomentumSgdUpdate {
             f32_mut(m, &names[1])?,
             f32_mut(p, &names[2])?,
         );
-        let (mu, wd) = (self.0.momentum, self.0.weight_decay);
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
-            let grad = *g + wd * *p;
-            let m_old = *m;
-            *m = mu * m_old + lr * grad;
-            let step = if self.0.nesterov {
-                (1.0 + mu) * *m - mu * m_old
-            } else {
-                *m
-            };
-            *g = step;
-            *p -= step;
+            *g = self.0.step(*g, lr, m, p);
+        }
+        Ok(())
+    }
+}
+
+impl Momentum {
+    /// One element's update from gradient `g`: moves `m` and `p`, returns the
+    /// step (what `MomentumSGDUpdate` leaves in its gradient output).
+    #[inline(always)]
+    fn step(&self, g: f32, lr: f32, m: &mut f32, p: &mut f32) -> f32 {
+        let mu = self.momentum;
+        let grad = g + self.weight_decay * *p;
+        let m_old = *m;
+        *m = mu * m_old + lr * grad;
+        let step = if self.nesterov {
+            (1.0 + mu) * *m - mu * m_old
+        } else {
+            *m
+        };
+        *p -= step;
+        step
+    }
+}
+
+/// `WeightedSum(grad, w0, param, wd) → grad` then `MomentumSGDUpdate(grad,
+/// moment, lr, param) → (grad, moment, param)`, in one pass (the executor's
+/// `WeightedSum+MomentumSGDUpdate`, see `exec::fuse`): the L2 decay as Caffe2's
+/// optimizers add it and the update. Inputs `(grad, w0, param, wd, moment,
+/// lr)`, outputs `(grad, moment, param)`; every element goes through the same
+/// float operations, in the same order, as the two ops apart.
+pub struct DecayMomentumSgdUpdate(Momentum);
+
+impl DecayMomentumSgdUpdate {
+    /// Parses the update's arguments, as [`MomentumSgdUpdate::create`].
+    pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Ok(Box::new(DecayMomentumSgdUpdate(Momentum::parse(op)?)))
+    }
+}
+
+impl Kernel for DecayMomentumSgdUpdate {
+    fn in_place(&self) -> &[(usize, usize)] {
+        &[(0, 0), (4, 1), (2, 2)]
+    }
+
+    fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        ctx.expect_inputs(6..=6)?;
+        ctx.expect_outputs(3..=3)?;
+        // The decay's checks first, then the update's: the errors the two ops
+        // would give apart.
+        let (w0, wd, lr) = (ctx.input_scalar(1)?, ctx.input_scalar(3)?, ctx.input_scalar(5)?);
+        let names = &ctx.def().output;
+        let outs = ctx.outputs();
+        if outs[2].shape() != outs[0].shape() {
+            return Err(Error::shape(
+                &names[2],
+                outs[0].shape().to_string(),
+                outs[2].shape(),
+            ));
+        }
+        if outs[1].numel() != outs[2].numel() {
+            return Err(Error::shape(
+                &names[1],
+                outs[2].shape().to_string(),
+                outs[1].shape(),
+            ));
+        }
+        let [g, m, p] = outs else {
+            unreachable!("arity checked")
+        };
+        let (g, m, p) = (
+            f32_mut(g, &names[0])?,
+            f32_mut(m, &names[1])?,
+            f32_mut(p, &names[2])?,
+        );
+        for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
+            // WeightedSum's `y = x0; y *= w0 (unless 1); y += wd·x1`.
+            let mut decayed = *g;
+            if w0 != 1.0 {
+                decayed *= w0;
+            }
+            decayed += wd * *p;
+            *g = self.0.step(decayed, lr, m, p);
         }
         Ok(())
     }
