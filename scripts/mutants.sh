@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of dpm's core, one group of modules at a time:
-#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host [extra cargo-mutants flags]
+#   scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host|update [extra cargo-mutants flags]
 # Each group's mutants are judged by the integration tests that exercise it
 # (they live in the facade package, hence --baseline skip: run
 # `cargo test --workspace` first). Results land in target/mutants-report/GROUP/mutants.out/.
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
-group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host}
+group=${1:?usage: scripts/mutants.sh exec|comm|parallel|autodiff|checkpoint|proto|deploy|fusion|pool|lanes|sum|snapshot|conv|host|update}
 shift
 case $group in
   exec) files=('dpm-core/src/exec/*.rs'); tests=(executors collectives parallel checkpoints) ;;
@@ -35,6 +35,10 @@ case $group in
   conv) files=('dpm-core/src/ops/cpu/conv/*.rs'); tests=(conv_ops gradients --lib) ;;
   # Host memory aligned to cache lines (with its unit tests).
   host) files=(dpm-core/src/tensor/host.rs); tests=(proto checkpoints --lib) ;;
+  # Momentum updates and the decay fused into them (add --re
+  # 'decay_then_momentum|DecayMomentumSgdUpdate|Momentum>::step|MomentumSgdUpdate'
+  # to skip the other optimizers and fusions).
+  update) files=(dpm-core/src/ops/cpu/optim.rs dpm-core/src/exec/fuse.rs); tests=(fusion optimizers reliability --lib) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;
 esac
 args=()
