@@ -335,3 +335,57 @@ fn a_fused_update_that_fails_names_the_update_and_changes_nothing() {
     assert!(e.contains("`p`"), "{e}");
     assert!(ws.fetch("g").unwrap().bitwise_eq(&before[0]), "`g` changed");
 }
+
+#[test]
+fn updates_that_write_other_blobs_leave_their_inputs_and_compute_the_same() {
+    // Caffe2 runs MomentumSGDUpdate only in place; dpm copies the inputs into
+    // the outputs first, for the update and the fused kernel alike (a net may
+    // name the fused type itself).
+    let len = 37;
+    let feed = |ws: &Workspace| {
+        for (i, name) in ["g", "m", "p"].iter().enumerate() {
+            ws.feed(*name, random(&[len], 21 + i as u64, -1.0, 1.0, 0.0));
+        }
+        for (name, v) in [("w0", 1.0f32), ("wd", 1e-2), ("lr", 0.1)] {
+            ws.feed(name, Tensor::from_vec([1], vec![v]).unwrap());
+        }
+    };
+    let in_place = Workspace::new();
+    feed(&in_place);
+    in_place
+        .run_net_once(decay_and_update(false, 0.0).proto())
+        .unwrap();
+    for fused in [false, true] {
+        let mut net = Net::new("out_of_place");
+        if fused {
+            net.op("WeightedSum+MomentumSGDUpdate")
+                .inputs(["g", "w0", "p", "wd", "m", "lr"])
+                .outputs(["g2", "m2", "p2"])
+                .arg("momentum", 0.9f32)
+                .build();
+        } else {
+            net.op("WeightedSum")
+                .inputs(["g", "w0", "p", "wd"])
+                .output("g")
+                .build();
+            net.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p"])
+                .outputs(["g2", "m2", "p2"])
+                .arg("momentum", 0.9f32)
+                .build();
+        }
+        let ws = Workspace::new();
+        feed(&ws);
+        let before: Vec<Tensor> = ["m", "p"].iter().map(|b| ws.fetch(b).unwrap()).collect();
+        ws.run_net_once(&fusing(net.proto(), false)).unwrap();
+        for (b, t) in ["m", "p"].iter().zip(&before) {
+            assert!(ws.fetch(b).unwrap().bitwise_eq(t), "fused {fused}: `{b}` changed");
+        }
+        for (out, want) in [("g2", "g"), ("m2", "m"), ("p2", "p")] {
+            assert!(
+                ws.fetch(out).unwrap().bitwise_eq(&in_place.fetch(want).unwrap()),
+                "fused {fused}: `{out}`"
+            );
+        }
+    }
+}

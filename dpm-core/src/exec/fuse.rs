@@ -534,6 +534,39 @@ mod tests {
                 .outputs(["g2", "m", "p"])
                 .build();
         });
+        // The decay writes another blob: the update reads the gradient
+        // before decay, which the fused kernel would decay.
+        let decay_elsewhere = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "p", "WD"])
+                .output("h")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p"])
+                .outputs(["g", "m", "p"])
+                .build();
+        });
+        // The gradient or the parameter doubles as another input of the decay.
+        let g_is_p = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "ONE", "g", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "g"])
+                .outputs(["g", "m", "g"])
+                .build();
+        });
+        let p_is_weight = net(|n| {
+            n.op("WeightedSum")
+                .inputs(["g", "p", "p", "WD"])
+                .output("g")
+                .build();
+            n.op("MomentumSGDUpdate")
+                .inputs(["g", "m", "lr", "p"])
+                .outputs(["g", "m", "p"])
+                .build();
+        });
         // The moment is one of the decay's blobs.
         let shared_moment = net(|n| {
             n.op("WeightedSum")
@@ -551,6 +584,9 @@ mod tests {
             ("another parameter", other_param),
             ("update out of place", update_out_of_place),
             ("shared moment", shared_moment),
+            ("decay into another blob", decay_elsewhere),
+            ("gradient is the parameter", g_is_p),
+            ("parameter is a weight", p_is_weight),
         ] {
             assert_eq!(run(&n).0, apart, "{what}");
         }
