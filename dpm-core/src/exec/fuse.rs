@@ -492,102 +492,62 @@ mod tests {
             );
         }
         let apart = ["WeightedSum", "MomentumSGDUpdate"];
-        // A weighted sum of three terms, or one not in place.
-        let three = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD", "p", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p"])
-                .outputs(["g", "m", "p"])
-                .build();
-        });
-        let out_of_place = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD"])
-                .output("h")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["h", "m", "lr", "p"])
-                .outputs(["h", "m", "p"])
-                .build();
-        });
-        // The update is of another parameter, or not in place.
-        let other_param = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p2"])
-                .outputs(["g", "m", "p2"])
-                .build();
-        });
-        let update_out_of_place = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p"])
-                .outputs(["g2", "m", "p"])
-                .build();
-        });
-        // The decay writes another blob: the update reads the gradient
-        // before decay, which the fused kernel would decay.
-        let decay_elsewhere = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD"])
-                .output("h")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p"])
-                .outputs(["g", "m", "p"])
-                .build();
-        });
-        // The gradient or the parameter doubles as another input of the decay.
-        let g_is_p = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "g", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "g"])
-                .outputs(["g", "m", "g"])
-                .build();
-        });
-        let p_is_weight = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "p", "p", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p"])
-                .outputs(["g", "m", "p"])
-                .build();
-        });
-        // The moment is one of the decay's blobs.
-        let shared_moment = net(|n| {
-            n.op("WeightedSum")
-                .inputs(["g", "ONE", "p", "WD"])
-                .output("g")
-                .build();
-            n.op("MomentumSGDUpdate")
-                .inputs(["g", "WD", "lr", "p"])
-                .outputs(["g", "WD", "p"])
-                .build();
-        });
-        for (what, n) in [
-            ("three terms", three),
-            ("out of place", out_of_place),
-            ("another parameter", other_param),
-            ("update out of place", update_out_of_place),
-            ("shared moment", shared_moment),
-            ("decay into another blob", decay_elsewhere),
-            ("gradient is the parameter", g_is_p),
-            ("parameter is a weight", p_is_weight),
-        ] {
+        // A decay with `ws` inputs writing `ws_out`, then an update with
+        // inputs `upd` and outputs `upd_out`.
+        let pair = |ws: &[&str], ws_out: &str, upd: [&str; 4], upd_out: [&str; 3]| {
+            net(|n| {
+                n.op("WeightedSum")
+                    .inputs(ws.iter().copied())
+                    .output(ws_out)
+                    .build();
+                n.op("MomentumSGDUpdate").inputs(upd).outputs(upd_out).build();
+            })
+        };
+        let decay = ["g", "ONE", "p", "WD"];
+        let update = ["g", "m", "lr", "p"];
+        let cases = [
+            // A weighted sum of three terms, or one not in place.
+            (
+                "three terms",
+                pair(&["g", "ONE", "p", "WD", "p", "WD"], "g", update, ["g", "m", "p"]),
+            ),
+            (
+                "out of place",
+                pair(&decay, "h", ["h", "m", "lr", "p"], ["h", "m", "p"]),
+            ),
+            // The update is of another parameter, or not in place.
+            (
+                "another parameter",
+                pair(&decay, "g", ["g", "m", "lr", "p2"], ["g", "m", "p2"]),
+            ),
+            ("update out of place", pair(&decay, "g", update, ["g2", "m", "p"])),
+            // The moment is one of the decay's blobs.
+            (
+                "shared moment",
+                pair(&decay, "g", ["g", "WD", "lr", "p"], ["g", "WD", "p"]),
+            ),
+            // The decay writes another blob: the update reads the gradient
+            // before decay, which the fused kernel would decay.
+            (
+                "decay into another blob",
+                pair(&decay, "h", update, ["g", "m", "p"]),
+            ),
+            // The gradient or the parameter doubles as another input of the decay.
+            (
+                "gradient is the parameter",
+                pair(
+                    &["g", "ONE", "g", "WD"],
+                    "g",
+                    ["g", "m", "lr", "g"],
+                    ["g", "m", "g"],
+                ),
+            ),
+            (
+                "parameter is a weight",
+                pair(&["g", "p", "p", "WD"], "g", update, ["g", "m", "p"]),
+            ),
+        ];
+        for (what, n) in cases {
             assert_eq!(run(&n).0, apart, "{what}");
         }
         // On a GPU, or with fusion off.

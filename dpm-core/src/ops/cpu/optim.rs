@@ -67,22 +67,7 @@ impl Kernel for MomentumSgdUpdate {
         ctx.expect_inputs(4..=4)?;
         ctx.expect_outputs(3..=3)?;
         let lr = ctx.input_scalar(2)?;
-        let names = &ctx.def().output;
-        let outs = ctx.outputs();
-        let n = outs[2].numel();
-        for (o, t) in outs.iter().enumerate() {
-            if t.numel() != n {
-                return Err(Error::shape(&names[o], outs[2].shape().to_string(), t.shape()));
-            }
-        }
-        let [g, m, p] = outs else {
-            unreachable!("arity checked")
-        };
-        let (g, m, p) = (
-            f32_mut(g, &names[0])?,
-            f32_mut(m, &names[1])?,
-            f32_mut(p, &names[2])?,
-        );
+        let (g, m, p) = update_outputs(ctx, false)?;
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
             *g = self.0.step(*g, lr, m, p);
         }
@@ -135,30 +120,7 @@ impl Kernel for DecayMomentumSgdUpdate {
         // The decay's checks first, then the update's: the errors the two ops
         // would give apart.
         let (w0, wd, lr) = (ctx.input_scalar(1)?, ctx.input_scalar(3)?, ctx.input_scalar(5)?);
-        let names = &ctx.def().output;
-        let outs = ctx.outputs();
-        if outs[2].shape() != outs[0].shape() {
-            return Err(Error::shape(
-                &names[2],
-                outs[0].shape().to_string(),
-                outs[2].shape(),
-            ));
-        }
-        if outs[1].numel() != outs[2].numel() {
-            return Err(Error::shape(
-                &names[1],
-                outs[2].shape().to_string(),
-                outs[1].shape(),
-            ));
-        }
-        let [g, m, p] = outs else {
-            unreachable!("arity checked")
-        };
-        let (g, m, p) = (
-            f32_mut(g, &names[0])?,
-            f32_mut(m, &names[1])?,
-            f32_mut(p, &names[2])?,
-        );
+        let (g, m, p) = update_outputs(ctx, true)?;
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
             // WeightedSum's `y = x0; y *= w0 (unless 1); y += wd·x1`.
             let mut decayed = *g;
@@ -170,6 +132,39 @@ impl Kernel for DecayMomentumSgdUpdate {
         }
         Ok(())
     }
+}
+
+/// A momentum update's outputs `(grad, moment, param)` as f32s, each as many
+/// as the parameter's (with `decayed`, the gradient also shaped as the
+/// parameter, as the decay before the update requires): the errors the ops
+/// apart give, before anything is written.
+fn update_outputs<'t>(
+    ctx: &'t mut OpContext<'_>,
+    decayed: bool,
+) -> Result<(&'t mut [f32], &'t mut [f32], &'t mut [f32])> {
+    let names = &ctx.def().output;
+    let outs = ctx.outputs();
+    if decayed && outs[2].shape() != outs[0].shape() {
+        return Err(Error::shape(
+            &names[2],
+            outs[0].shape().to_string(),
+            outs[2].shape(),
+        ));
+    }
+    let n = outs[2].numel();
+    for (o, t) in outs.iter().enumerate() {
+        if t.numel() != n {
+            return Err(Error::shape(&names[o], outs[2].shape().to_string(), t.shape()));
+        }
+    }
+    let [g, m, p] = outs else {
+        unreachable!("arity checked")
+    };
+    Ok((
+        f32_mut(g, &names[0])?,
+        f32_mut(m, &names[1])?,
+        f32_mut(p, &names[2])?,
+    ))
 }
 
 fn f32_mut<'t>(t: &'t mut crate::tensor::Tensor, name: &str) -> Result<&'t mut [f32]> {
