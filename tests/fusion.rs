@@ -31,20 +31,26 @@ fn op_types(ws: &Workspace) -> Vec<String> {
     ws.op_times().into_iter().map(|(t, _)| t).collect()
 }
 
+/// Trains what `build` makes for `steps` steps, fused and apart; checks
+/// every blob is bitwise the same and returns the op types each ran.
+fn train_fused_and_apart(build: impl Fn() -> Parallelize, steps: usize) -> (Vec<String>, Vec<String>) {
+    let run = |fuse: bool| {
+        let mut t = build().fuse_ops(fuse).build().unwrap();
+        t.run_init().unwrap();
+        t.workspace().set_profiling(true);
+        t.run(steps).unwrap();
+        t
+    };
+    let (fused, apart) = (run(true), run(false));
+    same_blobs(fused.workspace(), apart.workspace());
+    (op_types(fused.workspace()), op_types(apart.workspace()))
+}
+
 #[test]
 fn training_with_fused_batch_norm_and_relu_gives_the_same_bits() {
     // small_cnn on 2 CPU devices, 4 steps, with each executor.
     for net_type in ["dag", "simple"] {
-        let run = |fuse: bool| {
-            let mut t = small_cnn_parallelize(net_type, 5).fuse_ops(fuse).build().unwrap();
-            t.run_init().unwrap();
-            t.workspace().set_profiling(true);
-            t.run(4).unwrap();
-            t
-        };
-        let (fused, apart) = (run(true), run(false));
-        same_blobs(fused.workspace(), apart.workspace());
-        let (f, a) = (op_types(fused.workspace()), op_types(apart.workspace()));
+        let (f, a) = train_fused_and_apart(|| small_cnn_parallelize(net_type, 5), 4);
         for t in ["SpatialBN+Relu", "ReluGradient+SpatialBNGradient"] {
             assert!(
                 f.iter().any(|x| x == t) && !a.iter().any(|x| x == t),
@@ -131,9 +137,9 @@ fn residual_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
 #[test]
 fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
     for net_type in ["dag", "simple"] {
-        let run = |fuse: bool| {
+        let build = || {
             let mut step = 0u64;
-            let mut t = Parallelize::new(ModelHelper::new("res"))
+            Parallelize::new(ModelHelper::new("res"))
                 .devices([Device::cpu(0), Device::cpu(1)])
                 .input(move || {
                     step += 1;
@@ -142,17 +148,8 @@ fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
                 .forward(residual_cnn)
                 .update(Sgd::new(0.1).momentum(0.9))
                 .net_type(net_type)
-                .fuse_ops(fuse)
-                .build()
-                .unwrap();
-            t.run_init().unwrap();
-            t.workspace().set_profiling(true);
-            t.run(3).unwrap();
-            t
         };
-        let (fused, apart) = (run(true), run(false));
-        same_blobs(fused.workspace(), apart.workspace());
-        let (f, a) = (op_types(fused.workspace()), op_types(apart.workspace()));
+        let (f, a) = train_fused_and_apart(build, 3);
         assert!(
             f.iter().any(|x| x == "Sum+Relu") && !a.iter().any(|x| x == "Sum+Relu"),
             "{f:?}"
@@ -230,33 +227,24 @@ fn training_with_weight_decay_fused_into_the_momentum_update_gives_the_same_bits
     // small_cnn on 2 CPU devices, 4 steps, each executor, plain and Nesterov
     // momentum; biases and norms skipped by the decay in one of the runs.
     for (net_type, nesterov) in [("dag", false), ("simple", true)] {
-        let run = |fuse: bool| {
+        let build = || {
             let sgd = Sgd::new(0.1)
                 .momentum(0.9)
                 .nesterov(nesterov)
                 .weight_decay(1e-2)
                 .skip_decay_on_biases_and_norms(nesterov);
-            let mut t = small_cnn_parallelize(net_type, 5)
-                .update(sgd)
-                .fuse_ops(fuse)
-                .build()
-                .unwrap();
-            t.run_init().unwrap();
-            t.workspace().set_profiling(true);
-            t.run(4).unwrap();
-            t
+            small_cnn_parallelize(net_type, 5).update(sgd)
         };
-        let (fused, apart) = (run(true), run(false));
-        same_blobs(fused.workspace(), apart.workspace());
-        let (f, a) = (op_types(fused.workspace()), op_types(apart.workspace()));
+        let (f, a) = train_fused_and_apart(build, 4);
         let t = "WeightedSum+MomentumSGDUpdate";
         assert!(f.iter().any(|x| x == t) && !a.iter().any(|x| x == t), "{f:?}");
         assert!(!f.iter().any(|x| x == "WeightedSum"), "{f:?}");
     }
 }
 
-/// The decay `g ← w0·g + wd·p` and a momentum update of `p`.
-fn decay_and_update(nesterov: bool, update_decay: f32) -> Net {
+/// The decay `g ← w0·g + wd·p` and a momentum update of `p` into `outputs`
+/// (in place: `["g", "m", "p"]`).
+fn decay_and_update(nesterov: bool, update_decay: f32, outputs: [&str; 3]) -> Net {
     let mut net = Net::new("update");
     net.op("WeightedSum")
         .inputs(["g", "w0", "p", "wd"])
@@ -264,7 +252,7 @@ fn decay_and_update(nesterov: bool, update_decay: f32) -> Net {
         .build();
     net.op("MomentumSGDUpdate")
         .inputs(["g", "m", "lr", "p"])
-        .outputs(["g", "m", "p"])
+        .outputs(outputs)
         .arg("momentum", 0.9f32)
         .arg("nesterov", i64::from(nesterov))
         .arg("weight_decay", update_decay)
@@ -279,7 +267,7 @@ fn the_fused_decay_and_update_give_the_ops_bits_on_every_kind_of_value() {
     // every vector width and a remainder.
     let len = 1037;
     for (nesterov, w0, update_decay) in [(false, 1.0, 0.0), (true, 1.0, 0.0), (false, 0.5, 1e-3)] {
-        let net = decay_and_update(nesterov, update_decay);
+        let net = decay_and_update(nesterov, update_decay, ["g", "m", "p"]);
         let run = |fuse: bool| {
             let ws = Workspace::new();
             ws.set_profiling(true);
@@ -311,7 +299,7 @@ fn the_fused_decay_and_update_give_the_ops_bits_on_every_kind_of_value() {
 fn a_fused_update_that_fails_names_the_update_and_changes_nothing() {
     // A moment of the wrong size: the error names the update (whose place the
     // fused op takes), and the gradient, moment and parameter keep their values.
-    let net = decay_and_update(false, 0.0);
+    let net = decay_and_update(false, 0.0, ["g", "m", "p"]);
     let ws = Workspace::new();
     ws.feed("g", Tensor::from_vec([3], vec![1.0f32, 2.0, 3.0]).unwrap());
     ws.feed("p", Tensor::from_vec([3], vec![4.0f32, 5.0, 6.0]).unwrap());
@@ -353,23 +341,14 @@ fn updates_that_write_other_blobs_leave_their_inputs_and_compute_the_same() {
     let in_place = Workspace::new();
     feed(&in_place);
     in_place
-        .run_net_once(decay_and_update(false, 0.0).proto())
+        .run_net_once(decay_and_update(false, 0.0, ["g", "m", "p"]).proto())
         .unwrap();
     for fused in [false, true] {
-        let mut net = Net::new("out_of_place");
+        let mut net = decay_and_update(false, 0.0, ["g2", "m2", "p2"]);
         if fused {
+            net = Net::new("out_of_place");
             net.op("WeightedSum+MomentumSGDUpdate")
                 .inputs(["g", "w0", "p", "wd", "m", "lr"])
-                .outputs(["g2", "m2", "p2"])
-                .arg("momentum", 0.9f32)
-                .build();
-        } else {
-            net.op("WeightedSum")
-                .inputs(["g", "w0", "p", "wd"])
-                .output("g")
-                .build();
-            net.op("MomentumSGDUpdate")
-                .inputs(["g", "m", "lr", "p"])
                 .outputs(["g2", "m2", "p2"])
                 .arg("momentum", 0.9f32)
                 .build();
