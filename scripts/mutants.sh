@@ -36,7 +36,7 @@ case $group in
   # Host memory aligned to cache lines (with its unit tests).
   host) files=(dpm-core/src/tensor/host.rs); tests=(proto checkpoints --lib) ;;
   # Momentum updates and the decay fused into them (add --re
-  # 'decay_then_momentum|DecayMomentumSgdUpdate|Momentum>::step|MomentumSgdUpdate|update_outputs'
+  # 'decay_then_momentum|DecayMomentumSgdUpdate|Momentum>::step|MomentumSgdUpdate|update_outputs|next_reader'
   # to skip the other optimizers and fusions).
   update) files=(dpm-core/src/ops/cpu/optim.rs dpm-core/src/exec/fuse.rs); tests=(fusion optimizers reliability --lib) ;;
   *) echo "unknown group $group" >&2; exit 2 ;;

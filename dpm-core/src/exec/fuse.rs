@@ -157,30 +157,22 @@ fn relu_bn_gradient(
     // the batch norm gradient would read R or dR.)
     let (r, dr, dy) = (&rg.input[0], &rg.input[1], &rg.output[0]);
     let ours = |b: &String| b == r || b == dr || b == dy;
-    for k in j + 1..net.op.len() {
-        let op = &net.op[k];
-        if !op.input.contains(dy) {
-            if op.output.iter().any(ours) {
-                return None;
-            }
-            continue;
-        }
-        let fits = op.op_type() == "SpatialBNGradient"
-            && !absorbed[k]
-            && replaced[k].is_none()
-            && op.input.get(2) == Some(dy)
-            && op.input.iter().filter(|b| *b == dy).count() == 1
-            && !op.input.iter().any(|b| b == r || b == dr)
-            && !op.output.iter().any(ours)
-            && op.device_option == rg.device_option;
-        return fits.then_some(k);
-    }
-    None
+    let k = next_reader(net, j, dy, ours)?;
+    let op = &net.op[k];
+    let fits = op.op_type() == "SpatialBNGradient"
+        && !absorbed[k]
+        && replaced[k].is_none()
+        && op.input.get(2) == Some(dy)
+        && op.input.iter().filter(|b| *b == dy).count() == 1
+        && !op.input.iter().any(|b| b == r || b == dr)
+        && !op.output.iter().any(ours)
+        && op.device_option == rg.device_option;
+    fits.then_some(k)
 }
 
 /// The `MomentumSGDUpdate` that can absorb `WeightedSum` op `i`, the L2 decay
 /// `g ← w0·g + wd·p` that Caffe2's optimizers put before it: the next op
-/// touching `g`, updating `g`, its moment and `p` in place; the ops between
+/// reading `g`, updating `g`, its moment and `p` in place; the ops between
 /// read none of the decay's outputs and write none of its blobs (so it may
 /// run later), and the blobs are distinct.
 fn decay_then_momentum(
@@ -197,28 +189,36 @@ fn decay_then_momentum(
         return None;
     }
     let ours = |b: &String| [g, w0, p, wd].contains(&b);
+    let k = next_reader(net, i, g, ours)?;
+    let op = &net.op[k];
+    let [ug, m, lr, up] = &op.input[..] else {
+        return None;
+    };
+    let fits = op.op_type() == "MomentumSGDUpdate"
+        && !absorbed[k]
+        && replaced[k].is_none()
+        && ug == g
+        && up == p
+        && op.output == [g.clone(), m.clone(), p.clone()]
+        && !ours(m)
+        && !ours(lr)
+        && m != lr
+        && op.device_option == ws.device_option;
+    fits.then_some(k)
+}
+
+/// The first op after op `i` that reads `blob`, where no op between writes a
+/// blob that `ours` names (`blob` among them): the op that a fused kernel of
+/// op `i` and it may replace, running `i`'s work later without anyone seeing.
+fn next_reader(net: &NetDef, i: usize, blob: &String, ours: impl Fn(&String) -> bool) -> Option<usize> {
     for k in i + 1..net.op.len() {
         let op = &net.op[k];
-        if !op.input.contains(g) && !op.output.contains(g) {
-            if op.output.iter().any(ours) {
-                return None;
-            }
-            continue;
+        if op.input.contains(blob) {
+            return Some(k);
         }
-        let [ug, m, lr, up] = &op.input[..] else {
+        if op.output.iter().any(&ours) {
             return None;
-        };
-        let fits = op.op_type() == "MomentumSGDUpdate"
-            && !absorbed[k]
-            && replaced[k].is_none()
-            && ug == g
-            && up == p
-            && op.output == [g.clone(), m.clone(), p.clone()]
-            && !ours(m)
-            && !ours(lr)
-            && m != lr
-            && op.device_option == ws.device_option;
-        return fits.then_some(k);
+        }
     }
     None
 }
