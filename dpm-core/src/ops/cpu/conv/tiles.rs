@@ -472,19 +472,47 @@ unsafe fn correlate_step<const P: usize>(
     if isa.0 == Kind::Avx512 {
         let whole = list.len() / (2 * Z512) * (2 * Z512);
         for tile in list[..whole].chunks_exact(2 * Z512) {
+            // Pairs that continue one run of the source (rows of 16 outputs or
+            // more) load as one vector: the same elements, without the insert
+            // that would share the FMAs' port.
+            let joined = P == 1 && tile.chunks_exact(2).all(|p| p[1].src == p[0].src + LANES);
+            // Pairs of whole segments end to end in the output store as one
+            // vector each, with no branch (which would spill the accumulators).
+            let whole = tile
+                .chunks_exact(2)
+                .all(|p| p[0].len == LANES && p[1].len == LANES && p[1].dst == p[0].dst + LANES);
             for (r0, mr) in panels(rows) {
                 let panel = a[r0 * k..].as_ptr();
                 let init = init.map(|b| &b[r0..r0 + mr]);
-                // SAFETY: the caller's bounds cover every tap, segment and row,
-                // and `Kind::Avx512` exists only where detection found AVX-512F,
-                // AVX2 and FMA.
+                // SAFETY: the caller's bounds cover every tap, segment and row
+                // (a joined load reads exactly the pair's elements, a whole
+                // store writes exactly them), and `Kind::Avx512` exists only
+                // where detection found AVX-512F, AVX2 and FMA.
                 unsafe {
                     let out = out.add(r0 * pitch);
-                    by_rows!(
-                        mr,
-                        P,
-                        avx512::correlate(panel, &taps.offsets, src, tile, init, out, pitch)
-                    );
+                    let (taps, tile) = (&taps.offsets, tile);
+                    match (joined, whole) {
+                        (true, true) => by_rows!(
+                            mr,
+                            [1, true, true],
+                            avx512::correlate(panel, taps, src, tile, init, out, pitch)
+                        ),
+                        (true, false) => by_rows!(
+                            mr,
+                            [1, true, false],
+                            avx512::correlate(panel, taps, src, tile, init, out, pitch)
+                        ),
+                        (false, true) => by_rows!(
+                            mr,
+                            [P, false, true],
+                            avx512::correlate(panel, taps, src, tile, init, out, pitch)
+                        ),
+                        (false, false) => by_rows!(
+                            mr,
+                            [P, false, false],
+                            avx512::correlate(panel, taps, src, tile, init, out, pitch)
+                        ),
+                    }
                 }
             }
         }
@@ -688,16 +716,17 @@ macro_rules! by_rows_segs {
 }
 use by_rows_segs;
 
-/// Calls `f::<rows, step>(args)` for a runtime panel height (1 to [`MR`]).
+/// Calls `f::<rows, G...>(args)` for a runtime panel height (1 to [`MR`]) and
+/// the other const generics `G`.
 macro_rules! by_rows {
-    ($rows:expr, $p:ident, $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+    ($rows:expr, [$($g:tt),+], $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
         match $rows {
-            1 => $($f)::+::<1, $p>($($arg),*),
-            2 => $($f)::+::<2, $p>($($arg),*),
-            3 => $($f)::+::<3, $p>($($arg),*),
-            4 => $($f)::+::<4, $p>($($arg),*),
-            5 => $($f)::+::<5, $p>($($arg),*),
-            _ => $($f)::+::<6, $p>($($arg),*),
+            1 => $($f)::+::<1, $($g),+>($($arg),*),
+            2 => $($f)::+::<2, $($g),+>($($arg),*),
+            3 => $($f)::+::<3, $($g),+>($($arg),*),
+            4 => $($f)::+::<4, $($g),+>($($arg),*),
+            5 => $($f)::+::<5, $($g),+>($($arg),*),
+            _ => $($f)::+::<6, $($g),+>($($arg),*),
         }
     };
 }
@@ -1185,10 +1214,14 @@ mod avx512 {
     }
 
     /// The inputs of two segments of step `P` (1 or 2) starting at `lo` and
-    /// `hi`, as one vector.
+    /// `hi`, as one vector; `J`: `hi` is `lo + LANES` (step 1), one load.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn load_pair<const P: usize>(lo: *const f32, hi: *const f32) -> __m512 {
+    unsafe fn load_pair<const P: usize, const J: bool>(lo: *const f32, hi: *const f32) -> __m512 {
+        if J {
+            debug_assert!(P == 1 && hi == lo.wrapping_add(LANES));
+            return unsafe { _mm512_loadu_ps(lo) };
+        }
         if P == 2 {
             // Every second element of 16 from each: one two-source permute.
             let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -1225,9 +1258,11 @@ mod avx512 {
         }
     }
 
-    /// `M` rows × `2·Z512` segments (exactly), as [`super::correlate`] says.
+    /// `M` rows × `2·Z512` segments (exactly), as [`super::correlate`] says;
+    /// `J`: each pair of segments is one run of the source ([`load_pair`]); `W`:
+    /// each pair is two whole segments end to end in the output.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn correlate<const M: usize, const P: usize>(
+    pub unsafe fn correlate<const M: usize, const P: usize, const J: bool, const W: bool>(
         a: *const f32,
         taps: &[usize],
         src: *const f32,
@@ -1250,7 +1285,7 @@ mod avx512 {
         for &t in taps {
             let mut b = [_mm512_setzero_ps(); Z512];
             for z in 0..Z512 {
-                b[z] = unsafe { load_pair::<P>(base[2 * z].add(t), base[2 * z + 1].add(t)) };
+                b[z] = unsafe { load_pair::<P, J>(base[2 * z].add(t), base[2 * z + 1].add(t)) };
             }
             for r in 0..M {
                 let av = _mm512_set1_ps(unsafe { *a.add(r) });
@@ -1260,16 +1295,17 @@ mod avx512 {
             }
             a = unsafe { a.add(M) };
         }
+        if W {
+            for z in 0..Z512 {
+                let dst = segs[2 * z].dst;
+                for r in 0..M {
+                    unsafe { _mm512_storeu_ps(out.add(dst + r * pitch), acc[r][z]) };
+                }
+            }
+            return;
+        }
         for z in 0..Z512 {
             let (lo, hi) = (&segs[2 * z], &segs[2 * z + 1]);
-            if lo.len == LANES && hi.len == LANES && hi.dst == lo.dst + LANES {
-                // Consecutive whole segments (rows of one output channel end to
-                // end): one store.
-                for r in 0..M {
-                    unsafe { _mm512_storeu_ps(out.add(lo.dst + r * pitch), acc[r][z]) };
-                }
-                continue;
-            }
             for r in 0..M {
                 let v = acc[r][z];
                 let (vlo, vhi) = (
@@ -1381,12 +1417,21 @@ mod tests {
         // plus an 8-channel rest; 14 taps: a whole 12-tap AVX-512 block and 2.
         for rows in (1..=9).chain([17, 33]) {
             for k in [1, 2, 5, 9, 14] {
-                let src = random(600, rows as u32 * 31 + k as u32);
+                let src = random(800, rows as u32 * 31 + k as u32);
                 let w = random(rows * k, 7);
                 let mut taps = Taps::default();
                 (0..k).for_each(|i| taps.push(i * 13 % 40));
                 let mut segs = Segments::default();
                 segs.reset(step);
+                // Three AVX-512 tiles of 8 segments whose pairs are: one run
+                // in the source and whole, end to end, in the output; one run
+                // in the source, one pair partial; whole in the output only.
+                segs.push_run(260, 120, 64);
+                segs.push_run(330, 184, 29); // 8 + 8 + 8 + 5
+                segs.push_run(370, 213, 32);
+                for i in 0..8 {
+                    segs.push_run(420 + 20 * i, 245 + 8 * i, 8);
+                }
                 segs.push_run(3, 0, 21); // 8 + 8 + 5
                 segs.push_run(60, 21, 11); // 8 + 3
                 segs.push_run(100, 32, 2);
@@ -1394,7 +1439,7 @@ mod tests {
                 // partial) and 2 left for the AVX2 tiles.
                 segs.push_run(150, 40, 43); // 8 × 5 + 3
                 segs.push_run(200, 83, 33); // 8 × 4 + 1
-                let pitch = 120;
+                let pitch = 320;
                 let mut packed = HostVec::new();
                 pack_panels(rows, k, |r, kk| w[r * k + kk], &mut packed);
                 let init = random(rows, 3);
