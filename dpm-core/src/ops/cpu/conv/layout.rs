@@ -20,7 +20,9 @@
 
 use std::ops::Range;
 
-use super::tiles::{gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps, LANES};
+use super::tiles::{
+    copy_rows, gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps, LANES,
+};
 use super::window::Window;
 
 /// The `i` with `stride·i + phase − pad ∈ [0, len)`, capped at `limit`, as `lo..hi`.
@@ -43,15 +45,13 @@ fn gather(
     pitch: usize,
     stride: usize,
 ) {
-    if stride == 2 {
-        return gather_even(isa, src, src_pitch, rows, dst, n, pitch);
+    match stride {
+        1 => return copy_rows(isa, src, src_pitch, rows, dst, n, pitch),
+        2 => return gather_even(isa, src, src_pitch, rows, dst, n, pitch),
+        _ => {}
     }
     for r in 0..rows {
         let (src, dst) = (&src[r * src_pitch..], &mut dst[r * pitch..][..n]);
-        if stride == 1 {
-            dst.copy_from_slice(&src[..n]);
-            continue;
-        }
         for (j, d) in dst.iter_mut().enumerate() {
             *d = src[stride * j];
         }
@@ -361,13 +361,11 @@ impl GradPlanes {
 
     /// Writes consecutive images `dy` (`m × oh × ow` each) into `out`,
     /// [`Self::image_len`] apart; the padding must already be zero.
-    pub fn fill(&self, dy: &[f32], out: &mut [f32]) {
+    pub fn fill(&self, isa: Isa, dy: &[f32], out: &mut [f32]) {
         let plane = self.hd * self.wd;
         for (mi, dy) in dy.chunks_exact(self.oh * self.ow).enumerate() {
-            for (oy, row) in dy.chunks_exact(self.ow).enumerate() {
-                let at = mi * plane + (self.ty + oy) * self.wd + self.tx;
-                out[at..at + self.ow].copy_from_slice(row);
-            }
+            let at = mi * plane + self.ty * self.wd + self.tx;
+            copy_rows(isa, dy, self.ow, self.oh, &mut out[at..], self.ow, self.wd);
         }
     }
 

@@ -475,7 +475,7 @@ impl ConvGradient {
                     &dy[b0 * y_image..]
                 } else {
                     let gp = s.grad.get(&grad, nb * grad.image_len() + LANES);
-                    grad.fill(dyb, gp);
+                    grad.fill(isa, dyb, gp);
                     gp
                 };
                 // Stride 1 has one phase, dX itself; otherwise the phases go

@@ -205,6 +205,47 @@ impl Isa {
     }
 }
 
+/// For each row `r < rows`: `dst[r·pitch..][..n] = src[r·src_pitch..][..n]`.
+/// Rows of a layout are short (8 to 32 floats): vector moves in line, where a
+/// `copy_from_slice` per row is a call into the C library's `memcpy`.
+pub fn copy_rows(
+    isa: Isa,
+    src: &[f32],
+    src_pitch: usize,
+    rows: usize,
+    dst: &mut [f32],
+    n: usize,
+    pitch: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(src.len() >= (rows - 1) * src_pitch + n, "copy: source too short");
+    assert!(dst.len() >= (rows - 1) * pitch + n, "copy: destination too short");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        done = n / LANES * LANES;
+        // SAFETY: the asserts above bound every row's first `n` elements.
+        unsafe {
+            avx2::copy_rows(
+                src.as_ptr(),
+                src_pitch,
+                rows,
+                dst.as_mut_ptr(),
+                pitch,
+                done / LANES,
+            )
+        };
+    }
+    let _ = isa;
+    for r in 0..rows {
+        for t in done..n {
+            dst[r * pitch + t] = src[r * src_pitch + t];
+        }
+    }
+}
+
 /// For each row `r < rows`: `dst[r·pitch + t] = src[r·src_pitch + 2t]` for
 /// `t < n`: the even phase of a stride-2 plane, in one pass over its rows.
 /// Vectors may read on up to the end of `src`.
@@ -935,6 +976,24 @@ mod avx2 {
         }
     }
 
+    /// [`super::copy_rows`] over `blocks` vectors per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn copy_rows(
+        src: *const f32,
+        src_pitch: usize,
+        rows: usize,
+        dst: *mut f32,
+        pitch: usize,
+        blocks: usize,
+    ) {
+        for r in 0..rows {
+            let (src, dst) = unsafe { (src.add(r * src_pitch), dst.add(r * pitch)) };
+            for i in 0..blocks {
+                unsafe { _mm256_storeu_ps(dst.add(LANES * i), _mm256_loadu_ps(src.add(LANES * i))) };
+            }
+        }
+    }
+
     /// `blocks` blocks of 8 outputs `dst[j] = src[2j]` per row.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gather_even(
@@ -1335,6 +1394,26 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn row_copies_match_plain_loops() {
+        for isa in Isa::supported() {
+            for n in [1, 7, 8, 9, 16, 17, 40] {
+                let (rows, src_pitch, pitch) = (3, n + 3, n + 2);
+                let src = random(2 * src_pitch + n, n as u32);
+                let mut dst = vec![f32::NAN; 2 * pitch + n + 1];
+                copy_rows(isa, &src, src_pitch, rows, &mut dst, n, pitch);
+                for (i, &d) in dst.iter().enumerate() {
+                    let (r, t) = (i / pitch, i % pitch);
+                    if t < n && r < rows {
+                        assert_eq!(d, src[r * src_pitch + t], "{isa:?} copy {n} at {i}");
+                    } else {
+                        assert!(d.is_nan(), "{isa:?} copy {n} wrote {i}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
