@@ -1399,7 +1399,11 @@ mod tests {
     #[test]
     fn row_copies_match_plain_loops() {
         for isa in Isa::supported() {
-            for n in [1, 7, 8, 9, 16, 17, 40] {
+            // No rows: nothing read or written.
+            let mut dst = [f32::NAN; 4];
+            copy_rows(isa, &[], 5, 0, &mut dst, 4, 4);
+            assert!(dst.iter().all(|v| v.is_nan()));
+            for n in [1, 7, 8, 9, 16, 17, 40, 72] {
                 let (rows, src_pitch, pitch) = (3, n + 3, n + 2);
                 let src = random(2 * src_pitch + n, n as u32);
                 let mut dst = vec![f32::NAN; 2 * pitch + n + 1];
