@@ -20,9 +20,7 @@
 
 use std::ops::Range;
 
-use super::tiles::{
-    copy_rows, gather_even, interleave, scatter_even, split_even_odd, Isa, Segments, Taps, LANES,
-};
+use super::tiles::{gather_rows, interleave, scatter_even, split_even_odd, Isa, Segments, Taps, LANES};
 use super::window::Window;
 
 /// The `i` with `stride·i + phase − pad ∈ [0, len)`, capped at `limit`, as `lo..hi`.
@@ -46,8 +44,8 @@ fn gather(
     stride: usize,
 ) {
     match stride {
-        1 => return copy_rows(isa, src, src_pitch, rows, dst, n, pitch),
-        2 => return gather_even(isa, src, src_pitch, rows, dst, n, pitch),
+        1 => return gather_rows::<1>(isa, src, src_pitch, rows, dst, n, pitch),
+        2 => return gather_rows::<2>(isa, src, src_pitch, rows, dst, n, pitch),
         _ => {}
     }
     for r in 0..rows {
@@ -365,7 +363,7 @@ impl GradPlanes {
         let plane = self.hd * self.wd;
         for (mi, dy) in dy.chunks_exact(self.oh * self.ow).enumerate() {
             let at = mi * plane + self.ty * self.wd + self.tx;
-            copy_rows(isa, dy, self.ow, self.oh, &mut out[at..], self.ow, self.wd);
+            gather_rows::<1>(isa, dy, self.ow, self.oh, &mut out[at..], self.ow, self.wd);
         }
     }
 

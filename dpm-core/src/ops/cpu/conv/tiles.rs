@@ -205,51 +205,12 @@ impl Isa {
     }
 }
 
-/// For each row `r < rows`: `dst[r·pitch..][..n] = src[r·src_pitch..][..n]`.
-/// Rows of a layout are short (8 to 32 floats): vector moves in line, where a
-/// `copy_from_slice` per row is a call into the C library's `memcpy`.
-pub fn copy_rows(
-    isa: Isa,
-    src: &[f32],
-    src_pitch: usize,
-    rows: usize,
-    dst: &mut [f32],
-    n: usize,
-    pitch: usize,
-) {
-    if rows == 0 || n == 0 {
-        return;
-    }
-    assert!(src.len() >= (rows - 1) * src_pitch + n, "copy: source too short");
-    assert!(dst.len() >= (rows - 1) * pitch + n, "copy: destination too short");
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2() {
-        done = n / LANES * LANES;
-        // SAFETY: the asserts above bound every row's first `n` elements.
-        unsafe {
-            avx2::copy_rows(
-                src.as_ptr(),
-                src_pitch,
-                rows,
-                dst.as_mut_ptr(),
-                pitch,
-                done / LANES,
-            )
-        };
-    }
-    let _ = isa;
-    for r in 0..rows {
-        for t in done..n {
-            dst[r * pitch + t] = src[r * src_pitch + t];
-        }
-    }
-}
-
-/// For each row `r < rows`: `dst[r·pitch + t] = src[r·src_pitch + 2t]` for
-/// `t < n`: the even phase of a stride-2 plane, in one pass over its rows.
-/// Vectors may read on up to the end of `src`.
-pub fn gather_even(
+/// For each row `r < rows`: `dst[r·pitch + t] = src[r·src_pitch + S·t]` for
+/// `t < n`, in one pass over the rows: `S = 1` copies a layout's rows (8 to 32
+/// floats: vector moves in line, where a `copy_from_slice` per row is a call
+/// into the C library's `memcpy`), `S = 2` takes the even phase of a stride-2
+/// plane. Vectors may read on up to the end of `src`.
+pub fn gather_rows<const S: usize>(
     isa: Isa,
     src: &[f32],
     src_pitch: usize,
@@ -262,7 +223,7 @@ pub fn gather_even(
         return;
     }
     let last = (rows - 1) * src_pitch;
-    assert!(src.len() > last + 2 * (n - 1), "gather: source too short");
+    assert!(src.len() > last + S * (n - 1), "gather: source too short");
     assert!(
         dst.len() >= (rows - 1) * pitch + n,
         "gather: destination too short"
@@ -270,11 +231,12 @@ pub fn gather_even(
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
-        // Whole blocks of 16 inputs, within `src` on the last row too.
-        done = ((src.len() - last) / 16).min(n / LANES) * LANES;
+        // Whole vectors of output, whose `S·8` inputs lie within `src` on the
+        // last row too.
+        done = ((src.len() - last) / (S * LANES)).min(n / LANES) * LANES;
         // SAFETY: the asserts above and the choice of `done` bound every row.
         unsafe {
-            avx2::gather_even(
+            avx2::gather_rows::<S>(
                 src.as_ptr(),
                 src_pitch,
                 rows,
@@ -287,7 +249,7 @@ pub fn gather_even(
     let _ = isa;
     for r in 0..rows {
         for t in done..n {
-            dst[r * pitch + t] = src[r * src_pitch + 2 * t];
+            dst[r * pitch + t] = src[r * src_pitch + S * t];
         }
     }
 }
@@ -986,9 +948,9 @@ mod avx2 {
         }
     }
 
-    /// [`super::copy_rows`] over `blocks` vectors per row.
+    /// [`super::gather_rows`] over `blocks` vectors of output per row.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn copy_rows(
+    pub unsafe fn gather_rows<const S: usize>(
         src: *const f32,
         src_pitch: usize,
         rows: usize,
@@ -999,31 +961,7 @@ mod avx2 {
         for r in 0..rows {
             let (src, dst) = unsafe { (src.add(r * src_pitch), dst.add(r * pitch)) };
             for i in 0..blocks {
-                unsafe { _mm256_storeu_ps(dst.add(LANES * i), _mm256_loadu_ps(src.add(LANES * i))) };
-            }
-        }
-    }
-
-    /// `blocks` blocks of 8 outputs `dst[j] = src[2j]` per row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gather_even(
-        src: *const f32,
-        src_pitch: usize,
-        rows: usize,
-        dst: *mut f32,
-        pitch: usize,
-        blocks: usize,
-    ) {
-        for r in 0..rows {
-            let (src, dst) = unsafe { (src.add(r * src_pitch), dst.add(r * pitch)) };
-            for i in 0..blocks {
-                let (a, b) = unsafe {
-                    (
-                        _mm256_loadu_ps(src.add(16 * i)),
-                        _mm256_loadu_ps(src.add(16 * i + 8)),
-                    )
-                };
-                unsafe { _mm256_storeu_ps(dst.add(8 * i), evens(a, b)) };
+                unsafe { _mm256_storeu_ps(dst.add(LANES * i), load::<S>(src.add(S * LANES * i))) };
             }
         }
     }
@@ -1424,13 +1362,13 @@ mod tests {
         for isa in Isa::supported() {
             // No rows: nothing read or written.
             let mut dst = [f32::NAN; 4];
-            copy_rows(isa, &[], 5, 0, &mut dst, 4, 4);
+            gather_rows::<1>(isa, &[], 5, 0, &mut dst, 4, 4);
             assert!(dst.iter().all(|v| v.is_nan()));
             for n in [1, 7, 8, 9, 16, 17, 40, 72] {
                 let (rows, src_pitch, pitch) = (3, n + 3, n + 2);
                 let src = random(2 * src_pitch + n, n as u32);
                 let mut dst = vec![f32::NAN; 2 * pitch + n + 1];
-                copy_rows(isa, &src, src_pitch, rows, &mut dst, n, pitch);
+                gather_rows::<1>(isa, &src, src_pitch, rows, &mut dst, n, pitch);
                 for (i, &d) in dst.iter().enumerate() {
                     let (r, t) = (i / pitch, i % pitch);
                     if t < n && r < rows {
@@ -1451,7 +1389,7 @@ mod tests {
                 let (rows, src_pitch, pitch) = (3, 2 * n + 3, n + 2);
                 let src = random(2 * src_pitch + 2 * n + 1, n as u32);
                 let mut dst = vec![0.0; 2 * pitch + n];
-                gather_even(isa, &src, src_pitch, rows, &mut dst, n, pitch);
+                gather_rows::<2>(isa, &src, src_pitch, rows, &mut dst, n, pitch);
                 for r in 0..rows {
                     assert!(
                         (0..n).all(|j| dst[r * pitch + j] == src[r * src_pitch + 2 * j]),
