@@ -1382,6 +1382,35 @@ mod tests {
     }
 
     #[test]
+    fn gathers_refuse_a_short_source() {
+        for isa in Isa::supported() {
+            let mut dst = vec![0.0; 2 * 12 + 9];
+            // Three rows of 9 outputs, 20 apart: the last reads up to S·8.
+            for (s, need) in [(1, 2 * 20 + 9), (2, 2 * 20 + 17)] {
+                let src = vec![1.0; need];
+                let run = |src: &[f32], dst: &mut [f32]| match s {
+                    1 => gather_rows::<1>(isa, src, 20, 3, dst, 9, 12),
+                    _ => gather_rows::<2>(isa, src, 20, 3, dst, 9, 12),
+                };
+                run(&src, &mut dst);
+                let short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&src[..need - 1], &mut dst.clone())
+                }));
+                let message = short.expect_err("a short source must be refused");
+                let message = message
+                    .downcast_ref::<&str>()
+                    .map(|m| m.to_string())
+                    .or_else(|| message.downcast_ref::<String>().cloned());
+                assert_eq!(
+                    message.as_deref(),
+                    Some("gather: source too short"),
+                    "{isa:?} step {s}: refused by the check, not by a read past the end"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn even_gather_and_scatter_match_plain_loops() {
         for isa in Isa::supported() {
             for n in [0, 1, 7, 8, 9, 16, 17, 40] {
