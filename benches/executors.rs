@@ -136,7 +136,7 @@ fn main() -> Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (rounds, steps) = (
         args.first().copied().unwrap_or(5),
-        args.get(1).copied().unwrap_or(200),
+        args.get(1).copied().unwrap_or(1000),
     );
     let configs: Vec<(usize, usize, Option<&str>)> = [0, 1]
         .into_iter()

@@ -113,7 +113,7 @@ pub struct Args {
     #[arg(long, default_value_t = false)]
     pub no_gradient_sharing: bool,
     /// Gradients all-reduced together, at most this many bytes per bucket; 0:
-    /// one all-reduce per gradient (default: 256 KiB on CPUs, 1 MiB across
+    /// one all-reduce per gradient (default: 16 KiB on CPUs, 1 MiB across
     /// hosts, one per gradient for GPUs in one process).
     #[arg(long)]
     pub bucket_bytes: Option<usize>,
