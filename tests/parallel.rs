@@ -1309,6 +1309,28 @@ fn the_default_cpu_bucket_lets_all_reduces_start_before_the_backward_pass_ends()
     assert!(!buckets[0].iter().any(|g| g.contains("fc1")), "{buckets:?}");
 }
 
+/// A model with nothing to train (its loss straight from the data) is refused
+/// with an error that says so, on one device or several, never a panic.
+#[test]
+fn a_model_without_parameters_is_refused_with_a_clear_error() {
+    let forward = |m: &mut ModelHelper| -> Result<Vec<BlobRef>> {
+        let (data, label) = (m.blob("data"), m.blob("label"));
+        let (_, loss) = m.softmax_with_loss(&data, &label, "loss");
+        Ok(vec![loss])
+    };
+    for devices in [1, 2] {
+        let e = Parallelize::new(ModelHelper::new("none"))
+            .devices(cpus(devices))
+            .input(cycling_source(8, 0))
+            .forward(forward)
+            .update(Sgd::new(0.1))
+            .build_nets()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("creates no parameter"), "{devices} devices: {e}");
+    }
+}
+
 #[test]
 fn gradient_buckets_hold_for_convolutions_batch_norm_and_accumulation() {
     // Conv, batch-norm and FC gradients written into flat buffers, 2 devices,

@@ -500,6 +500,13 @@ impl Parallelize {
                 }
             }
             grad_groups = group_by_device(&devices, &ready_order, "gradient")?;
+            if grad_groups.is_empty() {
+                return Err(Error::Config(
+                    "the forward pass creates no parameter: there is nothing to train (an fc, conv or \
+                     other layer with weights makes one)"
+                        .into(),
+                ));
+            }
             // 5. Computed params, then the chained all-reduces.
             let engine = Rendezvous::collective_engine(rendezvous.as_ref());
             let sizes = blob_sizes(&model);
