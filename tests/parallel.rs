@@ -1319,14 +1319,13 @@ fn a_model_without_parameters_is_refused_with_a_clear_error() {
         Ok(vec![loss])
     };
     for devices in [1, 2] {
-        let e = Parallelize::new(ModelHelper::new("none"))
-            .devices(cpus(devices))
-            .input(cycling_source(8, 0))
-            .forward(forward)
-            .update(Sgd::new(0.1))
-            .build_nets()
-            .unwrap_err()
-            .to_string();
+        let e = build_err(
+            Parallelize::new(ModelHelper::new("none"))
+                .devices(cpus(devices))
+                .input(cycling_source(8, 0))
+                .forward(forward)
+                .update(Sgd::new(0.1)),
+        );
         assert!(e.contains("creates no parameter"), "{devices} devices: {e}");
     }
 }
