@@ -6,7 +6,9 @@
 //! weights straight out of that layout. The forward pass and dX are correlations
 //! (dX one per phase of the stride, over the padded dY with the flipped taps); dW
 //! is an outer product, summed over pixels, of the laid-out input and dY
-//! transposed to pixel-major rows. This is what the best CPU kernels do for the
+//! transposed to pixel-major rows (on AVX-512, for 16 output channels or fewer,
+//! a product of dY as it is and the layout, pixels across the lanes, which
+//! uses the registers better with so few channels). This is what the best CPU kernels do for the
 //! small channel counts of ResNets, where im2col's copy costs as much as the
 //! product.
 //!
@@ -31,7 +33,10 @@ use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
 use layout::{DxPhase, GradPlanes, InputPlanes};
-use tiles::{correlate, pack_panels, transpose_into, weight_grad, Isa, Segments, Taps, LANES};
+use tiles::{
+    correlate, has_lanes_dw, lanes_images, pack_panels, transpose_into, weight_grad, weight_grad_lanes, Isa,
+    Pairs, Segments, Taps, LANES,
+};
 pub use window::Window;
 
 use super::gemm::threads;
@@ -213,6 +218,13 @@ struct Worker {
     dyt: Padded<(usize, usize)>,
     /// This worker's share of dWᵀ: per group, `k × mgp`.
     dwt: HostVec<f32>,
+    /// One image's segments paired, and this worker's share of dW with the
+    /// pixels still spread across 16 lanes (per group, `mg × k × 16`), where
+    /// [`weight_grad_lanes`] computes dW.
+    pairs: Pairs,
+    /// Images whose segments `pairs` holds (0: none yet).
+    pairs_images: usize,
+    dw_lanes: HostVec<f32>,
 }
 
 /// A kernel's buffers: per-call weight panels and taps, and the workers'.
@@ -443,28 +455,62 @@ impl ConvGradient {
             None => (&mut [][..], 0),
         };
         let mgp = mg.next_multiple_of(LANES);
+        // dW with pixels across the lanes where the processor has the tile
+        // (it reads consecutive inputs: not a 1×1 stride-2 window's image).
+        let lanes = has_lanes_dw(isa) && mg <= 2 * LANES && !lay.reads_image();
+        let lane_k = k * 2 * LANES;
         for_ranges(d.n, workers, dx, dx_image, |images, s, dx| {
             s.dwt.clear();
             s.dwt.resize(d.groups * k * mgp, 0.0);
+            if lanes {
+                s.dw_lanes.clear();
+                s.dw_lanes.resize(d.groups * mg * lane_k, 0.0);
+                s.pairs_images = 0;
+            }
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
                 // dW += dY · (the window's inputs)ᵀ
                 let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
-                // Pixel `p` of image `i` is row `i·ohw + p` of dYᵀ.
-                lay.segments(count, ohw, &mut s.segs);
-                let dyt = s.dyt.get(&(mg, mgp), nb * ohw * mgp);
-                for gi in 0..d.groups {
-                    transpose_into(isa, &dyb[gi * mg * ohw..], (count, mg, ohw), y_image, dyt, mgp);
-                    weight_grad(
-                        isa,
-                        dyt,
-                        mgp,
-                        taps,
-                        &planes[gi * cg * lay.channel_len()..],
-                        &s.segs,
-                        &mut s.dwt[gi * k * mgp..(gi + 1) * k * mgp],
-                    );
+                if lanes {
+                    // A few images per tile pass, their pixels one run of
+                    // pairs (dY's pixel `p` of image `i` at `i·y_image + p`).
+                    let per_pass = lanes_images(ohw);
+                    for i0 in (0..count).step_by(per_pass) {
+                        let n = per_pass.min(count - i0);
+                        if s.pairs_images != n {
+                            lay.segments(n, y_image, &mut s.segs);
+                            s.pairs.build(&s.segs);
+                            s.pairs_images = n;
+                        }
+                        for gi in 0..d.groups {
+                            weight_grad_lanes(
+                                isa,
+                                &dyb[i0 * y_image + gi * mg * ohw..],
+                                (mg, ohw),
+                                taps,
+                                &planes[i0 * lay.image_len() + gi * cg * lay.channel_len()..],
+                                &s.pairs,
+                                &mut s.dw_lanes[gi * mg * lane_k..],
+                            );
+                        }
+                    }
+                } else {
+                    // Pixel `p` of image `i` is row `i·ohw + p` of dYᵀ.
+                    lay.segments(count, ohw, &mut s.segs);
+                    let dyt = s.dyt.get(&(mg, mgp), nb * ohw * mgp);
+                    for gi in 0..d.groups {
+                        transpose_into(isa, &dyb[gi * mg * ohw..], (count, mg, ohw), y_image, dyt, mgp);
+                        weight_grad(
+                            isa,
+                            dyt,
+                            mgp,
+                            taps,
+                            &planes[gi * cg * lay.channel_len()..],
+                            &s.segs,
+                            &mut s.dwt[gi * k * mgp..(gi + 1) * k * mgp],
+                        );
+                    }
                 }
                 if !with_dx {
                     continue;
@@ -513,6 +559,15 @@ impl ConvGradient {
                 }
                 if strided {
                     grad.assemble(isa, &phases, &s.dense, count, d.c, dxb);
+                }
+            }
+            if lanes {
+                // The lanes of each (row, tap), summed in order into dWᵀ.
+                for (gm, row) in s.dw_lanes.chunks_exact(lane_k).enumerate() {
+                    let (gi, m) = (gm / mg.max(1), gm % mg.max(1));
+                    for (kk, v) in row.chunks_exact(2 * LANES).enumerate() {
+                        s.dwt[(gi * k + kk) * mgp + m] = v.iter().sum();
+                    }
                 }
             }
         });
@@ -675,6 +730,9 @@ mod tests {
             (1, 3, 7, 9, 4, 1, 2, 1, 1),
             // 2×2 stride 2: every phase has exactly one tap.
             (2, 3, 8, 10, 5, 2, 2, 0, 1),
+            // 16 output channels on 16×16 images: AVX-512's lane tiles of dW
+            // run passes of 6 images (the last of 2) whose pairs load whole.
+            (8, 3, 16, 16, 16, 3, 1, 1, 1),
         ];
         for (n, c, h, w, m, k, s, p, g) in cases {
             let win = Window {

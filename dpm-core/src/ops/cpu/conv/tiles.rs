@@ -6,15 +6,21 @@
 //!   channels, reading the padded output gradient).
 //! - [`weight_grad`]: [`WK`] taps × [`WV`] vectors of output channels, reducing
 //!   over pixels: dW, from dY transposed to pixel-major.
+//! - [`weight_grad_lanes`] (AVX-512 only): dW for 16 output channels or fewer,
+//!   where one vector of channels leaves [`weight_grad`] a broadcast load per
+//!   multiply-add: rows of dY × taps, pixels across the lanes, read from dY as
+//!   it is; the lanes are summed once a batch.
 //!
 //! A *tap* is one (channel, kernel row, kernel column) of the window, stored as
 //! the offset of its first element in the source buffer; a [`Segment`] is a run of
 //! output pixels whose inputs sit at consecutive addresses for every tap. So no
 //! column matrix is ever written: tiles read the (padded) image directly.
 //!
-//! Both tiles have an AVX2+FMA version and an AVX-512 one, chosen at run time
-//! ([`Isa`]), and a portable one, all with the same summation order per lane,
-//! so every variant gives the same bits.
+//! The first two have an AVX2+FMA version and an AVX-512 one, chosen at run
+//! time ([`Isa`]), and a portable one, all with the same summation order per
+//! lane, so every variant gives the same bits; dW through the third sums in
+//! another order, so on AVX-512 a narrow convolution's dW differs from the
+//! other variants' in its last bits (the tests compare each with plain loops).
 
 use crate::tensor::HostVec;
 
@@ -666,6 +672,147 @@ pub fn weight_grad(
     }
 }
 
+/// Rows of dY per [`weight_grad_lanes`] tile.
+const LM: usize = 4;
+/// Taps per [`weight_grad_lanes`] tile: `LM × LK` = 24 accumulators, plus `LM`
+/// dY vectors and one input vector, 29 of the 32 registers.
+const LK: usize = 6;
+
+/// Two segments of one image as the 16 lanes of a 512-bit vector: pixels
+/// `dst[h]..` of dY and inputs `src[h]..` (step 1) in half `h`, `mask` the lanes
+/// that hold a pixel. `joined`: each half follows the other in memory, in
+/// dY (bit 0) and in the source (bit 1), so one load reads both.
+#[derive(Clone, Copy, Debug)]
+pub struct Pair {
+    src: [usize; 2],
+    dst: [usize; 2],
+    mask: u16,
+    joined: u8,
+}
+
+/// The segments of one image paired for [`weight_grad_lanes`], with the bounds
+/// it checks once per call.
+#[derive(Default)]
+pub struct Pairs {
+    list: Vec<Pair>,
+    /// One past the last source element a pixel reads (before adding the tap).
+    src_end: usize,
+    /// One past the last pixel of dY.
+    dst_end: usize,
+    /// Every pair is two whole segments, one after the other in dY and in
+    /// the source: plain vector loads.
+    whole: bool,
+}
+
+impl Pairs {
+    /// Pairs consecutive segments of `segs` (of step 1: the caller checks).
+    pub fn build(&mut self, segs: &Segments) {
+        assert_eq!(segs.step, 1, "pairs: segments must read consecutive inputs");
+        self.list.clear();
+        self.src_end = segs.src_end;
+        self.dst_end = segs.dst_end;
+        for two in segs.list.chunks(2) {
+            let lo = two[0];
+            // An odd segment out pairs with nothing: its upper lanes stay clear.
+            let hi = two.get(1).copied().unwrap_or(Segment { len: 0, ..lo });
+            let full = lo.len == LANES;
+            self.list.push(Pair {
+                src: [lo.src, hi.src],
+                dst: [lo.dst, hi.dst],
+                mask: (((1u32 << lo.len) - 1) | (((1u32 << hi.len) - 1) << LANES)) as u16,
+                joined: u8::from(full && hi.dst == lo.dst + LANES)
+                    | u8::from(full && hi.src == lo.src + LANES) << 1,
+            });
+        }
+        self.whole = self.list.iter().all(|p| p.mask == u16::MAX && p.joined == 3);
+    }
+}
+
+/// Bytes of dY one [`weight_grad_lanes`] pass keeps in L1 for its `LM` rows.
+const LANES_DY_BYTES: usize = 24 << 10;
+
+/// Images of `pixels` output pixels each per [`weight_grad_lanes`] pass: as
+/// many as keep the tile's rows of dY in L1, so that small images do not pay
+/// a pass's set-up per handful of pixels.
+pub fn lanes_images(pixels: usize) -> usize {
+    (LANES_DY_BYTES / (LM * pixels.max(1) * size_of::<f32>())).max(1)
+}
+
+/// Whether [`weight_grad_lanes`] runs on `isa` (it needs 512-bit masked loads).
+pub fn has_lanes_dw(isa: Isa) -> bool {
+    isa.0 == Kind::Avx512
+}
+
+/// `part[(r·k + j)·16 + l] += Σ_pairs dy[r·ch + pixel] · src[taps[j] + input]`
+/// for each row `r < rows` of dY (`ch` apart), each of the `k` taps and each
+/// lane `l`, the pixels of one image (`pairs`) spread across the lanes: dW with
+/// pixels, not channels, in the vector. Each input vector then serves `LM`
+/// rows and each dY vector `LK` taps, where [`weight_grad`] loads a broadcast
+/// input per multiply-add when there are 16 channels or fewer; and dY is read
+/// as it is, not transposed. The lanes are summed by the caller, once a batch.
+///
+/// # Panics
+/// If `isa` has no such tile ([`has_lanes_dw`]) or a read or write would
+/// leave `dy`, `src` or `part`.
+pub fn weight_grad_lanes(
+    isa: Isa,
+    dy: &[f32],
+    (rows, ch): (usize, usize),
+    taps: &Taps,
+    src: &[f32],
+    pairs: &Pairs,
+    part: &mut [f32],
+) {
+    let k = taps.len();
+    if rows == 0 || k == 0 || pairs.list.is_empty() {
+        return;
+    }
+    assert!(has_lanes_dw(isa), "weight_grad_lanes: needs AVX-512");
+    assert!(
+        (rows - 1) * ch + pairs.dst_end <= dy.len(),
+        "weight_grad_lanes: dY too short"
+    );
+    assert!(
+        taps.max + pairs.src_end <= src.len(),
+        "weight_grad_lanes: source too short"
+    );
+    assert!(
+        rows * k * 2 * LANES <= part.len(),
+        "weight_grad_lanes: output too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    for r0 in (0..rows).step_by(LM) {
+        for j0 in (0..k).step_by(LK) {
+            let taps = &taps.offsets[j0..k.min(j0 + LK)];
+            // SAFETY: the asserts above bound every row, tap and pair (the
+            // loads are masked to the pixels of each half), and
+            // `Kind::Avx512` exists only where detection found AVX-512F.
+            unsafe {
+                let (dy, out) = (
+                    dy.as_ptr().add(r0 * ch),
+                    part.as_mut_ptr().add((r0 * k + j0) * 2 * LANES),
+                );
+                let args = (dy, ch, taps, src.as_ptr(), &pairs.list[..], out, k * 2 * LANES);
+                if pairs.whole {
+                    by_rows_taps_lanes!(
+                        LM.min(rows - r0),
+                        taps.len(),
+                        [true],
+                        avx512::weight_grad_lanes(args)
+                    );
+                } else {
+                    by_rows_taps_lanes!(
+                        LM.min(rows - r0),
+                        taps.len(),
+                        [false],
+                        avx512::weight_grad_lanes(args)
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Writes `dyt[(img·pixels + p)·cols + m] = dy[img·dy_image + m·pixels + p]` for
 /// `m < rows`: dY transposed to pixel-major rows of `cols ≥ rows` (the rest of
 /// each row is left as it is: zero it once). 8×8 blocks go through registers.
@@ -791,6 +938,41 @@ macro_rules! by_vecs_taps512 {
 }
 #[cfg(target_arch = "x86_64")]
 use by_vecs_taps512;
+
+/// Calls `f::<rows, taps>(args)` for a runtime [`weight_grad_lanes`] tile shape
+/// (1 to [`LM`] rows, 1 to [`LK`] taps).
+macro_rules! by_rows_taps_lanes {
+    ($rows:expr, $taps:expr, [$($g:tt),*], $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match ($rows, $taps) {
+            (1, 1) => $($f)::+::<1, 1, $($g),*>($($arg),*),
+            (1, 2) => $($f)::+::<1, 2, $($g),*>($($arg),*),
+            (1, 3) => $($f)::+::<1, 3, $($g),*>($($arg),*),
+            (1, 4) => $($f)::+::<1, 4, $($g),*>($($arg),*),
+            (1, 5) => $($f)::+::<1, 5, $($g),*>($($arg),*),
+            (1, _) => $($f)::+::<1, 6, $($g),*>($($arg),*),
+            (2, 1) => $($f)::+::<2, 1, $($g),*>($($arg),*),
+            (2, 2) => $($f)::+::<2, 2, $($g),*>($($arg),*),
+            (2, 3) => $($f)::+::<2, 3, $($g),*>($($arg),*),
+            (2, 4) => $($f)::+::<2, 4, $($g),*>($($arg),*),
+            (2, 5) => $($f)::+::<2, 5, $($g),*>($($arg),*),
+            (2, _) => $($f)::+::<2, 6, $($g),*>($($arg),*),
+            (3, 1) => $($f)::+::<3, 1, $($g),*>($($arg),*),
+            (3, 2) => $($f)::+::<3, 2, $($g),*>($($arg),*),
+            (3, 3) => $($f)::+::<3, 3, $($g),*>($($arg),*),
+            (3, 4) => $($f)::+::<3, 4, $($g),*>($($arg),*),
+            (3, 5) => $($f)::+::<3, 5, $($g),*>($($arg),*),
+            (3, _) => $($f)::+::<3, 6, $($g),*>($($arg),*),
+            (_, 1) => $($f)::+::<4, 1, $($g),*>($($arg),*),
+            (_, 2) => $($f)::+::<4, 2, $($g),*>($($arg),*),
+            (_, 3) => $($f)::+::<4, 3, $($g),*>($($arg),*),
+            (_, 4) => $($f)::+::<4, 4, $($g),*>($($arg),*),
+            (_, 5) => $($f)::+::<4, 5, $($g),*>($($arg),*),
+            (_, _) => $($f)::+::<4, 6, $($g),*>($($arg),*),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_rows_taps_lanes;
 
 /// Calls `f::<vectors, taps>(args)` for a runtime [`weight_grad`] tile shape.
 macro_rules! by_rows_taps {
@@ -1177,7 +1359,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{Segment, LANES, Z512};
+    use super::{Pair, Segment, LANES, Z512};
     use std::arch::x86_64::*;
 
     /// One pass over `segs` of step `P` of a `K`-tap × `V`-vector (16 channels
@@ -1231,6 +1413,70 @@ mod avx512 {
                 unsafe { _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[j][v])) };
             }
         }
+    }
+
+    /// One pass over one image's `pairs` of an `R`-row × `K`-tap tile of dW
+    /// with pixels across the lanes (see `weight_grad_lanes`), added to `out`
+    /// (rows `pitch` apart, taps a vector apart).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn weight_grad_lanes<const R: usize, const K: usize, const W: bool>(
+        (dy, ch, taps, src, pairs, out, pitch): (
+            *const f32,
+            usize,
+            &[usize],
+            *const f32,
+            &[Pair],
+            *mut f32,
+            usize,
+        ),
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); K]; R];
+        let mut base = [src; K];
+        for j in 0..K {
+            base[j] = src.wrapping_add(taps[j]);
+        }
+        for p in pairs {
+            let mut dv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let row = dy.wrapping_add(r * ch);
+                dv[r] = if W {
+                    unsafe { _mm512_loadu_ps(row.add(p.dst[0])) }
+                } else {
+                    unsafe { load_halves(row, p.dst, p.mask, p.joined & 1 != 0) }
+                };
+            }
+            for j in 0..K {
+                let x = if W {
+                    unsafe { _mm512_loadu_ps(base[j].add(p.src[0])) }
+                } else {
+                    unsafe { load_halves(base[j], p.src, p.mask, p.joined & 2 != 0) }
+                };
+                for r in 0..R {
+                    acc[r][j] = _mm512_fmadd_ps(dv[r], x, acc[r][j]);
+                }
+            }
+        }
+        for r in 0..R {
+            for j in 0..K {
+                let o = unsafe { out.add(r * pitch + j * 2 * LANES) };
+                unsafe { _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[r][j])) };
+            }
+        }
+    }
+
+    /// Lanes `mask` of `base + at[0]..` (low half) and `base + at[1]..` (high
+    /// half), the others zero; `joined`: `at[1]` is `at[0] + LANES`, one load.
+    /// Masked-off lanes are never read (AVX-512 suppresses their faults), so
+    /// only the pixels of each half need to be in bounds.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn load_halves(base: *const f32, at: [usize; 2], mask: u16, joined: bool) -> __m512 {
+        if joined {
+            return unsafe { _mm512_maskz_loadu_ps(mask, base.wrapping_add(at[0])) };
+        }
+        let lo = unsafe { _mm512_maskz_loadu_ps(mask & 0xff, base.wrapping_add(at[0])) };
+        // Lane `LANES + l` of the high half is element `at[1] + l`.
+        unsafe { _mm512_mask_loadu_ps(lo, mask & 0xff00, base.wrapping_add(at[1]).wrapping_sub(LANES)) }
     }
 
     /// The inputs of two segments of step `P` (1 or 2) starting at `lo` and
@@ -1561,7 +1807,54 @@ mod tests {
                             "{isa:?} step {step} dW rows {rows} k {k}: {g} vs {w}"
                         );
                     }
+                    // The AVX-512 variant, and only it, has the lane tile.
+                    assert_eq!(has_lanes_dw(isa), isa.0 == Kind::Avx512);
+                    if step == 1 && has_lanes_dw(isa) {
+                        lanes_match_plain_loops(isa, &dy, (rows, pitch), &taps, &src, &segs, false);
+                        // Runs that pair whole, one after the other in both.
+                        let mut whole = Segments::default();
+                        whole.push_run(260, 120, 64);
+                        whole.push_run(3, 0, 16);
+                        lanes_match_plain_loops(isa, &dy, (rows, pitch), &taps, &src, &whole, true);
+                    }
                 }
+            }
+        }
+    }
+
+    /// [`weight_grad_lanes`] over `segs` against plain loops; `whole`: whether
+    /// its pairs take the plain-load path.
+    fn lanes_match_plain_loops(
+        isa: Isa,
+        dy: &[f32],
+        (rows, ch): (usize, usize),
+        taps: &Taps,
+        src: &[f32],
+        segs: &Segments,
+        whole: bool,
+    ) {
+        let k = taps.len();
+        let mut pairs = Pairs::default();
+        pairs.build(segs);
+        assert_eq!(pairs.whole, whole);
+        // A sentinel after the output: the tile must stay inside its rows.
+        let mut part = vec![0.0f32; rows * k * 2 * LANES + 1];
+        part[rows * k * 2 * LANES] = 7.0;
+        weight_grad_lanes(isa, dy, (rows, ch), taps, src, &pairs, &mut part);
+        assert_eq!(part[rows * k * 2 * LANES], 7.0);
+        for r in 0..rows {
+            for (kk, &t) in taps.offsets.iter().enumerate() {
+                let mut want = 0.0f32;
+                for s in &segs.list {
+                    for l in 0..s.len {
+                        want += dy[r * ch + s.dst + l] * src[t + s.src + l];
+                    }
+                }
+                let got: f32 = part[(r * k + kk) * 2 * LANES..][..2 * LANES].iter().sum();
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{isa:?} lanes (whole: {whole}) dW rows {rows} row {r} tap {kk}: {got} vs {want}"
+                );
             }
         }
     }
