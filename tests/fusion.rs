@@ -7,6 +7,7 @@
 mod common;
 
 use common::{cnn_batch, random, small_cnn_parallelize, trained_small_cnn};
+use dpm::parallel::ForwardBuilder;
 use dpm::prelude::*;
 use dpm::proto::NetDef;
 
@@ -116,6 +117,21 @@ fn a_failing_fused_op_is_named_by_its_place_in_the_users_net() {
     );
 }
 
+/// `forward` on 2 CPU devices, 8 of [`cnn_batch`]'s images each, SGD with
+/// momentum.
+fn two_cpus(forward: impl ForwardBuilder + 'static, net_type: &str) -> Parallelize {
+    let mut step = 0u64;
+    Parallelize::new(ModelHelper::new("m"))
+        .devices([Device::cpu(0), Device::cpu(1)])
+        .input(move || {
+            step += 1;
+            Ok(cnn_batch(step, 8))
+        })
+        .forward(forward)
+        .update(Sgd::new(0.1).momentum(0.9))
+        .net_type(net_type)
+}
+
 /// A residual block on [`cnn_batch`]'s images: `relu(bn(conv(x)) + x)`.
 #[dpm::data_parallel]
 fn residual_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
@@ -137,24 +153,52 @@ fn residual_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
 #[test]
 fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
     for net_type in ["dag", "simple"] {
-        let build = || {
-            let mut step = 0u64;
-            Parallelize::new(ModelHelper::new("res"))
-                .devices([Device::cpu(0), Device::cpu(1)])
-                .input(move || {
-                    step += 1;
-                    Ok(cnn_batch(step, 8))
-                })
-                .forward(residual_cnn)
-                .update(Sgd::new(0.1).momentum(0.9))
-                .net_type(net_type)
-        };
+        let build = || two_cpus(residual_cnn, net_type);
         let (f, a) = train_fused_and_apart(build, 3);
         assert!(
             f.iter().any(|x| x == "Sum+Relu") && !a.iter().any(|x| x == "Sum+Relu"),
             "{f:?}"
         );
         assert!(!f.iter().any(|x| x == "Relu" || x == "Add"), "{f:?}");
+    }
+}
+
+/// Three conv → batch norm → relu layers in a chain: with gradient memory
+/// shared (as ResNet-20's example runs), batch norm gradients write their dX
+/// over the blob their relu gradient read dR from.
+#[dpm::data_parallel]
+fn chain_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
+    let mut x = m.input_with_shape("data", [3, 8, 8]);
+    let label = m.input("label");
+    for i in 0..3 {
+        let c = m.conv(&format!("c{i}"), x, 4, 3).pad(1).build()?;
+        let b = m.spatial_bn(&format!("bn{i}"), c)?;
+        x = m.relu(b)?;
+    }
+    let g = m.global_average_pool(x)?;
+    let logits = m.fc("fc", g, 3)?;
+    let (_, loss) = m.softmax_with_loss("loss", logits, label)?;
+    Ok(loss.into())
+}
+
+#[test]
+fn relu_gradients_fuse_where_the_batch_norm_gradient_writes_dx_over_dr() {
+    for net_type in ["dag", "simple"] {
+        let build = || two_cpus(chain_cnn, net_type).optimize_gradient_memory(true);
+        // The premise: some batch norm gradient's dX is its relu's dR.
+        let (_, net) = build().build_nets().unwrap();
+        let aliased = net.op.iter().enumerate().filter(|(k, op)| {
+            op.op_type() == "SpatialBNGradient"
+                && net.op[..*k].iter().any(|rg| {
+                    rg.op_type() == "ReluGradient"
+                        && rg.output[0] == op.input[2]
+                        && rg.input[1] == op.output[0]
+                })
+        });
+        assert!(aliased.count() >= 2, "no dX written over dR");
+        let (f, a) = train_fused_and_apart(build, 3);
+        assert!(!f.iter().any(|x| x == "ReluGradient"), "{f:?}");
+        assert!(a.iter().any(|x| x == "ReluGradient"), "{a:?}");
     }
 }
 

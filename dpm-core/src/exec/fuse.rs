@@ -15,6 +15,9 @@
 //! - `ReluGradient → SpatialBNGradient` (the latter reading the former's dY)
 //!   becomes `ReluGradient+SpatialBNGradient`: each plane of dY is masked and then summed
 //!   while in cache, instead of being written in one pass and read in another.
+//!   The batch norm gradient may write its dX over the relu's dR (shared
+//!   gradient memory, as in a chain of conv → batch norm → relu layers): the
+//!   fused kernel reads all of dR before it writes dX.
 //!
 //! - `WeightedSum → MomentumSGDUpdate` (the L2 decay `g ← g + wd·p` that
 //!   Caffe2's optimizers add before the update, on the same gradient and
@@ -142,7 +145,8 @@ fn absorbable_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usiz
 
 /// The `SpatialBNGradient` that can absorb `ReluGradient` op `j`: the next op
 /// reading its dY, as its dY; the ops between touch none of the relu's blobs
-/// (so it may run later), and the pair's blobs are distinct.
+/// (so it may run later), and the pair's blobs are distinct, except that dX
+/// may be written over dR.
 fn relu_bn_gradient(
     net: &NetDef,
     absorbed: &[bool],
@@ -165,7 +169,9 @@ fn relu_bn_gradient(
         && op.input.get(2) == Some(dy)
         && op.input.iter().filter(|b| *b == dy).count() == 1
         && !op.input.iter().any(|b| b == r || b == dr)
-        && !op.output.iter().any(ours)
+        // dX may take dR's blob (shared gradient memory): the fused kernel
+        // reads all of dR before it writes dX.
+        && !op.output.iter().enumerate().any(|(o, b)| ours(b) && !(o == 0 && b == dr))
         && op.device_option == rg.device_option;
     fits.then_some(k)
 }
@@ -374,6 +380,35 @@ mod tests {
         assert_eq!(ops[1].op_type(), "ReluGradient+SpatialBNGradient");
         assert_eq!(ops[1].input, ["x", "s", "dr", "sm", "siv", "r"]);
         assert_eq!(ops[1].output, ["dx", "ds", "db", "dy"]);
+    }
+
+    #[test]
+    fn a_batch_norm_gradient_may_write_dx_over_dr_but_no_other_output() {
+        let pair = |outputs: [&str; 3]| {
+            net(|n| {
+                n.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+                n.op("SpatialBNGradient")
+                    .inputs(["x", "s", "dy", "sm", "siv"])
+                    .outputs(outputs)
+                    .build();
+            })
+        };
+        let (ops, _) = fuse(&pair(["dr", "ds", "db"]), &[vec![], vec![0]]);
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].input, ["x", "s", "dr", "sm", "siv", "r"]);
+        assert_eq!(ops[0].output, ["dr", "ds", "db", "dy"]);
+        for outputs in [
+            ["dx", "dr", "db"],
+            ["dx", "ds", "dr"],
+            ["r", "ds", "db"],
+            ["dy", "ds", "db"],
+        ] {
+            assert_eq!(
+                run(&pair(outputs)).0,
+                ["ReluGradient", "SpatialBNGradient"],
+                "{outputs:?}"
+            );
+        }
     }
 
     #[test]

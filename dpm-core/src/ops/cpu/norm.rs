@@ -284,6 +284,22 @@ impl SpatialBnGradient {
 }
 
 impl Kernel for SpatialBnGradient {
+    /// Fused, dX may be dR's own blob (gradient memory shared: the relu's
+    /// input gradient is dead once dY is made): dR is then read from dX, all
+    /// of it before any of dX is written.
+    fn in_place(&self) -> &[(usize, usize)] {
+        if self.relu {
+            &[(2, 0)]
+        } else {
+            &[]
+        }
+    }
+
+    /// dR apart from dX is read where it is, not copied into dX first.
+    fn reads_in_place_source(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let synced = !self.p.is_test && self.p.num_batches > 1;
         let extra = usize::from(self.relu);
@@ -293,10 +309,17 @@ impl Kernel for SpatialBnGradient {
         let (n, c, hw) = dims(ctx, if synced { &[1, 3, 4, 5, 6] } else { &[1, 3, 4] })?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
-        let (dy, dyd) = ctx.input_f32(2)?;
-        if dy.shape() != x.shape() {
-            return Err(Error::shape(ctx.input_name(2), x.shape().to_string(), dy.shape()));
-        }
+        // dY, or fused, dR: `None` when dR is already in dX (see `in_place`).
+        let dy_in = match ctx.in_place_input(2) {
+            None if self.relu => None,
+            _ => {
+                let (dy, dyd) = ctx.input_f32(2)?;
+                if dy.shape() != x.shape() {
+                    return Err(Error::shape(ctx.input_name(2), x.shape().to_string(), dy.shape()));
+                }
+                Some(dyd)
+            }
+        };
         // Fused: input 2 is dR, and dY (output 3) is made from it and R.
         let relu_out = if self.relu {
             let (r, rd) = ctx.input_f32(inputs - 1)?;
@@ -328,9 +351,19 @@ impl Kernel for SpatialBnGradient {
         } else {
             None
         };
-        let names = &ctx.def().output;
+        let (names, input_names) = (&ctx.def().output, &ctx.def().input);
         let outs = ctx.outputs();
         let (outs, masked) = outs.split_at_mut(3);
+        let dyd = match dy_in {
+            Some(d) => d,
+            None => {
+                let dr = &*outs[0];
+                if dr.shape() != x.shape() {
+                    return Err(Error::shape(&input_names[2], x.shape().to_string(), dr.shape()));
+                }
+                dr.data::<f32>().map_err(|e| e.for_blob(&input_names[2]))?
+            }
+        };
         // Fused: dY = dR·[R > 0], a plane at a time, each summed while in cache.
         let mut dy_fused = match (relu_out, masked.first_mut()) {
             (Some(rd), Some(t)) => {
@@ -371,9 +404,12 @@ impl Kernel for SpatialBnGradient {
             }
             (dscale, dbias)
         };
+        // From here dY is read, never dR (whose blob may be dX's).
         let dyd: &[f32] = match &dy_fused {
             Some((dy, _)) => dy,
-            None => dyd,
+            None => dy_in.ok_or_else(|| Error::MissingBlob {
+                name: input_names[2].clone(),
+            })?,
         };
         let count = (self.p.num_batches * n * hw) as f32;
         let dx = outs[0]
