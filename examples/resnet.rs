@@ -103,8 +103,9 @@ pub struct Args {
     /// Threads per CPU kernel (default: cores / devices).
     #[arg(long)]
     pub kernel_threads: Option<usize>,
-    /// Run every op alone, as Caffe2 does (by default batch norm and the relu
-    /// after it run as one fused kernel, forward and backward, same results).
+    /// Run every op alone, as Caffe2 does (by default batch norm, the residual
+    /// sum and the relu after them run as fused kernels, forward and backward,
+    /// same results).
     #[arg(long, default_value_t = false)]
     pub no_fuse: bool,
     /// Give every gradient blob a buffer of its own (by default gradients

@@ -151,15 +151,22 @@ fn residual_cnn(m: &mut DeviceModel<'_>) -> Result<Losses<'_>> {
 }
 
 #[test]
-fn training_a_residual_block_with_its_sum_and_relu_fused_gives_the_same_bits() {
+fn training_a_residual_block_with_its_batch_norm_sum_and_relu_fused_gives_the_same_bits() {
     for net_type in ["dag", "simple"] {
         let build = || two_cpus(residual_cnn, net_type);
         let (f, a) = train_fused_and_apart(build, 3);
+        // bn2 → add → relu is one op; bn1 → relu another.
+        for t in ["SpatialBN+Sum+Relu", "SpatialBN+Relu"] {
+            assert!(
+                f.iter().any(|x| x == t) && !a.iter().any(|x| x == t),
+                "{t}: {f:?}"
+            );
+        }
         assert!(
-            f.iter().any(|x| x == "Sum+Relu") && !a.iter().any(|x| x == "Sum+Relu"),
+            !f.iter()
+                .any(|x| ["Relu", "Add", "SpatialBN", "Sum+Relu"].contains(&x.as_str())),
             "{f:?}"
         );
-        assert!(!f.iter().any(|x| x == "Relu" || x == "Add"), "{f:?}");
     }
 }
 
@@ -199,6 +206,52 @@ fn relu_gradients_fuse_where_the_batch_norm_gradient_writes_dx_over_dr() {
         let (f, a) = train_fused_and_apart(build, 3);
         assert!(!f.iter().any(|x| x == "ReluGradient"), "{f:?}");
         assert!(a.iter().any(|x| x == "ReluGradient"), "{a:?}");
+    }
+}
+
+#[test]
+fn a_batch_norm_with_the_sum_and_relu_after_it_fused_gives_the_ops_bits() {
+    // Training and inference batch norms, Y either term of the sum; a NaN in
+    // X (its channel's statistics and outputs NaN), a NaN and ±0 in the other
+    // term.
+    for is_test in [0i64, 1] {
+        for y_first in [true, false] {
+            let mut net = Net::new("bn_sum");
+            let outputs: &[&str] = if is_test == 1 {
+                &["y"]
+            } else {
+                &["y", "rm", "riv", "sm", "siv"]
+            };
+            net.op("SpatialBN")
+                .inputs(["x", "s", "b", "rm", "riv"])
+                .outputs(outputs.iter().copied())
+                .arg("is_test", is_test)
+                .build();
+            let terms = if y_first { ["y", "o"] } else { ["o", "y"] };
+            net.op("Add").inputs(terms).output("sum").build();
+            net.op("Relu").input("sum").output("r").build();
+            let run = |fuse: bool| {
+                let ws = Workspace::new();
+                ws.set_profiling(true);
+                let mut x = random(&[2, 3, 5, 7], 3, -1.0, 1.0, 0.0);
+                x.data_mut::<f32>().unwrap()[40] = f32::NAN;
+                ws.feed("x", x);
+                let mut o = random(&[2, 3, 5, 7], 4, -1.0, 1.0, 0.0);
+                let d = o.data_mut::<f32>().unwrap();
+                (d[80], d[81], d[82]) = (f32::NAN, -0.0, 0.0);
+                ws.feed("o", o);
+                for (name, seed) in [("s", 5), ("b", 6), ("rm", 7)] {
+                    ws.feed(name, random(&[3], seed, -1.0, 1.0, 0.0));
+                }
+                ws.feed("riv", random(&[3], 8, 0.5, 1.5, 0.0));
+                ws.run_net_once(&fusing(net.proto(), fuse)).unwrap();
+                ws
+            };
+            let (fused, apart) = (run(true), run(false));
+            same_blobs(&fused, &apart);
+            assert_eq!(op_types(&fused), ["SpatialBN+Sum+Relu"]);
+            assert_eq!(op_types(&apart).len(), 3);
+        }
     }
 }
 

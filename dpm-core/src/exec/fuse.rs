@@ -3,7 +3,7 @@
 //! The net a user built, serialises and exports is untouched: only the plan
 //! the executor compiles from it runs the fused kernels. A fused kernel writes
 //! every blob the pair writes, with the same bits, so nothing a user can fetch
-//! changes. Four pairs, on CPU devices:
+//! changes. On CPU devices:
 //!
 //! - `SpatialBN → Relu` (the relu reading the batch norm's output, and waiting
 //!   on nothing else) becomes `SpatialBN+Relu`: `relu(Y)` is written plane by
@@ -12,6 +12,11 @@
 //!   the sum and its relu are written block by block in one pass, instead of
 //!   copying the first input to the output, adding the others to it, and
 //!   reading the result again for the relu.
+//! - `SpatialBN → Sum → Relu`, the batch norm's output a term of a two-term
+//!   sum (a residual block's end, cuDNN's "BN-add-relu"), becomes
+//!   `SpatialBN+Sum+Relu` in the sum's place: the sum and its relu are
+//!   written plane by plane with the batch norm's output, instead of being
+//!   read back for the sum.
 //! - `ReluGradient → SpatialBNGradient` (the latter reading the former's dY)
 //!   becomes `ReluGradient+SpatialBNGradient`: each plane of dY is masked and then summed
 //!   while in cache, instead of being written in one pass and read in another.
@@ -60,6 +65,12 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
                     };
                     f.r#type = Some(fused.into());
                     f.output.push(ops[j].output[0].clone());
+                    if fused == "Sum+Relu" {
+                        if let Some((b, other)) = batch_norm_into_sum(net, &absorbed, &replaced, i) {
+                            f = batch_norm_sum_relu(&ops[b], other, &f);
+                            absorbed[b] = true;
+                        }
+                    }
                     replaced[i] = Some(f);
                     absorbed[j] = true;
                 }
@@ -82,15 +93,7 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
                     f.r#type = Some("WeightedSum+MomentumSGDUpdate".into());
                     f.input = decay.input.clone();
                     f.input.extend([update.input[1].clone(), update.input[2].clone()]);
-                    let mut control = decay.control_input.clone();
-                    control.extend(
-                        update
-                            .control_input
-                            .iter()
-                            .filter(|c| !decay.control_input.contains(c))
-                            .cloned(),
-                    );
-                    f.control_input = control;
+                    f.control_input = both_controls(decay, update);
                     replaced[j] = Some(f);
                     absorbed[i] = true;
                 }
@@ -141,6 +144,70 @@ fn absorbable_relu(net: &NetDef, deps: &[Vec<usize>], absorbed: &[bool], i: usiz
         && !op.output.contains(&relu.output[0])
         && !op.input.contains(&relu.output[0]);
     fits.then_some(j)
+}
+
+/// The `SpatialBN` whose output Y is a term of two-term sum op `i`, and
+/// which may run in the sum's place: Y is not one of its inputs, no op between
+/// reads what it writes or writes what it touches, and the sum's other term
+/// is not one of its outputs. With it, the other term's index in the sum.
+fn batch_norm_into_sum(
+    net: &NetDef,
+    absorbed: &[bool],
+    replaced: &[Option<OperatorDef>],
+    i: usize,
+) -> Option<(usize, usize)> {
+    let sum = &net.op[i];
+    if sum.input.len() != 2 || sum.input[0] == sum.input[1] {
+        return None;
+    }
+    (0..2).find_map(|slot| {
+        let (y, other) = (&sum.input[slot], &sum.input[1 - slot]);
+        let b = (0..i).rev().find(|&k| net.op[k].output.contains(y))?;
+        let bn = &net.op[b];
+        let touches = |blob: &String| bn.input.contains(blob) || bn.output.contains(blob);
+        let fits = bn.op_type() == "SpatialBN"
+            && !absorbed[b]
+            && replaced[b].is_none()
+            && bn.output.first() == Some(y)
+            && !bn.input.contains(y)
+            && !bn.output.contains(other)
+            && bn.device_option == sum.device_option
+            && net.op[b + 1..i].iter().all(|op| {
+                !op.output.iter().any(touches)
+                    && !op.input.iter().any(|x| bn.output.contains(x))
+                    && !op.control_input.iter().any(|x| bn.output.contains(x))
+            });
+        fits.then_some((b, 1 - slot))
+    })
+}
+
+/// `SpatialBN+Sum+Relu` in the place of `sum_relu` (a fused `Sum+Relu`):
+/// the batch norm's inputs and the sum's other term (its input `other`), the
+/// batch norm's outputs and the sum's and relu's. Addition commutes: which
+/// term Y was does not matter to the bits.
+fn batch_norm_sum_relu(bn: &OperatorDef, other: usize, sum_relu: &OperatorDef) -> OperatorDef {
+    let mut f = sum_relu.clone();
+    f.r#type = Some("SpatialBN+Sum+Relu".into());
+    f.input = bn.input.clone();
+    f.input.push(sum_relu.input[other].clone());
+    f.output = bn.output.clone();
+    f.output.extend(sum_relu.output.iter().cloned());
+    f.arg = bn.arg.clone();
+    f.control_input = both_controls(bn, sum_relu);
+    f
+}
+
+/// The control inputs of `first` and then those of `then` it lacks: what a
+/// fused op of the two waits on.
+fn both_controls(first: &OperatorDef, then: &OperatorDef) -> Vec<String> {
+    let mut control = first.control_input.clone();
+    control.extend(
+        then.control_input
+            .iter()
+            .filter(|c| !first.control_input.contains(c))
+            .cloned(),
+    );
+    control
 }
 
 /// The `SpatialBNGradient` that can absorb `ReluGradient` op `j`: the next op
@@ -380,6 +447,49 @@ mod tests {
         assert_eq!(ops[1].op_type(), "ReluGradient+SpatialBNGradient");
         assert_eq!(ops[1].input, ["x", "s", "dr", "sm", "siv", "r"]);
         assert_eq!(ops[1].output, ["dx", "ds", "db", "dy"]);
+    }
+
+    /// A training batch norm of `x` into `y`, `between`, then `Sum(terms)` and
+    /// a relu of the sum.
+    fn bn_sum(between: impl FnOnce(&mut Net), terms: &[&str]) -> NetDef {
+        net(|n| {
+            n.op("SpatialBN")
+                .inputs(["x", "s", "b", "rm", "riv"])
+                .outputs(["y", "rm", "riv", "sm", "siv"])
+                .build();
+            between(n);
+            n.op("Sum").inputs(terms.iter().copied()).output("sum").build();
+            n.op("Relu").input("sum").output("r").build();
+        })
+    }
+
+    #[test]
+    fn a_batch_norm_into_a_sum_and_its_relu_fuse_in_the_sums_place() {
+        for terms in [["y", "o"], ["o", "y"]] {
+            let n = bn_sum(|n| drop(n.op("Copy").input("q").output("c").build()), &terms);
+            let deps = super::super::plan::dependencies(&n.op).unwrap();
+            let (ops, index) = fuse(&n, &deps);
+            assert_eq!(index, [1, 2]);
+            assert_eq!(ops[1].op_type(), "SpatialBN+Sum+Relu");
+            assert_eq!(ops[1].input, ["x", "s", "b", "rm", "riv", "o"]);
+            assert_eq!(ops[1].output, ["y", "rm", "riv", "sm", "siv", "sum", "r"]);
+        }
+    }
+
+    #[test]
+    fn a_batch_norm_whose_blobs_are_used_before_the_sum_stays_apart() {
+        let apart = ["SpatialBN", "Copy", "Sum+Relu"];
+        // An op between reads its saved mean, or its output; writes its input,
+        // or its running mean.
+        for (from, to) in [("sm", "c"), ("y", "c"), ("q", "x"), ("q", "rm")] {
+            let n = bn_sum(|n| drop(n.op("Copy").input(from).output(to).build()), &["y", "o"]);
+            assert_eq!(run(&n).0, apart, "{from} → {to}");
+        }
+        // The other term is one of its outputs; Y twice; three terms.
+        for terms in [&["y", "sm"][..], &["y", "y"], &["y", "o", "p"]] {
+            let n = bn_sum(|_| {}, terms);
+            assert_eq!(run(&n).0, ["SpatialBN", "Sum+Relu"], "{terms:?}");
+        }
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub fn register(r: &mut Registry) {
     r.register("SpatialBNGradient", Cpu, norm::SpatialBnGradient::create);
     // What the executor runs in place of an adjacent pair (exec::fuse).
     r.register("SpatialBN+Relu", Cpu, norm::SpatialBn::create_fused);
+    r.register("SpatialBN+Sum+Relu", Cpu, norm::SpatialBn::create_residual);
     r.register("Sum+Relu", Cpu, |_| Ok(Box::new(elementwise::SumRelu)));
     r.register(
         "ReluGradient+SpatialBNGradient",

@@ -19,7 +19,7 @@ use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 use crate::tensor::Shape;
 
-use super::elementwise::{relu, relu_grad};
+use super::elementwise::{relu, relu_grad, same_shape};
 
 /// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
 /// vectorises into several independent chains of adds (one chain would wait on
@@ -106,28 +106,48 @@ pub(crate) fn dims(ctx: &OpContext<'_>, per_channel: &[usize]) -> Result<(usize,
 
 /// `SpatialBN`; fused with the `Relu` that reads its output (the executor's
 /// `SpatialBN+Relu`, see `exec::fuse`), one more output: `relu(Y)`, written
-/// plane by plane with Y while Y is in cache.
+/// plane by plane with Y while Y is in cache. Fused with the residual sum
+/// that reads Y and the relu after it (`SpatialBN+Sum+Relu`), one more input,
+/// the sum's other term O, and two more outputs, `S = Y + O` and `relu(S)`,
+/// written plane by plane with Y (addition commutes: Y's place in the sum
+/// does not matter).
 pub struct SpatialBn {
     p: Params,
     pairs: Vec<(usize, usize)>,
-    relu: bool,
+    then: Then,
+}
+
+/// What a batch norm writes besides Y, plane by plane.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    Nothing,
+    /// `relu(Y)`.
+    Relu,
+    /// `S = Y + O` and `relu(S)`.
+    SumRelu,
 }
 
 impl SpatialBn {
     /// Parses `is_test`, `epsilon`, `momentum`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Self::with_relu(op, false)
+        Self::with(op, Then::Nothing)
     }
 
     /// `SpatialBN+Relu`: `SpatialBN`'s inputs, its outputs and then `relu(Y)`.
     pub fn create_fused(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Self::with_relu(op, true)
+        Self::with(op, Then::Relu)
     }
 
-    fn with_relu(op: &OperatorDef, relu: bool) -> Result<Box<dyn Kernel>> {
+    /// `SpatialBN+Sum+Relu`: `SpatialBN`'s inputs and O, its outputs and then
+    /// S and `relu(S)`.
+    pub fn create_residual(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::with(op, Then::SumRelu)
+    }
+
+    fn with(op: &OperatorDef, then: Then) -> Result<Box<dyn Kernel>> {
         let p = Params::parse(op)?;
         let pairs = if p.is_test { vec![] } else { vec![(3, 1), (4, 2)] };
-        Ok(Box::new(SpatialBn { p, pairs, relu }))
+        Ok(Box::new(SpatialBn { p, pairs, then }))
     }
 }
 
@@ -138,12 +158,15 @@ impl Kernel for SpatialBn {
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let synced = !self.p.is_test && self.p.num_batches > 1;
-        if synced {
-            ctx.expect_inputs(7..=7)?;
-        } else {
-            ctx.expect_inputs(5..=5)?;
-        }
-        let outputs = if self.p.is_test { 1 } else { 5 } + usize::from(self.relu);
+        let summed = self.then == Then::SumRelu;
+        let inputs = if synced { 7 } else { 5 } + usize::from(summed);
+        ctx.expect_inputs(inputs..=inputs)?;
+        let extra = match self.then {
+            Then::Nothing => 0,
+            Then::Relu => 1,
+            Then::SumRelu => 2,
+        };
+        let outputs = if self.p.is_test { 1 } else { 5 } + extra;
         ctx.expect_outputs(outputs..=outputs)?;
         let per_channel: &[usize] = match (self.p.is_test, synced) {
             (true, _) => &[1, 2, 3, 4],
@@ -152,6 +175,13 @@ impl Kernel for SpatialBn {
         };
         let (n, c, hw) = dims(ctx, per_channel)?;
         let (x, xd) = ctx.input_f32(0)?;
+        // The sum's other term, checked as the sum checks it.
+        let other = if summed {
+            same_shape(ctx, inputs - 1, x.shape())?;
+            Some(ctx.input_data::<f32>(inputs - 1)?)
+        } else {
+            None
+        };
         let (_, scale) = ctx.input_f32(1)?;
         let (_, bias) = ctx.input_f32(2)?;
         let count = (self.p.num_batches * n * hw) as f64;
@@ -227,12 +257,16 @@ impl Kernel for SpatialBn {
         let names = &ctx.def().output;
         let (y_t, rest) = ctx.outputs().split_first_mut().expect("≥ 1 output");
         let y = y_t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[0]))?;
-        let mut r = match rest.last_mut() {
-            Some(r) if self.relu => {
-                let r = r.resize::<f32>(x.shape());
-                Some(r.map_err(|e| e.with_blob(&names[outputs - 1]))?)
-            }
-            _ => None,
+        // The outputs after the batch norm's own: S (if summed), then R.
+        let first_extra = outputs - 1 - extra;
+        let mut extras = rest[first_extra..].iter_mut().enumerate().map(|(k, t)| {
+            let o = outputs - extra + k;
+            t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[o]))
+        });
+        let (mut sum, mut r) = match self.then {
+            Then::Nothing => (None, None),
+            Then::Relu => (None, extras.next().transpose()?),
+            Then::SumRelu => (extras.next().transpose()?, extras.next().transpose()?),
         };
         let hw1 = hw.max(1);
         for (i, (yp, xp)) in y.chunks_exact_mut(hw1).zip(xd.chunks_exact(hw1)).enumerate() {
@@ -242,9 +276,21 @@ impl Kernel for SpatialBn {
             for (y, &x) in yp.iter_mut().zip(xp) {
                 *y = x * a + b;
             }
+            let at = i * hw1..(i + 1) * hw1;
+            // What the relu reads: Y, or the sum written here.
+            let pre: &[f32] = match (sum.as_deref_mut(), other) {
+                (Some(s), Some(o)) => {
+                    let sp = &mut s[at.clone()];
+                    for ((s, &y), &o) in sp.iter_mut().zip(&*yp).zip(&o[at.clone()]) {
+                        *s = y + o;
+                    }
+                    sp
+                }
+                _ => yp,
+            };
             if let Some(r) = r.as_deref_mut() {
-                for (r, &y) in r[i * hw1..(i + 1) * hw1].iter_mut().zip(&*yp) {
-                    *r = relu(y);
+                for (r, &v) in r[at].iter_mut().zip(pre) {
+                    *r = relu(v);
                 }
             }
         }
