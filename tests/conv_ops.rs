@@ -433,6 +433,27 @@ fn bad_convolutions_are_clear_errors() {
     assert!(ws
         .create_net(op_net("Conv", &["x", "w"], &["y"], &[("kernel", 3), ("dilation", 2)]).proto())
         .is_err());
+    // No input channel, or no output channel: refused, forward and backward
+    // (the kernels once panicked or left dX unwritten).
+    for (x, w, blob) in [
+        ([1, 0, 4, 4], [8, 0, 3, 3], "`x`"),
+        ([1, 3, 4, 4], [0, 3, 3, 3], "`w`"),
+    ] {
+        ws.feed("x", Tensor::zeros::<f32>(x));
+        ws.feed("w", Tensor::zeros::<f32>(w));
+        ws.feed("dy", Tensor::zeros::<f32>([1, w[0], 2, 2]));
+        let fwd = op_net("Conv", &["x", "w"], &["y"], &[("kernel", 3)]);
+        let bwd = op_net(
+            "ConvGradient",
+            &["x", "w", "dy"],
+            &["dw", "dx"],
+            &[("kernel", 3), ("no_bias", 1)],
+        );
+        for net in [fwd, bwd] {
+            let e = ws.run_net_once(net.proto()).unwrap_err().to_string();
+            assert!(e.contains(blob) && e.contains("≥ 1"), "{e}");
+        }
+    }
 }
 
 #[test]

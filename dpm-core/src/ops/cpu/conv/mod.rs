@@ -121,6 +121,21 @@ pub(crate) fn dims(ctx: &OpContext<'_>, win: &Window, groups: usize) -> Result<D
         )
     })?;
     let m = wt.dims().first().copied().unwrap_or(0);
+    // No channel in or out: nothing to convolve (the kernels assume both).
+    if c == 0 {
+        return Err(Error::shape(
+            ctx.input_name(0),
+            "[N, C, H, W] with C ≥ 1",
+            x.shape(),
+        ));
+    }
+    if m == 0 {
+        return Err(Error::shape(
+            ctx.input_name(1),
+            "[M, C/group, kh, kw] with M ≥ 1",
+            wt.shape(),
+        ));
+    }
     let expect = [m, c / groups.max(1), win.kernel.0, win.kernel.1];
     if c % groups != 0 || m % groups != 0 || wt.dims() != expect {
         return Err(Error::shape(
@@ -222,9 +237,9 @@ struct Worker {
     dyt: Padded<(usize, usize)>,
     /// This worker's share of dWᵀ: per group, `k × mgp`.
     dwt: HostVec<f32>,
-    /// One image's segments paired, and this worker's share of dW with the
-    /// pixels still spread across 16 lanes (per group, `mg × k × 16`), where
-    /// [`weight_grad_lanes`] computes dW.
+    /// The segments of a pass's images paired, and this worker's share of dW
+    /// with the pixels still spread across 16 lanes (per group, `mg × k ×
+    /// 16`), where [`weight_grad_lanes`] computes dW.
     pairs: Pairs,
     /// Images whose segments `pairs` holds (0: none yet).
     pairs_images: usize,
@@ -568,7 +583,7 @@ impl ConvGradient {
             if lanes {
                 // The lanes of each (row, tap), summed in order into dWᵀ.
                 for (gm, row) in s.dw_lanes.chunks_exact(lane_k).enumerate() {
-                    let (gi, m) = (gm / mg.max(1), gm % mg.max(1));
+                    let (gi, m) = (gm / mg, gm % mg);
                     for (kk, v) in row.chunks_exact(2 * LANES).enumerate() {
                         s.dwt[(gi * k + kk) * mgp + m] = v.iter().sum();
                     }
