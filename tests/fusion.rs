@@ -256,6 +256,34 @@ fn a_batch_norm_with_the_sum_and_relu_after_it_fused_gives_the_ops_bits() {
 }
 
 #[test]
+fn a_fused_batch_norm_sum_and_relu_with_a_bad_term_fails_as_the_sum_before_any_statistic_moves() {
+    // The other term of the wrong shape: the error names it and the sum's
+    // place in the net, and the running statistics keep their values (the
+    // term is checked before the batch norm updates them in place).
+    let mut net = Net::new("bad_sum");
+    net.op("SpatialBN")
+        .inputs(["x", "s", "b", "rm", "riv"])
+        .outputs(["y", "rm", "riv", "sm", "siv"])
+        .build();
+    net.op("Add").inputs(["y", "o"]).output("sum").build();
+    net.op("Relu").input("sum").output("r").build();
+    let ws = Workspace::new();
+    ws.feed("x", random(&[2, 3, 4, 4], 1, -1.0, 1.0, 0.0));
+    ws.feed("o", random(&[2, 3, 4, 5], 2, -1.0, 1.0, 0.0));
+    for b in ["s", "b", "rm", "riv"] {
+        ws.feed(b, Tensor::from_vec([3], vec![0.5f32; 3]).unwrap());
+    }
+    let e = ws.run_net_once(net.proto()).unwrap_err().to_string();
+    assert!(
+        e.contains("op #1 `SpatialBN+Sum+Relu`") && e.contains("`o`"),
+        "{e}"
+    );
+    for b in ["rm", "riv"] {
+        assert_eq!(ws.fetch(b).unwrap().data::<f32>().unwrap(), [0.5; 3]);
+    }
+}
+
+#[test]
 fn sums_of_one_to_three_inputs_and_their_relus_fused_give_the_same_bits() {
     // (Apart, each `Sum` writes a blob other than its first input: it reads
     // X0 itself and writes X0 + X1 in one pass, see `Kernel::reads_in_place_source`.)
