@@ -127,6 +127,17 @@ enum Then {
     SumRelu,
 }
 
+impl Then {
+    /// Outputs written after the batch norm's own.
+    fn outputs(self) -> usize {
+        match self {
+            Then::Nothing => 0,
+            Then::Relu => 1,
+            Then::SumRelu => 2,
+        }
+    }
+}
+
 impl SpatialBn {
     /// Parses `is_test`, `epsilon`, `momentum`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
@@ -161,12 +172,8 @@ impl Kernel for SpatialBn {
         let summed = self.then == Then::SumRelu;
         let inputs = if synced { 7 } else { 5 } + usize::from(summed);
         ctx.expect_inputs(inputs..=inputs)?;
-        let extra = match self.then {
-            Then::Nothing => 0,
-            Then::Relu => 1,
-            Then::SumRelu => 2,
-        };
-        let outputs = if self.p.is_test { 1 } else { 5 } + extra;
+        let own = if self.p.is_test { 1 } else { 5 };
+        let outputs = own + self.then.outputs();
         ctx.expect_outputs(outputs..=outputs)?;
         let per_channel: &[usize] = match (self.p.is_test, synced) {
             (true, _) => &[1, 2, 3, 4],
@@ -258,11 +265,10 @@ impl Kernel for SpatialBn {
         let (y_t, rest) = ctx.outputs().split_first_mut().expect("≥ 1 output");
         let y = y_t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[0]))?;
         // The outputs after the batch norm's own: S (if summed), then R.
-        let first_extra = outputs - 1 - extra;
-        let mut extras = rest[first_extra..].iter_mut().enumerate().map(|(k, t)| {
-            let o = outputs - extra + k;
-            t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[o]))
-        });
+        let mut extras = rest[own - 1..]
+            .iter_mut()
+            .zip(&names[own..])
+            .map(|(t, name)| t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(name)));
         let (mut sum, mut r) = match self.then {
             Then::Nothing => (None, None),
             Then::Relu => (None, extras.next().transpose()?),
