@@ -493,3 +493,137 @@ fn updates_that_write_other_blobs_leave_their_inputs_and_compute_the_same() {
         }
     }
 }
+
+/// Per channel of `[N, C, …]` data: the f64 sums of `f(i)` over its elements.
+fn channel_sums(shape: &[usize], f: impl Fn(usize) -> f64) -> Vec<f64> {
+    let (c, hw): (usize, usize) = (shape[1], shape[2..].iter().product());
+    let mut s = vec![0.0; c];
+    for i in 0..shape.iter().product() {
+        s[(i / hw) % c] += f(i);
+    }
+    s
+}
+
+#[test]
+fn batch_norms_of_planes_larger_than_a_channel_group_match_the_formulas_fused_and_apart() {
+    // The gradient passes over ~128 KiB of each tensor a group of channels at
+    // a time: two channels a group and a last group of one ([4, 5, 64, 64]),
+    // one channel a group ([40, 3, 32, 32]). Training, then back through the
+    // relu with dX written over dR (the fused gradient's in-place case); the
+    // forward with and without the residual sum; dY read at the end, or
+    // overwritten unread (shared gradient memory: the fused kernel then
+    // never writes it).
+    for shape in [[4usize, 5, 64, 64], [40, 3, 32, 32]] {
+        for (residual, dy_seen) in [(false, true), (true, true), (true, false)] {
+            let c = shape[1];
+            let mut net = Net::new("bn_large");
+            net.op("SpatialBN")
+                .inputs(["x", "s", "b", "rm", "rv"])
+                .outputs(["y", "rm", "rv", "sm", "siv"])
+                .build();
+            let pre = if residual {
+                net.op("Add").inputs(["y", "o"]).output("sum").build();
+                "sum"
+            } else {
+                "y"
+            };
+            net.op("Relu").input(pre).output("r").build();
+            net.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+            net.op("SpatialBNGradient")
+                .inputs(["x", "s", "dy", "sm", "siv"])
+                .outputs(["dr", "ds", "db"])
+                .build();
+            if !dy_seen {
+                net.op("Copy").input("x").output("dy").build();
+            }
+            let (x, o, dr) = (
+                random(&shape, 11, -1.0, 3.0, 0.0),
+                random(&shape, 12, -1.0, 1.0, 0.0),
+                random(&shape, 13, -1.0, 1.0, 0.0),
+            );
+            let (s, b) = (random(&[c], 14, 0.5, 1.5, 0.0), random(&[c], 15, -1.0, 1.0, 0.0));
+            let run = |fuse: bool| {
+                let ws = Workspace::new();
+                ws.set_profiling(true);
+                for (name, t) in [("x", &x), ("o", &o), ("dr", &dr), ("s", &s), ("b", &b)] {
+                    ws.feed(name, t.clone());
+                }
+                ws.feed("rm", Tensor::zeros::<f32>([c]));
+                ws.feed("rv", Tensor::from_vec([c], vec![1.0f32; c]).unwrap());
+                ws.run_net_once(&fusing(net.proto(), fuse)).unwrap();
+                ws
+            };
+            let (fused, apart) = (run(true), run(false));
+            same_blobs(&fused, &apart);
+            let fused_types = op_types(&fused);
+            for t in [
+                "ReluGradient+SpatialBNGradient",
+                if residual {
+                    "SpatialBN+Sum+Relu"
+                } else {
+                    "SpatialBN+Relu"
+                },
+            ] {
+                assert!(fused_types.iter().any(|x| x == t), "{t}: {fused_types:?}");
+            }
+
+            // The formulas, in f64.
+            let get = |name: &str| fused.fetch(name).unwrap().data::<f32>().unwrap().to_vec();
+            let (xv, ov, drv, sv, bv) = (
+                x.data::<f32>().unwrap(),
+                o.data::<f32>().unwrap(),
+                dr.data::<f32>().unwrap(),
+                s.data::<f32>().unwrap(),
+                b.data::<f32>().unwrap(),
+            );
+            let hw: usize = shape[2..].iter().product();
+            let ch = |i: usize| (i / hw) % c;
+            let count = (shape[0] * hw) as f64;
+            let mean: Vec<f64> = channel_sums(&shape, |i| f64::from(xv[i]))
+                .iter()
+                .map(|s| s / count)
+                .collect();
+            let var: Vec<f64> = channel_sums(&shape, |i| (f64::from(xv[i]) - mean[ch(i)]).powi(2))
+                .iter()
+                .map(|s| s / count)
+                .collect();
+            let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+            let xhat = |i: usize| (f64::from(xv[i]) - mean[ch(i)]) * inv[ch(i)];
+            let close = |name: &str, got: &[f32], want: &dyn Fn(usize) -> f64, tol: f64| {
+                for (i, &g) in got.iter().enumerate() {
+                    let w = want(i);
+                    assert!(
+                        (f64::from(g) - w).abs() <= tol * (1.0 + w.abs()),
+                        "{name}[{i}]: {g} against {w}"
+                    );
+                }
+            };
+            close("sm", &get("sm"), &|k| mean[k], 1e-5);
+            close("siv", &get("siv"), &|k| inv[k], 1e-5);
+            close("rm", &get("rm"), &|k| 0.1 * mean[k], 1e-5);
+            close(
+                "rv",
+                &get("rv"),
+                &|k| 0.9 + 0.1 * var[k] * count / (count - 1.0),
+                1e-5,
+            );
+            let y = |i: usize| xhat(i) * f64::from(sv[ch(i)]) + f64::from(bv[ch(i)]);
+            close("y", &get("y"), &y, 1e-4);
+            let pre = |i: usize| if residual { y(i) + f64::from(ov[i]) } else { y(i) };
+            close("r", &get("r"), &|i| pre(i).max(0.0), 1e-4);
+            let dy = |i: usize| if pre(i) > 0.0 { f64::from(drv[i]) } else { 0.0 };
+            if dy_seen {
+                close("dy", &get("dy"), &dy, 0.0);
+            }
+            let db = channel_sums(&shape, dy);
+            let ds = channel_sums(&shape, |i| dy(i) * xhat(i));
+            close("db", &get("db"), &|k| db[k], 1e-4);
+            close("ds", &get("ds"), &|k| ds[k], 1e-4);
+            let dx = |i: usize| {
+                let k = ch(i);
+                f64::from(sv[k]) * inv[k] * (dy(i) - db[k] / count - xhat(i) * ds[k] / count)
+            };
+            close("dx", &get("dr"), &dx, 1e-4);
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! The net a user built, serialises and exports is untouched: only the plan
 //! the executor compiles from it runs the fused kernels. A fused kernel writes
-//! every blob the pair writes, with the same bits, so nothing a user can fetch
-//! changes. On CPU devices:
+//! every blob the pair writes, with the same bits (or leaves a blob unwritten
+//! where a later op overwrites it unread), so nothing a user can fetch once
+//! the net has run changes. On CPU devices:
 //!
 //! - `SpatialBN → Relu` (the relu reading the batch norm's output, and waiting
 //!   on nothing else) becomes `SpatialBN+Relu`: `relu(Y)` is written plane by
@@ -22,7 +23,9 @@
 //!   while in cache, instead of being written in one pass and read in another.
 //!   The batch norm gradient may write its dX over the relu's dR (shared
 //!   gradient memory, as in a chain of conv → batch norm → relu layers): the
-//!   fused kernel reads all of dR before it writes dX.
+//!   fused kernel reads each plane of dR before it writes dX's. Where a later
+//!   op overwrites dY's blob before anyone reads it (shared gradient memory
+//!   again), dY is not written at all: no one could see it.
 //!
 //! - `WeightedSum → MomentumSGDUpdate` (the L2 decay `g ← g + wd·p` that
 //!   Caffe2's optimizers add before the update, on the same gradient and
@@ -81,7 +84,12 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
                     f.r#type = Some("ReluGradient+SpatialBNGradient".into());
                     f.input[2] = ops[i].input[1].clone();
                     f.input.push(ops[i].input[0].clone());
-                    f.output.push(ops[i].output[0].clone());
+                    // dY is kept unless no one could see it: then the
+                    // kernel makes it a plane at a time and never writes it.
+                    let dy = &ops[i].output[0];
+                    if !overwritten_unseen(net, k, dy) {
+                        f.output.push(dy.clone());
+                    }
                     replaced[k] = Some(f);
                     absorbed[i] = true;
                 }
@@ -241,6 +249,25 @@ fn relu_bn_gradient(
         && !op.output.iter().enumerate().any(|(o, b)| ours(b) && !(o == 0 && b == dr))
         && op.device_option == rg.device_option;
     fits.then_some(k)
+}
+
+/// Whether what op `k` leaves in `blob` is never seen: `blob` is no output of
+/// the net, and the first op after `k` that names it writes it without
+/// reading it or waiting on it (as shared gradient memory reuses a gradient's
+/// blob for another). Every kernel writes all of an output it does not read.
+fn overwritten_unseen(net: &NetDef, k: usize, blob: &String) -> bool {
+    if net.external_output.contains(blob) {
+        return false;
+    }
+    for op in &net.op[k + 1..] {
+        if op.input.contains(blob) || op.control_input.contains(blob) {
+            return false;
+        }
+        if op.output.contains(blob) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The `MomentumSGDUpdate` that can absorb `WeightedSum` op `i`, the L2 decay
@@ -519,6 +546,55 @@ mod tests {
                 "{outputs:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_fused_gradient_leaves_dy_unwritten_only_where_no_one_could_see_it() {
+        // The relu and batch norm gradients, then `after`; `external`: dY is
+        // one of the net's outputs.
+        let fused_outputs = |after: &dyn Fn(&mut Net), external: bool| {
+            let mut n = net(|n| {
+                n.op("ReluGradient").inputs(["r", "dr"]).output("dy").build();
+                n.op("SpatialBNGradient")
+                    .inputs(["x", "s", "dy", "sm", "siv"])
+                    .outputs(["dr", "ds", "db"])
+                    .build();
+                after(n);
+            });
+            if external {
+                n.external_output.push("dy".into());
+            }
+            let (ops, _) = fuse(&n, &super::super::plan::dependencies(&n.op).unwrap());
+            assert_eq!(ops[0].op_type(), "ReluGradient+SpatialBNGradient");
+            ops[0].output.clone()
+        };
+        let kept = ["dr", "ds", "db", "dy"];
+        // Overwritten (as shared gradient memory reuses it), after an op that
+        // touches other blobs: never seen.
+        let overwrite = |n: &mut Net| {
+            n.op("Copy").input("x").output("c").build();
+            n.op("Copy").input("dr").output("dy").build();
+        };
+        assert_eq!(fused_outputs(&overwrite, false), ["dr", "ds", "db"]);
+        // Seen: an output of the net, read (or waited on) before it is
+        // overwritten, overwritten by an op that also reads it, never
+        // overwritten.
+        assert_eq!(fused_outputs(&overwrite, true), kept);
+        let read_first = |n: &mut Net| {
+            n.op("Copy").input("dy").output("c").build();
+            n.op("Copy").input("dr").output("dy").build();
+        };
+        assert_eq!(fused_outputs(&read_first, false), kept);
+        let waited_on = |n: &mut Net| {
+            n.op("Copy").input("x").output("c").control_input("dy").build();
+            n.op("Copy").input("dr").output("dy").build();
+        };
+        assert_eq!(fused_outputs(&waited_on, false), kept);
+        let accumulated = |n: &mut Net| {
+            n.op("Sum").inputs(["dy", "dr"]).output("dy").build();
+        };
+        assert_eq!(fused_outputs(&accumulated, false), kept);
+        assert_eq!(fused_outputs(&|_: &mut Net| {}, false), kept);
     }
 
     #[test]

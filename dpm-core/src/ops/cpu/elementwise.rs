@@ -6,6 +6,60 @@ use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
+use super::isa::{vectorized, Isa};
+
+vectorized! {
+    /// `y = relu(x)`.
+    pub(crate) fn relu_into(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = relu(x);
+        }
+    }
+
+    /// `dx = relu_grad(y, dy)`.
+    fn relu_grad_into(dx: &mut [f32], y: &[f32], dy: &[f32]) {
+        for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+            *dx = relu_grad(y, dy);
+        }
+    }
+
+    /// `y = a + b`.
+    pub(crate) fn add(y: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = a + b;
+        }
+    }
+
+    /// `y += x`.
+    fn add_into(y: &mut [f32], x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += x;
+        }
+    }
+
+    /// `y = a + b` and `r = relu(y)`.
+    fn add_relu(y: &mut [f32], r: &mut [f32], a: &[f32], b: &[f32]) {
+        for (((y, r), &a), &b) in y.iter_mut().zip(r.iter_mut()).zip(a).zip(b) {
+            *y = a + b;
+            *r = relu(*y);
+        }
+    }
+
+    /// `y *= s`.
+    fn scale(y: &mut [f32], s: f32) {
+        for y in y.iter_mut() {
+            *y *= s;
+        }
+    }
+
+    /// `y += w·x`.
+    fn add_scaled(y: &mut [f32], w: f32, x: &[f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += w * x;
+        }
+    }
+}
+
 /// Checks input `i` has the same shape as input 0.
 /// Checks input `i` has `shape` (the CUDA kernels use it too).
 pub(crate) fn same_shape(ctx: &OpContext<'_>, i: usize, shape: &crate::tensor::Shape) -> Result<()> {
@@ -25,9 +79,7 @@ impl Kernel for Relu {
         ctx.expect_outputs(1..=1)?;
         let (x, xd) = ctx.input_f32(0)?;
         let y = ctx.resize_output::<f32>(0, x.shape())?;
-        for (y, &x) in y.iter_mut().zip(xd) {
-            *y = relu(x);
-        }
+        relu_into(Isa::best(), y, xd);
         Ok(())
     }
 }
@@ -64,9 +116,7 @@ impl Kernel for ReluGradient {
         same_shape(ctx, 1, y.shape())?;
         let (_, dyd) = ctx.input_f32(1)?;
         let dx = ctx.resize_output::<f32>(0, y.shape())?;
-        for ((dx, &y), &dy) in dx.iter_mut().zip(yd).zip(dyd) {
-            *dx = relu_grad(y, dy);
-        }
+        relu_grad_into(Isa::best(), dx, yd, dyd);
         Ok(())
     }
 }
@@ -123,6 +173,7 @@ impl Kernel for Sum {
                 ctx.input_data::<f32>(i)
             })
             .collect::<Result<crate::ops::OpList<_>>>()?;
+        let isa = Isa::best();
         let mut rest = &others[..];
         let y = match first {
             Some(_) => {
@@ -130,9 +181,7 @@ impl Kernel for Sum {
                 let y = ctx.resize_output::<f32>(0, shape)?;
                 match others.split_first() {
                     Some((x1, more)) => {
-                        for ((y, &a), &b) in y.iter_mut().zip(x0).zip(*x1) {
-                            *y = a + b;
-                        }
+                        add(isa, y, x0, x1);
                         rest = more;
                     }
                     None => y.copy_from_slice(x0),
@@ -142,9 +191,7 @@ impl Kernel for Sum {
             None => ctx.output_data::<f32>(0)?,
         };
         for x in rest {
-            for (y, x) in y.iter_mut().zip(*x) {
-                *y += x;
-            }
+            add_into(isa, y, x);
         }
         Ok(())
     }
@@ -180,24 +227,18 @@ impl Kernel for SumRelu {
             .resize::<f32>(shape.clone())
             .map_err(|e| e.with_blob(&names[0]))?;
         let r = r.resize::<f32>(shape).map_err(|e| e.with_blob(&names[1]))?;
+        let isa = Isa::best();
         if let [x1] = others[..] {
-            for (((y, r), &a), &b) in y.iter_mut().zip(r.iter_mut()).zip(first).zip(x1) {
-                *y = a + b;
-                *r = relu(*y);
-            }
+            add_relu(isa, y, r, first, x1);
             return Ok(());
         }
         for (k, (yb, rb)) in y.chunks_mut(SUM_BLOCK).zip(r.chunks_mut(SUM_BLOCK)).enumerate() {
             let at = k * SUM_BLOCK;
             yb.copy_from_slice(&first[at..at + yb.len()]);
             for x in &others {
-                for (y, &x) in yb.iter_mut().zip(&x[at..]) {
-                    *y += x;
-                }
+                add_into(isa, yb, &x[at..]);
             }
-            for (r, &y) in rb.iter_mut().zip(&*yb) {
-                *r = relu(y);
-            }
+            relu_into(isa, rb, yb);
         }
         Ok(())
     }
@@ -246,7 +287,7 @@ impl Kernel for Scale {
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let s = self.checked_factor(ctx)?;
-        ctx.output_data::<f32>(0)?.iter_mut().for_each(|x| *x *= s);
+        scale(Isa::best(), ctx.output_data::<f32>(0)?, s);
         Ok(())
     }
 }
@@ -300,14 +341,74 @@ impl Kernel for WeightedSum {
             })
             .collect::<Result<crate::ops::OpList<_>>>()?;
         let y = ctx.output_data::<f32>(0)?;
+        let isa = Isa::best();
         if w0 != 1.0 {
-            y.iter_mut().for_each(|v| *v *= w0);
+            scale(isa, y, w0);
         }
         for (x, w) in terms {
-            for (y, x) in y.iter_mut().zip(x) {
-                *y += w * x;
-            }
+            add_scaled(isa, y, w, x);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::isa::testing::{portable, same_bits, same_bits_into, values, Writes, LENGTHS};
+
+    #[test]
+    fn every_instruction_set_gives_the_portable_bits() {
+        for n in LENGTHS {
+            let (a, b) = (values(n, 1), values(n, 2));
+            let cases: [(&str, Writes<'_>); 5] = [
+                ("relu", &|isa, y| relu_into(isa, y, &a)),
+                ("relu gradient", &|isa, y| relu_grad_into(isa, y, &a, &b)),
+                ("add", &|isa, y| add(isa, y, &a, &b)),
+                ("add into", &|isa, y| add_into(isa, y, &a)),
+                ("scale", &|isa, y| scale(isa, y, -0.75)),
+            ];
+            for (what, f) in cases {
+                same_bits_into(what, n, f);
+            }
+            same_bits_into("add scaled", n, &|isa, y| add_scaled(isa, y, 0.3, &a));
+            let both = |isa: Isa| {
+                let (mut y, mut r) = (values(n, 3), values(n, 4));
+                add_relu(isa, &mut y, &mut r, &a, &b);
+                y.extend(r);
+                y
+            };
+            same_bits("add and relu", &both(portable()), both);
+        }
+    }
+
+    #[test]
+    fn the_elementwise_functions_compute_what_they_say() {
+        // The portable variant against the formulas (NaN kept by relu, not by
+        // its gradient's mask).
+        let (a, b) = ([1.0f32, -2.0, f32::NAN, 0.0], [0.5f32, 4.0, 1.0, -3.0]);
+        let mut y = [9.0f32; 4];
+        relu_into(portable(), &mut y, &a);
+        assert_eq!(y[..2], [1.0, 0.0]);
+        assert!(y[2].is_nan() && y[3] == 0.0);
+        relu_grad_into(portable(), &mut y, &a, &b);
+        assert_eq!(y, [0.5, 0.0, 0.0, 0.0]);
+        add(portable(), &mut y, &[1.0, 2.0, 3.0, 4.0], &b);
+        assert_eq!(y, [1.5, 6.0, 4.0, 1.0]);
+        add_into(portable(), &mut y, &b);
+        assert_eq!(y, [2.0, 10.0, 5.0, -2.0]);
+        scale(portable(), &mut y, 0.5);
+        assert_eq!(y, [1.0, 5.0, 2.5, -1.0]);
+        add_scaled(portable(), &mut y, 2.0, &b);
+        assert_eq!(y, [2.0, 13.0, 4.5, -7.0]);
+        let mut r = [9.0f32; 4];
+        add_relu(
+            portable(),
+            &mut y,
+            &mut r,
+            &[1.0, -1.0, 0.0, 2.0],
+            &[1.0, -1.0, -0.0, -3.0],
+        );
+        assert_eq!((y, r), ([2.0, -2.0, 0.0, -1.0], [2.0, 0.0, 0.0, 0.0]));
     }
 }

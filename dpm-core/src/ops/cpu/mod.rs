@@ -10,6 +10,7 @@ mod dropout;
 pub(crate) mod elementwise;
 mod fill;
 pub mod gemm;
+pub mod isa;
 mod layernorm;
 pub(crate) mod linear;
 mod loss;

@@ -13,38 +13,84 @@
 //! over all batches (`ChannelBackpropStats`, then an all-reduce) and returns its
 //! share, `1 / num_batches`, of the scale and bias gradients.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
-use crate::tensor::Shape;
+use crate::tensor::{Shape, Tensor};
 
-use super::elementwise::{relu, relu_grad, same_shape};
+use super::elementwise::{add, relu_grad, relu_into, same_shape};
+use super::isa::{vectorized, Isa};
 
-/// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
-/// vectorises into several independent chains of adds (one chain would wait on
-/// the add latency); planes are combined in f64 by the callers. With `b − shift`
-/// of the data's own scale (shift = a sample, or the mean) no cancellation occurs.
-fn plane_sums(a: &[f32], b: &[f32], a_shift: f32, b_shift: f32) -> (f64, f64) {
-    const L: usize = 32;
-    let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..L {
-            let xa = x[l] - a_shift;
-            s[l] += xa;
-            p[l] += xa * (y[l] - b_shift);
+vectorized! {
+    /// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
+    /// vectorises into several independent chains of adds (one chain would wait on
+    /// the add latency); planes are combined in f64 by the callers. With `b − shift`
+    /// of the data's own scale (shift = a sample, or the mean) no cancellation occurs.
+    fn plane_sums(a: &[f32], b: &[f32], a_shift: f32, b_shift: f32) -> (f64, f64) {
+        const L: usize = 32;
+        let (mut s, mut p) = ([0.0f32; L], [0.0f32; L]);
+        let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for l in 0..L {
+                let xa = x[l] - a_shift;
+                s[l] += xa;
+                p[l] += xa * (y[l] - b_shift);
+            }
+        }
+        let mut sum: f64 = s.iter().map(|&v| f64::from(v)).sum();
+        let mut prod: f64 = p.iter().map(|&v| f64::from(v)).sum();
+        for (&x, &y) in ar.iter().zip(br) {
+            let xa = f64::from(x - a_shift);
+            sum += xa;
+            prod += xa * f64::from(y - b_shift);
+        }
+        (sum, prod)
+    }
+
+    /// `y = x·a + b` over one plane: the batch norm's output.
+    fn affine(y: &mut [f32], x: &[f32], a: f32, b: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * a + b;
         }
     }
-    let mut sum: f64 = s.iter().map(|&v| f64::from(v)).sum();
-    let mut prod: f64 = p.iter().map(|&v| f64::from(v)).sum();
-    for (&x, &y) in ar.iter().zip(br) {
-        let xa = f64::from(x - a_shift);
-        sum += xa;
-        prod += xa * f64::from(y - b_shift);
+
+    /// `dy = dR·[R > 0]`, the relu's gradient, over one plane.
+    fn mask(dy: &mut [f32], r: &[f32], dr: &[f32]) {
+        for ((d, &r), &g) in dy.iter_mut().zip(r).zip(dr) {
+            *d = relu_grad(r, g);
+        }
     }
-    (sum, prod)
+
+    /// dX of a training batch norm over one plane of channel `k`:
+    /// `scale·inv_std·(dY − Σ dY / n − x̂·Σ dY·x̂ / n)`.
+    fn train_dx(dx: &mut [f32], dy: &[f32], x: &[f32], k: Channel) {
+        for ((d, &g), &x) in dx.iter_mut().zip(dy).zip(x) {
+            let xhat = (x - k.mean) * k.inv_std;
+            *d = k.scale * k.inv_std * (g - k.db - xhat * k.ds);
+        }
+    }
+
+    /// dX of an inference batch norm over one plane: `dY·scale·inv_std`.
+    fn test_dx(dx: &mut [f32], dy: &[f32], scale: f32, inv_std: f32) {
+        for (d, &g) in dx.iter_mut().zip(dy) {
+            *d = g * scale * inv_std;
+        }
+    }
+}
+
+/// What [`train_dx`] needs of one channel: its statistics, its scale, and
+/// `Σ dY / n`, `Σ dY·x̂ / n`.
+#[derive(Clone, Copy)]
+struct Channel {
+    mean: f32,
+    inv_std: f32,
+    scale: f32,
+    db: f32,
+    ds: f32,
 }
 
 /// Parsed arguments of both directions (shared with the CUDA kernels).
@@ -168,6 +214,7 @@ impl Kernel for SpatialBn {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        let isa = Isa::best();
         let synced = !self.p.is_test && self.p.num_batches > 1;
         let summed = self.then == Then::SumRelu;
         let inputs = if synced { 7 } else { 5 } + usize::from(summed);
@@ -192,112 +239,104 @@ impl Kernel for SpatialBn {
         let (_, scale) = ctx.input_f32(1)?;
         let (_, bias) = ctx.input_f32(2)?;
         let count = (self.p.num_batches * n * hw) as f64;
-        let (mean, inv_std): (Vec<f32>, Vec<f32>) = if self.p.is_test {
+        // Pass 2's mean and 1/σ: given (inference), else made a group at a time.
+        let (mut mean, mut inv_std) = (vec![0.0f32; c], vec![0.0f32; c]);
+        // Training: the moments of x − shift per channel, shift = the
+        // channel's first sample (no cancellation however large the mean is
+        // against the spread); synced, Σx and Σx² of every batch (shift 0).
+        let (mut shift, mut sum, mut sq) = (vec![0.0f32; c], vec![0.0f64; c], vec![0.0f64; c]);
+        if self.p.is_test {
             let (_, m) = ctx.input_f32(3)?;
             let (_, v) = ctx.input_f32(4)?;
-            (
-                m.to_vec(),
-                v.iter().map(|&v| 1.0 / (v + self.p.epsilon).sqrt()).collect(),
-            )
+            mean.copy_from_slice(m);
+            for (i, &v) in inv_std.iter_mut().zip(v) {
+                *i = 1.0 / (v + self.p.epsilon).sqrt();
+            }
+        } else if count == 0.0 {
+            return Err(Error::shape(ctx.input_name(0), "a non-empty batch", x.shape()));
+        } else if synced {
+            let (_, s) = ctx.input_f32(5)?;
+            let (_, q) = ctx.input_f32(6)?;
+            for ((d, &s), (e, &q)) in sum.iter_mut().zip(s).zip(sq.iter_mut().zip(q)) {
+                (*d, *e) = (f64::from(s), f64::from(q));
+            }
         } else {
-            if count == 0.0 {
-                return Err(Error::shape(ctx.input_name(0), "a non-empty batch", x.shape()));
+            for (ch, sh) in shift.iter_mut().enumerate() {
+                *sh = xd[ch * hw];
             }
-            let (shift, sum, sq) = if synced {
-                // Σx and Σx² of every batch: the moments about 0.
-                let (_, s) = ctx.input_f32(5)?;
-                let (_, q) = ctx.input_f32(6)?;
-                let wide = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-                (vec![0.0f32; c], wide(s), wide(q))
-            } else {
-                // One pass for the moments of x − shift, shift = the channel's first
-                // sample: no cancellation however large the mean is against the spread.
-                let shift: Vec<f32> = (0..c).map(|ch| xd[ch * hw]).collect();
-                let mut sum = vec![0.0f64; c];
-                let mut sq = vec![0.0f64; c];
-                for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
-                    let sh = shift[i % c];
-                    let (s, q) = plane_sums(plane, plane, sh, sh);
-                    sum[i % c] += s;
-                    sq[i % c] += q;
-                }
-                (shift, sum, sq)
-            };
-            let shifted: Vec<f64> = sum.iter().map(|s| s / count).collect();
-            let var: Vec<f64> = sq
-                .iter()
-                .zip(&shifted)
-                .map(|(q, m)| (q / count - m * m).max(0.0))
-                .collect();
-            let mean: Vec<f64> = shifted
-                .iter()
-                .zip(&shift)
-                .map(|(m, &s)| m + f64::from(s))
-                .collect();
-            let names = [ctx.output_name(1).to_owned(), ctx.output_name(2).to_owned()];
-            let mom = f64::from(self.p.momentum);
-            // The running variance is the unbiased estimate (n / (n − 1)), as in
-            // Caffe2 and PyTorch; the batch is normalised with the biased one.
-            let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
-            let unbiased: Vec<f64> = var.iter().map(|v| v * unbias).collect();
-            for (o, stat) in [(1, &mean), (2, &unbiased)] {
-                let r = ctx.output_data::<f32>(o)?;
-                if r.len() != c {
-                    return Err(Error::value(
-                        &names[o - 1],
-                        format!("running statistic must hold {c} values"),
-                    ));
-                }
-                for (r, &s) in r.iter_mut().zip(stat.iter()) {
-                    *r = (mom * f64::from(*r) + (1.0 - mom) * s) as f32;
-                }
-            }
-            let inv: Vec<f32> = var
-                .iter()
-                .map(|v| (1.0 / (v + f64::from(self.p.epsilon)).sqrt()) as f32)
-                .collect();
-            let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-            ctx.resize_output::<f32>(3, [c])?.copy_from_slice(&mean);
-            ctx.resize_output::<f32>(4, [c])?.copy_from_slice(&inv);
-            (mean, inv)
-        };
+        }
         let names = &ctx.def().output;
         let (y_t, rest) = ctx.outputs().split_first_mut().expect("≥ 1 output");
+        let (own_outs, rest) = rest.split_at_mut(own - 1);
+        // Training: the running statistics, updated in place, and the saved
+        // ones, all checked and sized before any of them changes.
+        let mut stats = match own_outs {
+            [rm, rv, sm, si] => Some([
+                running_stat(rm, &names[1], c)?,
+                running_stat(rv, &names[2], c)?,
+                sm.resize::<f32>(Shape::from([c]))
+                    .map_err(|e| e.with_blob(&names[3]))?,
+                si.resize::<f32>(Shape::from([c]))
+                    .map_err(|e| e.with_blob(&names[4]))?,
+            ]),
+            _ => None,
+        };
         let y = y_t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[0]))?;
         // The outputs after the batch norm's own: S (if summed), then R.
-        let mut extras = rest[own - 1..]
+        let mut extras = rest
             .iter_mut()
             .zip(&names[own..])
             .map(|(t, name)| t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(name)));
-        let (mut sum, mut r) = match self.then {
+        let (mut sum_out, mut r) = match self.then {
             Then::Nothing => (None, None),
             Then::Relu => (None, extras.next().transpose()?),
             Then::SumRelu => (extras.next().transpose()?, extras.next().transpose()?),
         };
-        let hw1 = hw.max(1);
-        for (i, (yp, xp)) in y.chunks_exact_mut(hw1).zip(xd.chunks_exact(hw1)).enumerate() {
-            let ch = i % c;
+        let mom = f64::from(self.p.momentum);
+        // The running variance is the unbiased estimate (n / (n − 1)), as in
+        // Caffe2 and PyTorch; the batch is normalised with the biased one.
+        let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
+        // Two passes over the whole tensor, not a group of channels at a time
+        // as the gradient does: X mostly comes from the L2 of the op that
+        // has just written it, and the step measured slower in groups.
+        let every = || planes(n, c, hw, 0..c);
+        // Pass 1 (training): the statistics, and the running ones moved.
+        if let Some([rm, rv, sm, si]) = stats.as_mut() {
+            if !synced {
+                for (ch, at) in every() {
+                    let (s, q) = plane_sums(isa, &xd[at.clone()], &xd[at], shift[ch], shift[ch]);
+                    sum[ch] += s;
+                    sq[ch] += q;
+                }
+            }
+            for ch in 0..c {
+                let shifted = sum[ch] / count;
+                let var = (sq[ch] / count - shifted * shifted).max(0.0);
+                let m = shifted + f64::from(shift[ch]);
+                rm[ch] = (mom * f64::from(rm[ch]) + (1.0 - mom) * m) as f32;
+                rv[ch] = (mom * f64::from(rv[ch]) + (1.0 - mom) * var * unbias) as f32;
+                mean[ch] = m as f32;
+                inv_std[ch] = (1.0 / (var + f64::from(self.p.epsilon)).sqrt()) as f32;
+                (sm[ch], si[ch]) = (mean[ch], inv_std[ch]);
+            }
+        }
+        // Pass 2: Y and what follows it, a plane at a time.
+        for (ch, at) in every() {
             let a = scale[ch] * inv_std[ch];
             let b = bias[ch] - mean[ch] * a;
-            for (y, &x) in yp.iter_mut().zip(xp) {
-                *y = x * a + b;
-            }
-            let at = i * hw1..(i + 1) * hw1;
+            let yp = &mut y[at.clone()];
+            affine(isa, yp, &xd[at.clone()], a, b);
             // What the relu reads: Y, or the sum written here.
-            let pre: &[f32] = match (sum.as_deref_mut(), other) {
+            let pre: &[f32] = match (sum_out.as_deref_mut(), other) {
                 (Some(s), Some(o)) => {
                     let sp = &mut s[at.clone()];
-                    for ((s, &y), &o) in sp.iter_mut().zip(&*yp).zip(&o[at.clone()]) {
-                        *s = y + o;
-                    }
+                    add(isa, sp, yp, &o[at.clone()]);
                     sp
                 }
                 _ => yp,
             };
             if let Some(r) = r.as_deref_mut() {
-                for (r, &v) in r[at].iter_mut().zip(pre) {
-                    *r = relu(v);
-                }
+                relu_into(isa, &mut r[at], pre);
             }
         }
         Ok(())
@@ -353,11 +392,12 @@ impl Kernel for SpatialBnGradient {
     }
 
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
+        let isa = Isa::best();
         let synced = !self.p.is_test && self.p.num_batches > 1;
         let extra = usize::from(self.relu);
         let inputs = if synced { 7 } else { 5 } + extra;
         ctx.expect_inputs(inputs..=inputs)?;
-        ctx.expect_outputs(3 + extra..=3 + extra)?;
+        ctx.expect_outputs(3..=3 + extra)?;
         let (n, c, hw) = dims(ctx, if synced { &[1, 3, 4, 5, 6] } else { &[1, 3, 4] })?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
@@ -406,84 +446,94 @@ impl Kernel for SpatialBnGradient {
         let (names, input_names) = (&ctx.def().output, &ctx.def().input);
         let outs = ctx.outputs();
         let (outs, masked) = outs.split_at_mut(3);
-        let dyd = match dy_in {
-            Some(d) => d,
+        // dX, holding dR when the two are one blob (`dy_in` is then `None`).
+        let dx = match dy_in {
+            Some(_) => outs[0]
+                .resize::<f32>(x.shape())
+                .map_err(|e| e.with_blob(&names[0]))?,
             None => {
-                let dr = &*outs[0];
-                if dr.shape() != x.shape() {
-                    return Err(Error::shape(&input_names[2], x.shape().to_string(), dr.shape()));
+                if outs[0].shape() != x.shape() {
+                    return Err(Error::shape(
+                        &input_names[2],
+                        x.shape().to_string(),
+                        outs[0].shape(),
+                    ));
                 }
-                dr.data::<f32>().map_err(|e| e.for_blob(&input_names[2]))?
+                outs[0]
+                    .data_mut::<f32>()
+                    .map_err(|e| e.for_blob(&input_names[2]))?
             }
         };
-        // Fused: dY = dR·[R > 0], a plane at a time, each summed while in cache.
-        let mut dy_fused = match (relu_out, masked.first_mut()) {
-            (Some(rd), Some(t)) => {
-                let dy = t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[3]))?;
-                Some((dy, rd))
+        // dY as given, or fused, made here from dR and R (and written to
+        // output 3 if there is one).
+        let mut grad = match (relu_out, dy_in) {
+            (Some(r), dr) => Grad::Fused {
+                dy: match masked.first_mut() {
+                    Some(t) => Some(t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[3]))?),
+                    None => None,
+                },
+                r,
+                dr,
+            },
+            (None, Some(dy)) => Grad::Given(dy),
+            (None, None) => {
+                return Err(Error::MissingBlob {
+                    name: input_names[2].clone(),
+                })
             }
-            _ => None,
         };
-        let hw1 = hw.max(1);
-        let (dscale, dbias) = if let Some(given) = given {
-            if let Some((dy, rd)) = dy_fused.as_mut() {
-                for ((d, &r), &g) in dy.iter_mut().zip(*rd).zip(dyd) {
-                    *d = relu_grad(r, g);
-                }
-            }
-            given
-        } else {
-            let mut dbias = vec![0.0f64; c];
-            let mut dscale = vec![0.0f64; c];
-            match dy_fused.as_mut() {
-                Some((dy, rd)) => {
-                    let planes = dy.chunks_exact_mut(hw1).zip(rd.chunks_exact(hw1));
-                    for (i, ((dp, rp), (gp, xp))) in planes
-                        .zip(dyd.chunks_exact(hw1).zip(xd.chunks_exact(hw1)))
-                        .enumerate()
-                    {
-                        for ((d, &r), &g) in dp.iter_mut().zip(rp).zip(gp) {
-                            *d = relu_grad(r, g);
-                        }
-                        add_plane_stats(i, dp, xp, mean, &inv_std, &mut dscale, &mut dbias);
-                    }
-                }
-                None => {
-                    for (i, (gp, xp)) in dyd.chunks_exact(hw1).zip(xd.chunks_exact(hw1)).enumerate() {
-                        add_plane_stats(i, gp, xp, mean, &inv_std, &mut dscale, &mut dbias);
-                    }
-                }
-            }
-            (dscale, dbias)
-        };
-        // From here dY is read, never dR (whose blob may be dX's).
-        let dyd: &[f32] = match &dy_fused {
-            Some((dy, _)) => dy,
-            None => dy_in.ok_or_else(|| Error::MissingBlob {
-                name: input_names[2].clone(),
-            })?,
-        };
+        // dY's plane when output 3 is not kept.
+        let mut plane = vec![0.0f32; if self.relu { hw } else { 0 }];
+        let (mut dscale, mut dbias) = given.unwrap_or_else(|| (vec![0.0f64; c], vec![0.0f64; c]));
         let count = (self.p.num_batches * n * hw) as f32;
-        let dx = outs[0]
-            .resize::<f32>(x.shape())
-            .map_err(|e| e.with_blob(&names[0]))?;
-        for (i, ((dxp, gp), xp)) in dx
-            .chunks_exact_mut(hw1)
-            .zip(dyd.chunks_exact(hw1))
-            .zip(xd.chunks_exact(hw1))
-            .enumerate()
-        {
-            let ch = i % c;
-            let (m, is, sc) = (mean[ch], inv_std[ch], scale[ch]);
-            if self.p.is_test {
-                for (d, &g) in dxp.iter_mut().zip(gp) {
-                    *d = g * sc * is;
+        for chans in channel_groups(n, c, hw) {
+            // Pass 1: dY (fused), and unless given, the channels' sums.
+            for (ch, at) in planes(n, c, hw, chans.clone()) {
+                let gp: &[f32] = match &mut grad {
+                    Grad::Given(dy) => &dy[at.clone()],
+                    Grad::Fused { dy, r, dr } => {
+                        // dR's plane is read before dX's is written (pass 2).
+                        let dr = dr.map_or(&dx[at.clone()], |d| &d[at.clone()]);
+                        let dp = match dy {
+                            Some(dy) => &mut dy[at.clone()],
+                            None => &mut plane[..],
+                        };
+                        mask(isa, dp, &r[at.clone()], dr);
+                        dp
+                    }
+                };
+                if !synced {
+                    let (sb, sgx) = backprop_sums(isa, gp, &xd[at], mean[ch], inv_std[ch]);
+                    dbias[ch] += sb;
+                    dscale[ch] += sgx;
                 }
-            } else {
-                let (db, ds) = (dbias[ch] as f32 / count, dscale[ch] as f32 / count);
-                for ((d, &g), &x) in dxp.iter_mut().zip(gp).zip(xp) {
-                    let xhat = (x - m) * is;
-                    *d = sc * is * (g - db - xhat * ds);
+            }
+            // Pass 2: dX, from dY (or dR and R again) and X while the group's
+            // planes are in cache.
+            for (ch, at) in planes(n, c, hw, chans) {
+                let gp: &[f32] = match &grad {
+                    Grad::Given(dy) => &dy[at.clone()],
+                    Grad::Fused { dy: Some(dy), .. } => &dy[at.clone()],
+                    Grad::Fused { dy: None, r, dr } => {
+                        let dr = dr.map_or(&dx[at.clone()], |d| &d[at.clone()]);
+                        mask(isa, &mut plane, &r[at.clone()], dr);
+                        &plane
+                    }
+                };
+                let (m, is, sc) = (mean[ch], inv_std[ch], scale[ch]);
+                let dxp = &mut dx[at.clone()];
+                if self.p.is_test {
+                    test_dx(isa, dxp, gp, sc, is);
+                } else {
+                    let (db, ds) = (dbias[ch] as f32 / count, dscale[ch] as f32 / count);
+                    let k = Channel {
+                        mean: m,
+                        inv_std: is,
+                        scale: sc,
+                        db,
+                        ds,
+                    };
+                    train_dx(isa, dxp, gp, &xd[at], k);
                 }
             }
         }
@@ -503,6 +553,54 @@ impl Kernel for SpatialBnGradient {
     }
 }
 
+/// A running statistic's elements, updated in place: `c` of them, or an error.
+fn running_stat<'t>(t: &'t mut Tensor, name: &str, c: usize) -> Result<&'t mut [f32]> {
+    let r = t.data_mut::<f32>().map_err(|e| e.for_blob(name))?;
+    if r.len() != c {
+        return Err(Error::value(
+            name,
+            format!("running statistic must hold {c} values"),
+        ));
+    }
+    Ok(r)
+}
+
+/// A batch norm gradient's dY: an input, or fused, made from the relu's dR
+/// (its own blob, or `None`: already in dX's) and output R, and written to
+/// `dy` if the fused op keeps it (else made a plane at a time, twice).
+enum Grad<'a> {
+    Given(&'a [f32]),
+    Fused {
+        dy: Option<&'a mut [f32]>,
+        r: &'a [f32],
+        dr: Option<&'a [f32]>,
+    },
+}
+
+/// Elements of each tensor a batch norm gradient's channel group spans (128
+/// KiB of f32): it passes over a group's planes twice (sums, then dX), and
+/// the second pass finds them in L2. (Its inputs were written long before, so
+/// the first pass reads them from L3 or memory, and a second pass over the
+/// whole tensor would too.)
+const GROUP_ELEMS: usize = 32 << 10;
+
+/// The channels of an `[N, C, H·W]` tensor in groups of about
+/// [`GROUP_ELEMS`] elements (at least one channel a group).
+fn channel_groups(n: usize, c: usize, hw: usize) -> impl Iterator<Item = Range<usize>> {
+    let k = (GROUP_ELEMS / (n * hw).max(1)).clamp(1, c.max(1));
+    (0..c).step_by(k).map(move |c0| c0..(c0 + k).min(c))
+}
+
+/// `(channel, elements)` of the planes of channels `chans`, image by image
+/// (so each channel's planes come in the order the sums have always used).
+fn planes(n: usize, c: usize, hw: usize, chans: Range<usize>) -> impl Iterator<Item = (usize, Range<usize>)> {
+    (0..n).flat_map(move |b| {
+        chans
+            .clone()
+            .map(move |ch| (ch, (b * c + ch) * hw..(b * c + ch + 1) * hw))
+    })
+}
+
 /// Per channel `(Σ dY·x̂, Σ dY)` of one batch, `x̂ = (x − mean)·inv_std`.
 fn backprop_stats(
     xd: &[f32],
@@ -514,30 +612,23 @@ fn backprop_stats(
 ) -> (Vec<f64>, Vec<f64>) {
     let mut dbias = vec![0.0f64; c];
     let mut dscale = vec![0.0f64; c];
+    let isa = Isa::best();
     for (i, (gp, xp)) in dyd
         .chunks_exact(hw.max(1))
         .zip(xd.chunks_exact(hw.max(1)))
         .enumerate()
     {
-        add_plane_stats(i, gp, xp, mean, inv_std, &mut dscale, &mut dbias);
+        let (sb, sgx) = backprop_sums(isa, gp, xp, mean[i % c], inv_std[i % c]);
+        dbias[i % c] += sb;
+        dscale[i % c] += sgx;
     }
     (dscale, dbias)
 }
 
-/// Adds plane `i`'s `Σ dY·x̂` and `Σ dY` into its channel's sums.
-fn add_plane_stats(
-    i: usize,
-    gp: &[f32],
-    xp: &[f32],
-    mean: &[f32],
-    inv_std: &[f32],
-    dscale: &mut [f64],
-    dbias: &mut [f64],
-) {
-    let ch = i % dbias.len();
-    let (sb, sgx) = plane_sums(gp, xp, 0.0, mean[ch]);
-    dbias[ch] += sb;
-    dscale[ch] += f64::from(inv_std[ch]) * sgx;
+/// A plane's `(Σ dY, Σ dY·x̂)`, `x̂ = (x − mean)·inv_std`.
+fn backprop_sums(isa: Isa, dy: &[f32], x: &[f32], mean: f32, inv_std: f32) -> (f64, f64) {
+    let (sb, sgx) = plane_sums(isa, dy, x, 0.0, mean);
+    (sb, f64::from(inv_std) * sgx)
 }
 
 /// `ChannelStats(X) → (Σx, Σx²)` per channel of an `[N, C, …]` tensor: one
@@ -552,8 +643,9 @@ impl Kernel for ChannelStats {
         let (_, xd) = ctx.input_f32(0)?;
         let mut sum = vec![0.0f64; c];
         let mut sq = vec![0.0f64; c];
+        let isa = Isa::best();
         for (i, plane) in xd.chunks_exact(hw.max(1)).enumerate() {
-            let (s, q) = plane_sums(plane, plane, 0.0, 0.0);
+            let (s, q) = plane_sums(isa, plane, plane, 0.0, 0.0);
             sum[i % c] += s;
             sq[i % c] += q;
         }
@@ -591,5 +683,78 @@ impl Kernel for ChannelBackpropStats {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::isa::testing::{portable, same_bits, same_bits_into, values, Writes, LENGTHS};
+
+    #[test]
+    fn every_instruction_set_gives_the_portable_bits() {
+        for n in LENGTHS {
+            let (a, b, c) = (values(n, 1), values(n, 2), values(n, 3));
+            let sums = |isa: Isa| {
+                let (s, p) = plane_sums(isa, &a, &b, 0.25, -0.5);
+                // f64 bits as two f32 halves, for `same_bits`.
+                [s, p]
+                    .iter()
+                    .flat_map(|v| [(v.to_bits() >> 32) as u32, v.to_bits() as u32])
+                    .map(f32::from_bits)
+                    .collect::<Vec<f32>>()
+            };
+            same_bits("plane sums", &sums(portable()), sums);
+            let k = Channel {
+                mean: 0.3,
+                inv_std: 1.7,
+                scale: -0.9,
+                db: 0.05,
+                ds: -0.2,
+            };
+            let cases: [(&str, Writes<'_>); 4] = [
+                ("affine", &|isa, y| affine(isa, y, &a, 1.3, -0.4)),
+                ("mask", &|isa, y| mask(isa, y, &a, &b)),
+                ("training dX", &|isa, y| train_dx(isa, y, &b, &c, k)),
+                ("inference dX", &|isa, y| test_dx(isa, y, &b, -0.9, 1.7)),
+            ];
+            for (what, f) in cases {
+                same_bits_into(what, n, f);
+            }
+        }
+    }
+
+    #[test]
+    fn channel_groups_cover_every_plane_once_in_each_channels_order() {
+        // (n, c, hw): one group, groups with a short last one, a channel a group.
+        for (n, c, hw) in [
+            (2, 7, 16),
+            (4, 5, 4096),
+            (40, 3, 1024),
+            (3, 0, 8),
+            (1, 4, 1 << 16),
+        ] {
+            let mut seen = vec![0usize; n * c * hw];
+            let mut last = vec![None; c];
+            let groups: Vec<_> = channel_groups(n, c, hw).collect();
+            for g in &groups {
+                assert!(!g.is_empty());
+                let size = n * g.len() * hw;
+                // At most GROUP_ELEMS, unless one channel alone is larger.
+                assert!(size <= GROUP_ELEMS || g.len() == 1, "{g:?} of {n}×{c}×{hw}");
+                for (ch, at) in planes(n, c, hw, g.clone()) {
+                    assert!(g.contains(&ch) && at.len() == hw);
+                    assert_eq!((at.start / hw) % c, ch);
+                    // Image by image within a channel.
+                    assert!(last[ch].is_none_or(|l| l < at.start));
+                    last[ch] = Some(at.start);
+                    for e in at {
+                        seen[e] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "{n}×{c}×{hw}");
+            assert!(groups.into_iter().flatten().eq(0..c));
+        }
     }
 }

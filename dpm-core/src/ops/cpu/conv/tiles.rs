@@ -22,6 +22,8 @@
 //! another order, so on AVX-512 a narrow convolution's dW differs from the
 //! other variants' in its last bits (the tests compare each with plain loops).
 
+pub use crate::ops::cpu::isa::Isa;
+use crate::ops::cpu::isa::Kind;
 use crate::tensor::HostVec;
 
 /// Pixels per segment: one 256-bit vector of f32.
@@ -150,64 +152,6 @@ impl Taps {
     /// Whether there are no taps.
     pub fn is_empty(&self) -> bool {
         self.offsets.is_empty()
-    }
-}
-
-/// Which implementation runs the tiles. Only runtime detection makes one
-/// ([`Isa::best`], [`Isa::supported`], whose first is the portable one), so a
-/// SIMD variant never runs on a processor without its instructions: that is
-/// what makes the `unsafe` calls into `avx2` and `avx512` sound.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Isa(Kind);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    /// Plain Rust, for processors without AVX2 and FMA.
-    Portable,
-    /// 256-bit vectors with fused multiply-add.
-    Avx2Fma,
-    /// [`Kind::Avx2Fma`], with the forward/dX tile on 512-bit vectors (two
-    /// segments each, 32 registers).
-    Avx512,
-}
-
-impl Isa {
-    /// Every implementation this processor runs, the portable one first and the
-    /// fastest last: what the tests compare against the reference.
-    pub fn supported() -> Vec<Isa> {
-        let mut v = vec![Isa(Kind::Portable)];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            v.push(Isa(Kind::Avx2Fma));
-            if is_x86_feature_detected!("avx512f") {
-                v.push(Isa(Kind::Avx512));
-            }
-        }
-        v
-    }
-
-    /// The fastest implementation this processor runs, or the fastest up to
-    /// `DPM_CONV_ISA` (`portable`, `avx2`, `avx512`) when that is set: for
-    /// side-by-side benchmarks and for ruling a variant out.
-    pub fn best() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            let cap = match std::env::var("DPM_CONV_ISA").as_deref() {
-                Ok("portable") => Kind::Portable,
-                Ok("avx2") => Kind::Avx2Fma,
-                _ => Kind::Avx512,
-            };
-            Isa::supported()
-                .into_iter()
-                .filter(|i| i.0 <= cap)
-                .max_by_key(|i| i.0)
-                .unwrap_or(Isa(Kind::Portable))
-        })
-    }
-
-    /// Whether the AVX2+FMA routines may run (also under AVX-512).
-    fn avx2(self) -> bool {
-        self.0 >= Kind::Avx2Fma
     }
 }
 
@@ -478,7 +422,7 @@ unsafe fn correlate_step<const P: usize>(
     // segments left over go through the AVX2 tiles below.
     let mut list = &segs.list[..];
     #[cfg(target_arch = "x86_64")]
-    if isa.0 == Kind::Avx512 {
+    if isa.kind() == Kind::Avx512 {
         let whole = list.len() / (2 * Z512) * (2 * Z512);
         for tile in list[..whole].chunks_exact(2 * Z512) {
             // Pairs that continue one run of the source (rows of 16 outputs or
@@ -534,7 +478,7 @@ unsafe fn correlate_step<const P: usize>(
             // SAFETY: the caller's bounds cover every tap, segment and row.
             unsafe {
                 let out = out.add(r0 * pitch);
-                match isa.0 {
+                match isa.kind() {
                     #[cfg(target_arch = "x86_64")]
                     Kind::Avx2Fma | Kind::Avx512 => {
                         by_rows_segs!(
@@ -595,7 +539,7 @@ pub fn weight_grad(
     assert!(k * cols <= out.len(), "weight_grad: output too short");
     let (dyt, src, outp) = (dyt.as_ptr(), src.as_ptr(), out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if isa.0 == Kind::Avx512 {
+    if isa.kind() == Kind::Avx512 {
         for pass in segs.list.chunks(DW_CHUNK) {
             for j0 in (0..k).step_by(WK512) {
                 let taps = &taps.offsets[j0..k.min(j0 + WK512)];
@@ -651,7 +595,7 @@ pub fn weight_grad(
                 // output element.
                 unsafe {
                     let (dyt, out) = (dyt.add(m0), outp.add(j0 * cols + m0));
-                    match isa.0 {
+                    match isa.kind() {
                         #[cfg(target_arch = "x86_64")]
                         Kind::Avx2Fma | Kind::Avx512 => {
                             by_rows_taps!(
@@ -740,7 +684,7 @@ pub fn lanes_images(pixels: usize) -> usize {
 
 /// Whether [`weight_grad_lanes`] runs on `isa` (it needs 512-bit masked loads).
 pub fn has_lanes_dw(isa: Isa) -> bool {
-    isa.0 == Kind::Avx512
+    isa.kind() == Kind::Avx512
 }
 
 /// `part[(r·k + j)·16 + l] += Σ_pairs dy[r·ch + pixel] · src[taps[j] + input]`
@@ -1808,7 +1752,7 @@ mod tests {
                         );
                     }
                     // The AVX-512 variant, and only it, has the lane tile.
-                    assert_eq!(has_lanes_dw(isa), isa.0 == Kind::Avx512);
+                    assert_eq!(has_lanes_dw(isa), isa.kind() == Kind::Avx512);
                     if step == 1 && has_lanes_dw(isa) {
                         lanes_match_plain_loops(isa, &dy, (rows, pitch), &taps, &src, &segs, false);
                         // Runs that pair whole, one after the other in both.
