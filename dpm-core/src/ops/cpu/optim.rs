@@ -5,6 +5,8 @@ use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
 use crate::proto::OperatorDef;
 
+use super::isa::{vectorized, Isa};
+
 /// `Iter(ITER) → ITER + 1`, an int64 `[1]` counter updated in place.
 pub struct Iter;
 
@@ -68,9 +70,7 @@ impl Kernel for MomentumSgdUpdate {
         ctx.expect_outputs(3..=3)?;
         let lr = ctx.input_scalar(2)?;
         let (g, m, p) = update_outputs(ctx, false)?;
-        for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
-            *g = self.0.step(*g, lr, m, p);
-        }
+        momentum_update(Isa::best(), g, m, p, lr, self.0);
         Ok(())
     }
 }
@@ -121,6 +121,29 @@ impl Kernel for DecayMomentumSgdUpdate {
         // would give apart.
         let (w0, wd, lr) = (ctx.input_scalar(1)?, ctx.input_scalar(3)?, ctx.input_scalar(5)?);
         let (g, m, p) = update_outputs(ctx, true)?;
+        decay_momentum_update(Isa::best(), g, m, p, (w0, wd), lr, self.0);
+        Ok(())
+    }
+}
+
+vectorized! {
+    /// `MomentumSGDUpdate` over every element.
+    fn momentum_update(g: &mut [f32], m: &mut [f32], p: &mut [f32], lr: f32, k: Momentum) {
+        for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
+            *g = k.step(*g, lr, m, p);
+        }
+    }
+
+    /// `WeightedSum(g, w0, p, wd)` then `MomentumSGDUpdate` over every element.
+    fn decay_momentum_update(
+        g: &mut [f32],
+        m: &mut [f32],
+        p: &mut [f32],
+        decay: (f32, f32),
+        lr: f32,
+        k: Momentum,
+    ) {
+        let (w0, wd) = decay;
         for ((g, m), p) in g.iter_mut().zip(m.iter_mut()).zip(p.iter_mut()) {
             // WeightedSum's `y = x0; y *= w0 (unless 1); y += wd·x1`.
             let mut decayed = *g;
@@ -128,9 +151,8 @@ impl Kernel for DecayMomentumSgdUpdate {
                 decayed *= w0;
             }
             decayed += wd * *p;
-            *g = self.0.step(decayed, lr, m, p);
+            *g = k.step(decayed, lr, m, p);
         }
-        Ok(())
     }
 }
 
@@ -358,5 +380,35 @@ impl Kernel for Adagrad {
             *p += lr * g / (m.sqrt() + self.epsilon);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::isa::testing::{portable, same_bits, values, LENGTHS};
+
+    #[test]
+    fn every_instruction_set_gives_the_portable_bits() {
+        for n in LENGTHS {
+            for nesterov in [false, true] {
+                let k = Momentum {
+                    momentum: 0.9,
+                    nesterov,
+                    weight_decay: 1e-4,
+                };
+                for decay in [None, Some((1.0, 3e-4)), Some((0.5, 3e-4))] {
+                    let run = |isa: Isa| {
+                        let (mut g, mut m, mut p) = (values(n, 1), values(n, 2), values(n, 3));
+                        match decay {
+                            None => momentum_update(isa, &mut g, &mut m, &mut p, -0.1, k),
+                            Some(d) => decay_momentum_update(isa, &mut g, &mut m, &mut p, d, -0.1, k),
+                        }
+                        [g, m, p].concat()
+                    };
+                    same_bits("momentum update", &run(portable()), run);
+                }
+            }
+        }
     }
 }
