@@ -627,3 +627,55 @@ fn batch_norms_of_planes_larger_than_a_channel_group_match_the_formulas_fused_an
         }
     }
 }
+
+#[test]
+fn a_residual_gradient_sum_fused_with_the_relu_and_batch_norm_gradients_gives_the_ops_bits() {
+    // A residual block's backward under shared gradient memory: the sum of
+    // the two paths' gradients A + B is the relu's dR; the relu gradient
+    // writes dY over A, the batch norm gradient dX over B, and the sum's
+    // blob is overwritten unread. dY then read at the end, or overwritten
+    // unread too (left unwritten by the fused op); training and inference;
+    // several channel groups ([4, 5, 64, 64]) and one ([2, 3, 5, 7]).
+    for shape in [[4usize, 5, 64, 64], [2, 3, 5, 7]] {
+        for (dy_seen, is_test) in [(true, 0i64), (false, 0), (true, 1)] {
+            let c = shape[1];
+            let mut net = Net::new("residual_gradient");
+            net.op("Sum").inputs(["a", "b"]).output("s").build();
+            net.op("ReluGradient").inputs(["r", "s"]).output("a").build();
+            net.op("SpatialBNGradient")
+                .inputs(["x", "sc", "a", "sm", "siv"])
+                .outputs(["b", "ds", "db"])
+                .arg("is_test", is_test)
+                .build();
+            net.op("Copy").input("x").output("s").build();
+            if !dy_seen {
+                net.op("Copy").input("r").output("a").build();
+            }
+            let run = |fuse: bool| {
+                let ws = Workspace::new();
+                ws.set_profiling(true);
+                let mut r = random(&shape, 21, -1.0, 1.0, 0.0);
+                r.data_mut::<f32>().unwrap()[5] = 0.0;
+                ws.feed("r", r);
+                let mut a = random(&shape, 22, -1.0, 1.0, 0.0);
+                (a.data_mut::<f32>().unwrap()[7], a.data_mut::<f32>().unwrap()[8]) = (f32::NAN, -0.0);
+                ws.feed("a", a);
+                ws.feed("b", random(&shape, 23, -1.0, 1.0, 0.0));
+                ws.feed("x", random(&shape, 24, -1.0, 3.0, 0.0));
+                ws.feed("sc", random(&[c], 25, 0.5, 1.5, 0.0));
+                ws.feed("sm", random(&[c], 26, 0.5, 1.5, 0.0));
+                ws.feed("siv", random(&[c], 27, 0.5, 1.5, 0.0));
+                ws.run_net_once(&fusing(net.proto(), fuse)).unwrap();
+                ws
+            };
+            let (fused, apart) = (run(true), run(false));
+            same_blobs(&fused, &apart);
+            let types = op_types(&fused);
+            assert!(
+                types.iter().any(|t| t == "Sum+ReluGradient+SpatialBNGradient")
+                    && !types.iter().any(|t| t == "Sum" || t == "ReluGradient"),
+                "{types:?}"
+            );
+        }
+    }
+}

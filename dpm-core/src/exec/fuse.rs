@@ -26,6 +26,13 @@
 //!   fused kernel reads each plane of dR before it writes dX's. Where a later
 //!   op overwrites dY's blob before anyone reads it (shared gradient memory
 //!   again), dY is not written at all: no one could see it.
+//! - `Sum → ReluGradient → SpatialBNGradient`, the two-term sum making the
+//!   relu's dR (a residual block's input gradient: the shortcut's plus the
+//!   block's) and its blob overwritten unread later, becomes
+//!   `Sum+ReluGradient+SpatialBNGradient`: the terms are added a plane at a
+//!   time inside the pair's kernel and the sum is never written. Its terms
+//!   may be the blobs dY and dX are written over (shared gradient memory
+//!   does that): each plane of them is read first.
 //!
 //! - `WeightedSum → MomentumSGDUpdate` (the L2 decay `g ← g + wd·p` that
 //!   Caffe2's optimizers add before the update, on the same gradient and
@@ -48,7 +55,8 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
     }
     // replaced[i]: the fused op that runs at i; absorbed[j]: op j runs inside
     // another. (Neither can be an op the loop fuses from: those are batch
-    // norms, sums, relu gradients and weighted sums.)
+    // norms, sums, relu gradients and weighted sums, and a sum absorbed by a
+    // relu gradient after it was passed over first.)
     let mut replaced: Vec<Option<OperatorDef>> = vec![None; ops.len()];
     let mut absorbed = vec![false; ops.len()];
     for i in 0..ops.len() {
@@ -89,6 +97,14 @@ pub(super) fn fuse(net: &NetDef, deps: &[Vec<usize>]) -> (Vec<OperatorDef>, Vec<
                     let dy = &ops[i].output[0];
                     if !overwritten_unseen(net, k, dy) {
                         f.output.push(dy.clone());
+                    }
+                    // dR a residual gradient sum no one else sees: its terms
+                    // instead, added a plane at a time.
+                    if let Some(q) = residual_gradient_sum(net, &absorbed, &replaced, i, k) {
+                        f.r#type = Some("Sum+ReluGradient+SpatialBNGradient".into());
+                        f.input[2] = ops[q].input[0].clone();
+                        f.input.push(ops[q].input[1].clone());
+                        absorbed[q] = true;
                     }
                     replaced[k] = Some(f);
                     absorbed[i] = true;
@@ -268,6 +284,51 @@ fn overwritten_unseen(net: &NetDef, k: usize, blob: &String) -> bool {
         }
     }
     false
+}
+
+/// The two-term `Sum` (or `Add`) that writes the dR of relu gradient op `j`,
+/// which fuses with batch norm gradient op `k`, and which can run inside
+/// them: nothing else reads its output, which is overwritten unread after
+/// `k`; no op between it and `k` writes its blobs; its terms are distinct
+/// blobs that the pair reads nowhere else and writes only as dX or dY (a
+/// residual block's gradient, under shared gradient memory, is summed from
+/// the blobs these two then write).
+fn residual_gradient_sum(
+    net: &NetDef,
+    absorbed: &[bool],
+    replaced: &[Option<OperatorDef>],
+    j: usize,
+    k: usize,
+) -> Option<usize> {
+    let (rg, bg) = (&net.op[j], &net.op[k]);
+    let dr = &rg.input[1];
+    let q = (0..j).rev().find(|&q| net.op[q].output.contains(dr))?;
+    let sum = &net.op[q];
+    let [a, b] = &sum.input[..] else {
+        return None;
+    };
+    let ours = |x: &String| x == a || x == b || x == dr;
+    let fits = matches!(sum.op_type(), "Sum" | "Add")
+        && crate::ops::cpu::elementwise::sum_arity(sum).is_ok_and(|r| r.contains(&2))
+        && !absorbed[q]
+        && replaced[q].is_none()
+        && sum.output == [dr.clone()]
+        && a != b
+        && sum.control_input.is_empty()
+        && sum.device_option == rg.device_option
+        && ![a, b].contains(&&rg.input[0])
+        && !bg
+            .input
+            .iter()
+            .enumerate()
+            .any(|(n, x)| n != 2 && (x == a || x == b))
+        && !bg.output[1..].iter().any(|x| x == a || x == b)
+        && (q + 1..k).filter(|&m| m != j).all(|m| {
+            let op = &net.op[m];
+            !op.output.iter().any(ours) && !op.input.contains(dr) && !op.control_input.contains(dr)
+        })
+        && overwritten_unseen(net, k, dr);
+    fits.then_some(q)
 }
 
 /// The `MomentumSGDUpdate` that can absorb `WeightedSum` op `i`, the L2 decay
@@ -595,6 +656,57 @@ mod tests {
         };
         assert_eq!(fused_outputs(&accumulated, false), kept);
         assert_eq!(fused_outputs(&|_: &mut Net| {}, false), kept);
+    }
+
+    #[test]
+    fn a_residual_gradient_sum_joins_the_relu_and_batch_norm_gradients_only_where_unseen() {
+        // Sum(a, b) → s, the relu gradient of s writing dY over a, the batch
+        // norm gradient dX over b, `between` after the sum, `after` after the
+        // batch norm gradient.
+        let fused = |between: &dyn Fn(&mut Net), after: &dyn Fn(&mut Net)| {
+            let n = net(|n| {
+                n.op("Sum").inputs(["a", "b"]).output("s").build();
+                between(n);
+                n.op("ReluGradient").inputs(["r", "s"]).output("a").build();
+                n.op("SpatialBNGradient")
+                    .inputs(["x", "sc", "a", "sm", "siv"])
+                    .outputs(["b", "ds", "db"])
+                    .build();
+                after(n);
+            });
+            let (ops, _) = fuse(&n, &super::super::plan::dependencies(&n.op).unwrap());
+            ops.iter()
+                .map(|o| (o.op_type().to_owned(), o.input.clone(), o.output.clone()))
+                .collect::<Vec<_>>()
+        };
+        let nothing = |_: &mut Net| {};
+        let overwrite_s = |n: &mut Net| drop(n.op("Copy").input("x").output("s").build());
+        let ops = fused(&nothing, &overwrite_s);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert_eq!(ops[0].0, "Sum+ReluGradient+SpatialBNGradient");
+        assert_eq!(ops[0].1, ["x", "sc", "a", "sm", "siv", "r", "b"]);
+        assert_eq!(ops[0].2, ["b", "ds", "db", "a"]);
+        // The sum stays apart: its output read after, or never overwritten,
+        // or read, or a term written, between it and the pair.
+        let read_s = |n: &mut Net| {
+            n.op("Copy").input("s").output("c").build();
+            overwrite_s(n);
+        };
+        let write_a = |n: &mut Net| drop(n.op("Copy").input("x").output("a").build());
+        let read_s_between = |n: &mut Net| drop(n.op("Copy").input("s").output("c").build());
+        for (between, after) in [
+            (&nothing as &dyn Fn(&mut Net), &read_s as &dyn Fn(&mut Net)),
+            (&nothing, &nothing),
+            (&read_s_between, &overwrite_s),
+            (&write_a, &overwrite_s),
+        ] {
+            let ops = fused(between, after);
+            assert!(ops.iter().any(|o| o.0 == "Sum"), "{ops:?}");
+            assert!(
+                ops.iter().any(|o| o.0 == "ReluGradient+SpatialBNGradient"),
+                "{ops:?}"
+            );
+        }
     }
 
     #[test]

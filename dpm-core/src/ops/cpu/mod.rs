@@ -84,6 +84,11 @@ pub fn register(r: &mut Registry) {
         Cpu,
         norm::SpatialBnGradient::create_fused,
     );
+    r.register(
+        "Sum+ReluGradient+SpatialBNGradient",
+        Cpu,
+        norm::SpatialBnGradient::create_residual,
+    );
     r.register("ChannelStats", Cpu, |_| Ok(Box::new(norm::ChannelStats)));
     r.register("ChannelBackpropStats", Cpu, |_| {
         Ok(Box::new(norm::ChannelBackpropStats))

@@ -348,42 +348,81 @@ impl Kernel for SpatialBn {
 ///
 /// Fused with the `ReluGradient` that computes its dY (the executor's
 /// `ReluGradient+SpatialBNGradient`, see `exec::fuse`): input 2 is the relu's output
-/// gradient dR, one more input (last) the relu's output R, and one more output
-/// (last) dY = dR·[R > 0], each plane of which is summed while in cache.
+/// gradient dR, one more input (last) the relu's output R, and, unless no one
+/// could see it, one more output (last) dY = dR·[R > 0], each plane of which
+/// is summed while in cache. Fused also with the two-term `Sum` that makes dR
+/// (`Sum+ReluGradient+SpatialBNGradient`): input 2 is the sum's first term
+/// and one more input (after R) its second, added a plane at a time.
 pub struct SpatialBnGradient {
     p: Params,
-    relu: bool,
+    fused: Fused,
+    /// In-place pairs: fused, dR (or a term of its sum) in dX's blob, a
+    /// term in dY's.
+    pairs: Vec<(usize, usize)>,
+}
+
+/// What a batch norm gradient runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Fused {
+    Nothing,
+    /// The relu gradient that makes dY.
+    Relu,
+    /// The residual sum that makes the relu's dR, and the relu gradient.
+    SumRelu,
 }
 
 impl SpatialBnGradient {
     /// Parses `is_test`, `epsilon`.
     pub fn create(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
-        Ok(Box::new(SpatialBnGradient {
-            p: Params::parse(op)?,
-            relu: false,
-        }))
+        Self::with(op, Fused::Nothing)
     }
 
     /// `ReluGradient+SpatialBNGradient(X, scale, dR, mean, inv_std, [Σ…], R) → (dX,
-    /// dscale, dbias, dY)`.
+    /// dscale, dbias[, dY])`.
     pub fn create_fused(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::with(op, Fused::Relu)
+    }
+
+    /// `Sum+ReluGradient+SpatialBNGradient(X, scale, A, mean, inv_std, [Σ…], R, B)
+    /// → (dX, dscale, dbias[, dY])`, dR = A + B.
+    pub fn create_residual(op: &OperatorDef) -> Result<Box<dyn Kernel>> {
+        Self::with(op, Fused::SumRelu)
+    }
+
+    fn with(op: &OperatorDef, fused: Fused) -> Result<Box<dyn Kernel>> {
+        let pairs = match fused {
+            Fused::Nothing => vec![],
+            Fused::Relu => vec![(2, 0)],
+            // Each term may be dX's blob or dY's (shared gradient memory):
+            // the pairs the op's names make.
+            Fused::SumRelu => {
+                let last = op.input.len().saturating_sub(1);
+                [2, last]
+                    .into_iter()
+                    .filter_map(|t| {
+                        let name = op.input.get(t)?;
+                        [0, 3]
+                            .into_iter()
+                            .find(|&o| op.output.get(o) == Some(name))
+                            .map(|o| (t, o))
+                    })
+                    .collect()
+            }
+        };
         Ok(Box::new(SpatialBnGradient {
             p: Params::parse(op)?,
-            relu: true,
+            fused,
+            pairs,
         }))
     }
 }
 
 impl Kernel for SpatialBnGradient {
     /// Fused, dX may be dR's own blob (gradient memory shared: the relu's
-    /// input gradient is dead once dY is made): dR is then read from dX, all
-    /// of it before any of dX is written.
+    /// input gradient is dead once dY is made), and a term of dR's sum dX's
+    /// or dY's: each plane of them is read before that plane is written.
     fn in_place(&self) -> &[(usize, usize)] {
-        if self.relu {
-            &[(2, 0)]
-        } else {
-            &[]
-        }
+        &self.pairs
     }
 
     /// dR apart from dX is read where it is, not copied into dX first.
@@ -394,37 +433,41 @@ impl Kernel for SpatialBnGradient {
     fn run(&self, ctx: &mut OpContext<'_>) -> Result<()> {
         let isa = Isa::best();
         let synced = !self.p.is_test && self.p.num_batches > 1;
-        let extra = usize::from(self.relu);
+        let extra = match self.fused {
+            Fused::Nothing => 0,
+            Fused::Relu => 1,
+            Fused::SumRelu => 2,
+        };
         let inputs = if synced { 7 } else { 5 } + extra;
         ctx.expect_inputs(inputs..=inputs)?;
-        ctx.expect_outputs(3..=3 + extra)?;
+        ctx.expect_outputs(3..=3 + usize::from(extra > 0))?;
         let (n, c, hw) = dims(ctx, if synced { &[1, 3, 4, 5, 6] } else { &[1, 3, 4] })?;
         let (x, xd) = ctx.input_f32(0)?;
         let (_, scale) = ctx.input_f32(1)?;
-        // dY, or fused, dR: `None` when dR is already in dX (see `in_place`).
-        let dy_in = match ctx.in_place_input(2) {
-            None if self.relu => None,
-            _ => {
-                let (dy, dyd) = ctx.input_f32(2)?;
-                if dy.shape() != x.shape() {
-                    return Err(Error::shape(ctx.input_name(2), x.shape().to_string(), dy.shape()));
+        // Input `i`, of X's shape; `None` where it is already in an output
+        // (see `in_place`).
+        let own = |i: usize| -> Result<Option<&[f32]>> {
+            let pair = self.pairs.iter().any(|&(t, _)| t == i);
+            match ctx.in_place_input(i) {
+                None if pair => Ok(None),
+                _ => {
+                    let (t, d) = ctx.input_f32(i)?;
+                    if t.shape() != x.shape() {
+                        return Err(Error::shape(ctx.input_name(i), x.shape().to_string(), t.shape()));
+                    }
+                    Ok(Some(d))
                 }
-                Some(dyd)
             }
         };
-        // Fused: input 2 is dR, and dY (output 3) is made from it and R.
-        let relu_out = if self.relu {
-            let (r, rd) = ctx.input_f32(inputs - 1)?;
-            if r.shape() != x.shape() {
-                return Err(Error::shape(
-                    ctx.input_name(inputs - 1),
-                    x.shape().to_string(),
-                    r.shape(),
-                ));
-            }
-            Some(rd)
-        } else {
-            None
+        // Input 2: dY, fused dR, or dR's first term; fused, R (and the second term).
+        let input2 = own(2)?;
+        let r_in = match self.fused {
+            Fused::Nothing => None,
+            _ => own(if synced { 7 } else { 5 })?,
+        };
+        let second = match self.fused {
+            Fused::SumRelu => Some(own(inputs - 1)?),
+            _ => None,
         };
         let (_, mean) = ctx.input_f32(3)?;
         let (_, s) = ctx.input_f32(4)?;
@@ -444,46 +487,62 @@ impl Kernel for SpatialBnGradient {
             None
         };
         let (names, input_names) = (&ctx.def().output, &ctx.def().input);
+        // Where each input in place lies: (input, output).
+        let pairs = &self.pairs;
+        let dr = match (self.fused, second) {
+            (Fused::SumRelu, Some(b)) => Some(Dr::Sum(
+                Src::of(input2, pairs.contains(&(2, 3))),
+                Src::of(b, pairs.contains(&(inputs - 1, 3))),
+            )),
+            (Fused::Relu, _) => Some(Dr::One(input2)),
+            _ => None,
+        };
         let outs = ctx.outputs();
         let (outs, masked) = outs.split_at_mut(3);
-        // dX, holding dR when the two are one blob (`dy_in` is then `None`).
-        let dx = match dy_in {
-            Some(_) => outs[0]
-                .resize::<f32>(x.shape())
-                .map_err(|e| e.with_blob(&names[0]))?,
-            None => {
-                if outs[0].shape() != x.shape() {
-                    return Err(Error::shape(
-                        &input_names[2],
-                        x.shape().to_string(),
-                        outs[0].shape(),
-                    ));
-                }
-                outs[0]
-                    .data_mut::<f32>()
-                    .map_err(|e| e.for_blob(&input_names[2]))?
+        // dX; an input in place in it keeps its data (same shape, checked).
+        let dx_holds_input = pairs.iter().any(|&(_, o)| o == 0) && dr.as_ref().is_some_and(Dr::reads_dx);
+        let dx = if dx_holds_input {
+            if outs[0].shape() != x.shape() {
+                return Err(Error::shape(&names[0], x.shape().to_string(), outs[0].shape()));
             }
+            outs[0].data_mut::<f32>().map_err(|e| e.for_blob(&names[0]))?
+        } else {
+            outs[0]
+                .resize::<f32>(x.shape())
+                .map_err(|e| e.with_blob(&names[0]))?
         };
         // dY as given, or fused, made here from dR and R (and written to
-        // output 3 if there is one).
-        let mut grad = match (relu_out, dy_in) {
-            (Some(r), dr) => Grad::Fused {
+        // output 3 if there is one; a term in place there keeps its data).
+        let mut grad = match (r_in, dr, input2) {
+            (Some(r), Some(dr), _) => Grad::Fused {
                 dy: match masked.first_mut() {
+                    Some(t) if dr.reads_dy() => {
+                        if t.shape() != x.shape() {
+                            return Err(Error::shape(&names[3], x.shape().to_string(), t.shape()));
+                        }
+                        Some(t.data_mut::<f32>().map_err(|e| e.for_blob(&names[3]))?)
+                    }
                     Some(t) => Some(t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[3]))?),
                     None => None,
                 },
                 r,
                 dr,
             },
-            (None, Some(dy)) => Grad::Given(dy),
-            (None, None) => {
+            (None, _, Some(dy)) => Grad::Given(dy),
+            _ => {
                 return Err(Error::MissingBlob {
                     name: input_names[2].clone(),
                 })
             }
         };
-        // dY's plane when output 3 is not kept.
-        let mut plane = vec![0.0f32; if self.relu { hw } else { 0 }];
+        // (A term in place in dY is declared only where dY is an output.)
+        let missing_dy = || Error::MissingBlob {
+            name: input_names[2].clone(),
+        };
+        // dY's plane when output 3 is not kept, and dR's when it is a sum.
+        let fused = self.fused != Fused::Nothing;
+        let mut plane = vec![0.0f32; if fused { hw } else { 0 }];
+        let mut sum = vec![0.0f32; if self.fused == Fused::SumRelu { hw } else { 0 }];
         let (mut dscale, mut dbias) = given.unwrap_or_else(|| (vec![0.0f64; c], vec![0.0f64; c]));
         let count = (self.p.num_batches * n * hw) as f32;
         for chans in channel_groups(n, c, hw) {
@@ -492,13 +551,16 @@ impl Kernel for SpatialBnGradient {
                 let gp: &[f32] = match &mut grad {
                     Grad::Given(dy) => &dy[at.clone()],
                     Grad::Fused { dy, r, dr } => {
-                        // dR's plane is read before dX's is written (pass 2).
-                        let dr = dr.map_or(&dx[at.clone()], |d| &d[at.clone()]);
+                        // dR's plane is read before dX's is written (pass 2),
+                        // and its terms' before dY's.
+                        let drp = dr
+                            .plane(isa, at.clone(), dx, dy.as_deref(), &mut sum)
+                            .ok_or_else(missing_dy)?;
                         let dp = match dy {
                             Some(dy) => &mut dy[at.clone()],
                             None => &mut plane[..],
                         };
-                        mask(isa, dp, &r[at.clone()], dr);
+                        mask(isa, dp, &r[at.clone()], drp);
                         dp
                     }
                 };
@@ -515,8 +577,10 @@ impl Kernel for SpatialBnGradient {
                     Grad::Given(dy) => &dy[at.clone()],
                     Grad::Fused { dy: Some(dy), .. } => &dy[at.clone()],
                     Grad::Fused { dy: None, r, dr } => {
-                        let dr = dr.map_or(&dx[at.clone()], |d| &d[at.clone()]);
-                        mask(isa, &mut plane, &r[at.clone()], dr);
+                        let drp = dr
+                            .plane(isa, at.clone(), dx, None, &mut sum)
+                            .ok_or_else(missing_dy)?;
+                        mask(isa, &mut plane, &r[at.clone()], drp);
                         &plane
                     }
                 };
@@ -566,15 +630,88 @@ fn running_stat<'t>(t: &'t mut Tensor, name: &str, c: usize) -> Result<&'t mut [
 }
 
 /// A batch norm gradient's dY: an input, or fused, made from the relu's dR
-/// (its own blob, or `None`: already in dX's) and output R, and written to
-/// `dy` if the fused op keeps it (else made a plane at a time, twice).
+/// and output R, and written to `dy` if the fused op keeps it (else made a
+/// plane at a time, twice).
 enum Grad<'a> {
     Given(&'a [f32]),
     Fused {
         dy: Option<&'a mut [f32]>,
         r: &'a [f32],
-        dr: Option<&'a [f32]>,
+        dr: Dr<'a>,
     },
+}
+
+/// A fused gradient's dR: a blob (its own, or `None`: already in dX's), or
+/// the sum of two terms.
+enum Dr<'a> {
+    One(Option<&'a [f32]>),
+    Sum(Src<'a>, Src<'a>),
+}
+
+/// Where a term of dR's sum lies: its own blob, or an output's.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Own(&'a [f32]),
+    Dx,
+    Dy,
+}
+
+impl Dr<'_> {
+    /// Whether some of dR lies in dX's blob.
+    fn reads_dx(&self) -> bool {
+        match self {
+            Dr::One(d) => d.is_none(),
+            Dr::Sum(a, b) => [a, b].iter().any(|s| matches!(s, Src::Dx)),
+        }
+    }
+
+    /// Whether a term of dR lies in dY's blob.
+    fn reads_dy(&self) -> bool {
+        matches!(self, Dr::Sum(a, b) if [a, b].iter().any(|s| matches!(s, Src::Dy)))
+    }
+
+    /// dR's plane `at`, where it lies or added into `sum`; `dx` and `dy` hold
+    /// what lies in them (`None` if a term lies in a `dy` that is not there).
+    fn plane<'p>(
+        &'p self,
+        isa: Isa,
+        at: Range<usize>,
+        dx: &'p [f32],
+        dy: Option<&[f32]>,
+        sum: &'p mut [f32],
+    ) -> Option<&'p [f32]> {
+        match self {
+            Dr::One(d) => Some(d.map_or(&dx[at.clone()], |d| &d[at])),
+            Dr::Sum(a, b) => {
+                add(isa, sum, a.plane(&at, dx, dy)?, b.plane(&at, dx, dy)?);
+                Some(sum)
+            }
+        }
+    }
+}
+
+impl<'a> Src<'a> {
+    /// An input's data, or where it lies when it is in place (`None`): dY's
+    /// blob if `in_dy`, else dX's.
+    fn of(d: Option<&'a [f32]>, in_dy: bool) -> Src<'a> {
+        match d {
+            Some(d) => Src::Own(d),
+            None if in_dy => Src::Dy,
+            None => Src::Dx,
+        }
+    }
+
+    /// Plane `at` of the term.
+    fn plane<'p>(self, at: &Range<usize>, dx: &'p [f32], dy: Option<&'p [f32]>) -> Option<&'p [f32]>
+    where
+        'a: 'p,
+    {
+        match self {
+            Src::Own(d) => Some(&d[at.clone()]),
+            Src::Dx => Some(&dx[at.clone()]),
+            Src::Dy => dy.map(|d| &d[at.clone()]),
+        }
+    }
 }
 
 /// Elements of each tensor a batch norm gradient's channel group spans (128
