@@ -20,7 +20,7 @@ const SETS: usize = 8;
 const ITERS: usize = 30;
 
 /// (name, op type, inputs, outputs) with `{}` for the set's number.
-const CASES: [(&str, &str, &[&str], &[&str]); 6] = [
+const CASES: [(&str, &str, &[&str], &[&str]); 7] = [
     (
         "batch norm + relu",
         "SpatialBN+Relu",
@@ -44,6 +44,12 @@ const CASES: [(&str, &str, &[&str], &[&str]); 6] = [
         "ReluGradient+SpatialBNGradient",
         &["x{}", "s{}", "dr{}", "sm{}", "siv{}", "r{}"],
         &["dr{}", "ds{}", "db{}"],
+    ),
+    (
+        "  with the residual sum",
+        "Sum+ReluGradient+SpatialBNGradient",
+        &["x{}", "s{}", "dr{}", "sm{}", "siv{}", "r{}", "o{}"],
+        &["o{}", "ds{}", "db{}", "dr{}"],
     ),
     ("sum + relu", "Sum+Relu", &["x{}", "o{}"], &["sum{}", "r{}"]),
     (
