@@ -307,7 +307,9 @@ fn residual_gradient_sum(
     let [a, b] = &sum.input[..] else {
         return None;
     };
-    let ours = |x: &String| x == a || x == b || x == dr;
+    // (No op between the sum and the relu gradient writes dR: the sum is its
+    // last writer; none between the pair does: `relu_bn_gradient`.)
+    let term = |x: &String| x == a || x == b;
     let fits = matches!(sum.op_type(), "Sum" | "Add")
         && crate::ops::cpu::elementwise::sum_arity(sum).is_ok_and(|r| r.contains(&2))
         && !absorbed[q]
@@ -317,15 +319,11 @@ fn residual_gradient_sum(
         && sum.control_input.is_empty()
         && sum.device_option == rg.device_option
         && ![a, b].contains(&&rg.input[0])
-        && !bg
-            .input
-            .iter()
-            .enumerate()
-            .any(|(n, x)| n != 2 && (x == a || x == b))
-        && !bg.output[1..].iter().any(|x| x == a || x == b)
+        && !bg.input.iter().enumerate().any(|(n, x)| n != 2 && term(x))
+        && !bg.output[1..].iter().any(term)
         && (q + 1..k).filter(|&m| m != j).all(|m| {
             let op = &net.op[m];
-            !op.output.iter().any(ours) && !op.input.contains(dr) && !op.control_input.contains(dr)
+            !op.output.iter().any(term) && !op.input.contains(dr) && !op.control_input.contains(dr)
         })
         && overwritten_unseen(net, k, dr);
     fits.then_some(q)
@@ -663,21 +661,29 @@ mod tests {
         // Sum(a, b) → s, the relu gradient of s writing dY over a, the batch
         // norm gradient dX over b, `between` after the sum, `after` after the
         // batch norm gradient.
-        let fused = |between: &dyn Fn(&mut Net), after: &dyn Fn(&mut Net)| {
-            let n = net(|n| {
-                n.op("Sum").inputs(["a", "b"]).output("s").build();
-                between(n);
-                n.op("ReluGradient").inputs(["r", "s"]).output("a").build();
-                n.op("SpatialBNGradient")
-                    .inputs(["x", "sc", "a", "sm", "siv"])
-                    .outputs(["b", "ds", "db"])
-                    .build();
-                after(n);
-            });
+        let bn_grad = |inputs: [&'static str; 5], outputs: [&'static str; 3]| {
+            move |between: &dyn Fn(&mut Net), after: &dyn Fn(&mut Net)| {
+                net(|n| {
+                    n.op("Sum").inputs(["a", "b"]).output("s").build();
+                    between(n);
+                    n.op("ReluGradient").inputs(["r", "s"]).output("a").build();
+                    n.op("SpatialBNGradient").inputs(inputs).outputs(outputs).build();
+                    after(n);
+                })
+            }
+        };
+        let fused_with = |inputs: [&'static str; 5],
+                          outputs: [&'static str; 3],
+                          between: &dyn Fn(&mut Net),
+                          after: &dyn Fn(&mut Net)| {
+            let n = bn_grad(inputs, outputs)(between, after);
             let (ops, _) = fuse(&n, &super::super::plan::dependencies(&n.op).unwrap());
             ops.iter()
                 .map(|o| (o.op_type().to_owned(), o.input.clone(), o.output.clone()))
                 .collect::<Vec<_>>()
+        };
+        let fused = |between: &dyn Fn(&mut Net), after: &dyn Fn(&mut Net)| {
+            fused_with(["x", "sc", "a", "sm", "siv"], ["b", "ds", "db"], between, after)
         };
         let nothing = |_: &mut Net| {};
         let overwrite_s = |n: &mut Net| drop(n.op("Copy").input("x").output("s").build());
@@ -693,19 +699,34 @@ mod tests {
             overwrite_s(n);
         };
         let write_a = |n: &mut Net| drop(n.op("Copy").input("x").output("a").build());
+        let write_b = |n: &mut Net| drop(n.op("Copy").input("x").output("b").build());
         let read_s_between = |n: &mut Net| drop(n.op("Copy").input("s").output("c").build());
-        for (between, after) in [
-            (&nothing as &dyn Fn(&mut Net), &read_s as &dyn Fn(&mut Net)),
-            (&nothing, &nothing),
-            (&read_s_between, &overwrite_s),
-            (&write_a, &overwrite_s),
-        ] {
-            let ops = fused(between, after);
+        let stays = |ops: Vec<(String, Vec<String>, Vec<String>)>| {
             assert!(ops.iter().any(|o| o.0 == "Sum"), "{ops:?}");
             assert!(
                 ops.iter().any(|o| o.0 == "ReluGradient+SpatialBNGradient"),
                 "{ops:?}"
             );
+        };
+        for (between, after) in [
+            (&nothing as &dyn Fn(&mut Net), &read_s as &dyn Fn(&mut Net)),
+            (&nothing, &nothing),
+            (&read_s_between, &overwrite_s),
+            (&write_a, &overwrite_s),
+            (&write_b, &overwrite_s),
+        ] {
+            stays(fused(between, after));
+        }
+        // Or the batch norm gradient reads a term as another input, or
+        // writes one as dscale or dbias. (Reading or writing dY, the
+        // other term, elsewhere already keeps the relu gradient apart.)
+        for (inputs, outputs) in [
+            (["b", "sc", "a", "sm", "siv"], ["c", "ds", "db"]),
+            (["x", "b", "a", "sm", "siv"], ["c", "ds", "db"]),
+            (["x", "sc", "a", "sm", "siv"], ["c", "b", "db"]),
+            (["x", "sc", "a", "sm", "siv"], ["c", "ds", "b"]),
+        ] {
+            stays(fused_with(inputs, outputs, &nothing, &overwrite_s));
         }
     }
 
