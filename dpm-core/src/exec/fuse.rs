@@ -701,6 +701,8 @@ mod tests {
         let write_a = |n: &mut Net| drop(n.op("Copy").input("x").output("a").build());
         let write_b = |n: &mut Net| drop(n.op("Copy").input("x").output("b").build());
         let read_s_between = |n: &mut Net| drop(n.op("Copy").input("s").output("c").build());
+        let wait_s_between =
+            |n: &mut Net| drop(n.op("Copy").input("x").output("c").control_input("s").build());
         let stays = |ops: Vec<(String, Vec<String>, Vec<String>)>| {
             assert!(ops.iter().any(|o| o.0 == "Sum"), "{ops:?}");
             assert!(
@@ -712,6 +714,7 @@ mod tests {
             (&nothing as &dyn Fn(&mut Net), &read_s as &dyn Fn(&mut Net)),
             (&nothing, &nothing),
             (&read_s_between, &overwrite_s),
+            (&wait_s_between, &overwrite_s),
             (&write_a, &overwrite_s),
             (&write_b, &overwrite_s),
         ] {

@@ -53,17 +53,23 @@ impl Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let var = std::env::var("DPM_ISA").or_else(|_| std::env::var("DPM_CONV_ISA"));
-            let cap = match var.as_deref() {
-                Ok("portable") => Kind::Portable,
-                Ok("avx2") => Kind::Avx2Fma,
-                _ => Kind::Avx512,
-            };
-            Isa::supported()
-                .into_iter()
-                .filter(|i| i.0 <= cap)
-                .max_by_key(|i| i.0)
-                .unwrap_or(Isa(Kind::Portable))
+            Isa::capped(var.as_deref().ok())
         })
+    }
+
+    /// The fastest supported implementation up to `cap` (a `DPM_ISA` value;
+    /// none, or one it does not know, caps nothing).
+    fn capped(cap: Option<&str>) -> Isa {
+        let cap = match cap {
+            Some("portable") => Kind::Portable,
+            Some("avx2") => Kind::Avx2Fma,
+            _ => Kind::Avx512,
+        };
+        Isa::supported()
+            .into_iter()
+            .filter(|i| i.0 <= cap)
+            .max_by_key(|i| i.0)
+            .unwrap_or(Isa(Kind::Portable))
     }
 
     /// Whether the AVX2+FMA routines may run (also under AVX-512).
@@ -113,6 +119,37 @@ macro_rules! vectorized {
     )*};
 }
 pub(crate) use vectorized;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_lists_the_portable_variant_first_and_caps_apply() {
+        let all = Isa::supported();
+        assert_eq!(all[0].kind(), Kind::Portable);
+        assert!(!all[0].avx2());
+        // Strictly faster after it, each with the AVX2 routines.
+        assert!(all.windows(2).all(|w| w[0].kind() < w[1].kind()));
+        assert!(all[1..].iter().all(|i| i.avx2()));
+        let fastest = *all.last().unwrap();
+        assert_eq!(Isa::capped(None), fastest);
+        assert_eq!(Isa::capped(Some("avx512")), fastest);
+        assert_eq!(Isa::capped(Some("something else")), fastest);
+        assert_eq!(Isa::capped(Some("portable")), all[0]);
+        let avx2 = all.iter().copied().rfind(|i| i.kind() <= Kind::Avx2Fma);
+        assert_eq!(Some(Isa::capped(Some("avx2"))), avx2);
+        // Where the machine has them, the AVX2 and AVX-512 variants exist.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            assert_eq!(all[1].kind(), Kind::Avx2Fma);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            assert_eq!(fastest.kind(), Kind::Avx512);
+        }
+    }
+}
 
 /// What the tests of [`vectorized!`] functions feed every variant.
 #[cfg(test)]
