@@ -636,11 +636,17 @@ fn a_residual_gradient_sum_fused_with_the_relu_and_batch_norm_gradients_gives_th
     // blob is overwritten unread. dY then read at the end, or overwritten
     // unread too (left unwritten by the fused op); training and inference;
     // several channel groups ([4, 5, 64, 64]) and one ([2, 3, 5, 7]).
+    // Either term first (the first and the second term each in dY's blob).
     for shape in [[4usize, 5, 64, 64], [2, 3, 5, 7]] {
-        for (dy_seen, is_test) in [(true, 0i64), (false, 0), (true, 1)] {
+        for (dy_seen, is_test, terms) in [
+            (true, 0i64, ["a", "b"]),
+            (false, 0, ["a", "b"]),
+            (true, 1, ["a", "b"]),
+            (true, 0, ["b", "a"]),
+        ] {
             let c = shape[1];
             let mut net = Net::new("residual_gradient");
-            net.op("Sum").inputs(["a", "b"]).output("s").build();
+            net.op("Sum").inputs(terms).output("s").build();
             net.op("ReluGradient").inputs(["r", "s"]).output("a").build();
             net.op("SpatialBNGradient")
                 .inputs(["x", "sc", "a", "sm", "siv"])
