@@ -692,6 +692,20 @@ mod tests {
         assert_eq!(ops[0].0, "Sum+ReluGradient+SpatialBNGradient");
         assert_eq!(ops[0].1, ["x", "sc", "a", "sm", "siv", "r", "b"]);
         assert_eq!(ops[0].2, ["b", "ds", "db", "a"]);
+        // An accumulation in place (`Sum(s, b) → s`, as shared gradient
+        // memory makes some): s's old value is the first term.
+        let n = net(|n| {
+            n.op("Sum").inputs(["s", "b"]).output("s").build();
+            n.op("ReluGradient").inputs(["r", "s"]).output("a").build();
+            n.op("SpatialBNGradient")
+                .inputs(["x", "sc", "a", "sm", "siv"])
+                .outputs(["b", "ds", "db"])
+                .build();
+            overwrite_s(n);
+        });
+        let (ops, _) = fuse(&n, &super::super::plan::dependencies(&n.op).unwrap());
+        assert_eq!(ops[0].op_type(), "Sum+ReluGradient+SpatialBNGradient");
+        assert_eq!(ops[0].input, ["x", "sc", "s", "sm", "siv", "r", "b"]);
         // The sum stays apart: its output read after, or never overwritten,
         // or read, or a term written, between it and the pair.
         let read_s = |n: &mut Net| {
