@@ -276,18 +276,8 @@ impl Kernel for Adam {
         let [p, m, v] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
             unreachable!("arity checked")
         };
-        let (b1, b2) = (self.beta1, self.beta2);
-        let correction = (1.0 - b2.powi(t)).sqrt() / (1.0 - b1.powi(t));
-        let wd = self.weight_decay;
-        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            let g = if self.decoupled { g } else { g + wd * *p };
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            if self.decoupled {
-                *p += lr * wd * *p;
-            }
-            *p += lr * correction * *m / (v.sqrt() + self.epsilon);
-        }
+        let correction = (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
+        adam_update(Isa::best(), p, m, v, g, (lr, correction), self);
         Ok(())
     }
 }
@@ -326,11 +316,7 @@ impl Kernel for RmsProp {
         let [g, ms, mom] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
             unreachable!("arity checked")
         };
-        for ((g, ms), mom) in g.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()) {
-            *ms += (1.0 - self.decay) * (*g * *g - *ms);
-            *mom = self.momentum * *mom + lr * *g / (self.epsilon + *ms).sqrt();
-            *g = *mom;
-        }
+        rms_prop_update(Isa::best(), g, ms, mom, lr, self);
         Ok(())
     }
 }
@@ -375,11 +361,43 @@ impl Kernel for Adagrad {
         let [p, m] = &mut outputs_f32(ctx.outputs(), &names)?[..] else {
             unreachable!("arity checked")
         };
-        for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
-            *m = self.decay * *m + g * g;
-            *p += lr * g / (m.sqrt() + self.epsilon);
-        }
+        adagrad_update(Isa::best(), p, m, g, lr, self);
         Ok(())
+    }
+}
+
+vectorized! {
+    /// `Adam` over every element; `step`: the learning rate and the bias
+    /// correction of this iteration.
+    fn adam_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], step: (f32, f32), k: &Adam) {
+        let (lr, correction) = step;
+        let (b1, b2, wd) = (k.beta1, k.beta2, k.weight_decay);
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = if k.decoupled { g } else { g + wd * *p };
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            if k.decoupled {
+                *p += lr * wd * *p;
+            }
+            *p += lr * correction * *m / (v.sqrt() + k.epsilon);
+        }
+    }
+
+    /// `RmsProp` over every element.
+    fn rms_prop_update(g: &mut [f32], ms: &mut [f32], mom: &mut [f32], lr: f32, k: &RmsProp) {
+        for ((g, ms), mom) in g.iter_mut().zip(ms.iter_mut()).zip(mom.iter_mut()) {
+            *ms += (1.0 - k.decay) * (*g * *g - *ms);
+            *mom = k.momentum * *mom + lr * *g / (k.epsilon + *ms).sqrt();
+            *g = *mom;
+        }
+    }
+
+    /// `Adagrad` over every element.
+    fn adagrad_update(p: &mut [f32], m: &mut [f32], g: &[f32], lr: f32, k: &Adagrad) {
+        for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+            *m = k.decay * *m + g * g;
+            *p += lr * g / (m.sqrt() + k.epsilon);
+        }
     }
 }
 
@@ -409,6 +427,46 @@ mod tests {
                     same_bits("momentum update", &run(portable()), run);
                 }
             }
+            for decoupled in [false, true] {
+                let k = Adam {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    epsilon: 1e-8,
+                    weight_decay: 1e-2,
+                    decoupled,
+                };
+                let run = |isa: Isa| {
+                    let (mut p, mut m, mut v) = (values(n, 1), values(n, 2), values(n, 3));
+                    // Second moments are never negative.
+                    v.iter_mut().for_each(|x| *x = x.abs());
+                    adam_update(isa, &mut p, &mut m, &mut v, &values(n, 4), (-1e-3, 0.3), &k);
+                    [p, m, v].concat()
+                };
+                same_bits("adam", &run(portable()), run);
+            }
+            let k = RmsProp {
+                decay: 0.9,
+                momentum: 0.5,
+                epsilon: 1e-5,
+            };
+            let run = |isa: Isa| {
+                let (mut g, mut ms, mut mom) = (values(n, 1), values(n, 2), values(n, 3));
+                ms.iter_mut().for_each(|x| *x = x.abs());
+                rms_prop_update(isa, &mut g, &mut ms, &mut mom, -0.01, &k);
+                [g, ms, mom].concat()
+            };
+            same_bits("rmsprop", &run(portable()), run);
+            let k = Adagrad {
+                epsilon: 1e-5,
+                decay: 0.95,
+            };
+            let run = |isa: Isa| {
+                let (mut p, mut m) = (values(n, 1), values(n, 2));
+                m.iter_mut().for_each(|x| *x = x.abs());
+                adagrad_update(isa, &mut p, &mut m, &values(n, 3), -0.01, &k);
+                [p, m].concat()
+            };
+            same_bits("adagrad", &run(portable()), run);
         }
     }
 }
