@@ -499,30 +499,18 @@ impl Kernel for SpatialBnGradient {
         };
         let outs = ctx.outputs();
         let (outs, masked) = outs.split_at_mut(3);
-        // dX; an input in place in it keeps its data (same shape, checked).
-        let dx_holds_input = pairs.iter().any(|&(_, o)| o == 0) && dr.as_ref().is_some_and(Dr::reads_dx);
-        let dx = if dx_holds_input {
-            if outs[0].shape() != x.shape() {
-                return Err(Error::shape(&names[0], x.shape().to_string(), outs[0].shape()));
-            }
-            outs[0].data_mut::<f32>().map_err(|e| e.for_blob(&names[0]))?
-        } else {
-            outs[0]
-                .resize::<f32>(x.shape())
-                .map_err(|e| e.with_blob(&names[0]))?
-        };
+        let dx = writable(
+            outs[0],
+            &names[0],
+            x.shape(),
+            dr.as_ref().is_some_and(Dr::reads_dx),
+        )?;
         // dY as given, or fused, made here from dR and R (and written to
         // output 3 if there is one; a term in place there keeps its data).
         let mut grad = match (r_in, dr, input2) {
             (Some(r), Some(dr), _) => Grad::Fused {
                 dy: match masked.first_mut() {
-                    Some(t) if dr.reads_dy() => {
-                        if t.shape() != x.shape() {
-                            return Err(Error::shape(&names[3], x.shape().to_string(), t.shape()));
-                        }
-                        Some(t.data_mut::<f32>().map_err(|e| e.for_blob(&names[3]))?)
-                    }
-                    Some(t) => Some(t.resize::<f32>(x.shape()).map_err(|e| e.with_blob(&names[3]))?),
+                    Some(t) => Some(writable(t, &names[3], x.shape(), dr.reads_dy())?),
                     None => None,
                 },
                 r,
@@ -615,6 +603,18 @@ impl Kernel for SpatialBnGradient {
             .copy_from_slice(&to32(&dbias));
         Ok(())
     }
+}
+
+/// Output `t` (blob `name`) as `shape`, for writing; if it `holds` an input
+/// in place, with that input's data (it must have `shape` already).
+fn writable<'t>(t: &'t mut Tensor, name: &str, shape: &Shape, holds: bool) -> Result<&'t mut [f32]> {
+    if !holds {
+        return t.resize::<f32>(shape.clone()).map_err(|e| e.with_blob(name));
+    }
+    if t.shape() != shape {
+        return Err(Error::shape(name, shape.to_string(), t.shape()));
+    }
+    t.data_mut::<f32>().map_err(|e| e.for_blob(name))
 }
 
 /// A running statistic's elements, updated in place: `c` of them, or an error.
