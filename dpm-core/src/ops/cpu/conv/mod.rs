@@ -291,6 +291,12 @@ fn laid_out<'a>(
     planes
 }
 
+/// Part `i` of `n` near-equal parts of `data`.
+fn part(data: &[f32], i: usize, n: usize) -> &[f32] {
+    let n = n.max(1);
+    &data[data.len() * i / n..data.len() * (i + 1) / n]
+}
+
 /// Runs `f(images, worker, out)` on `workers` contiguous ranges of `n` images in
 /// parallel, `out` being the range's part of `out` (`per_image` elements each).
 fn for_ranges<F>(n: usize, workers: &mut [Worker], out: &mut [f32], per_image: usize, f: F)
@@ -387,6 +393,8 @@ impl Conv {
                 let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
                 lay.segments(count, y_image, &mut s.segs);
                 let yb = &mut y[(b0 - images.start) * y_image..][..count * y_image];
+                // The next block's images, fetched while this one computes.
+                let next = &x[(b0 + count) * x_image..(b0 + count + nb).min(images.end) * x_image];
                 for gi in 0..d.groups {
                     correlate(
                         isa,
@@ -398,6 +406,7 @@ impl Conv {
                         bias.map(|b| &b[gi * mg..]),
                         &mut yb[gi * mg * ohw..],
                         ohw,
+                        part(next, gi, d.groups),
                     );
                 }
             }
@@ -489,12 +498,20 @@ impl ConvGradient {
             for b0 in images.clone().step_by(nb) {
                 let count = nb.min(images.end - b0);
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
+                // The next block's images and dY, fetched while this one
+                // computes: its input during dW, its dY during dX.
+                let next = (b0 + count)..(b0 + count + nb).min(images.end);
+                let (next_x, next_dy) = (
+                    &x[next.start * x_image..next.end * x_image],
+                    &dy[next.start * y_image..next.end * y_image],
+                );
                 // dW += dY · (the window's inputs)ᵀ
                 let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
                 if lanes {
                     // A few images per tile pass, their pixels one run of
                     // pairs (dY's pixel `p` of image `i` at `i·y_image + p`).
                     let per_pass = lanes_images(ohw);
+                    let calls = count.div_ceil(per_pass) * d.groups;
                     for i0 in (0..count).step_by(per_pass) {
                         let n = per_pass.min(count - i0);
                         if s.pairs_images != n {
@@ -511,6 +528,7 @@ impl ConvGradient {
                                 &planes[i0 * lay.image_len() + gi * cg * lay.channel_len()..],
                                 &s.pairs,
                                 &mut s.dw_lanes[gi * mg * lane_k..],
+                                part(next_x, (i0 / per_pass) * d.groups + gi, calls),
                             );
                         }
                     }
@@ -528,6 +546,7 @@ impl ConvGradient {
                             &planes[gi * cg * lay.channel_len()..],
                             &s.segs,
                             &mut s.dwt[gi * k * mgp..(gi + 1) * k * mgp],
+                            part(next_x, gi, d.groups),
                         );
                     }
                 }
@@ -549,6 +568,8 @@ impl ConvGradient {
                     s.dense.resize(count * x_image, 0.0);
                 }
                 let mut at = 0;
+                let calls = dx_taps.iter().filter(|t| !t.is_empty()).count() * d.groups;
+                let mut call = 0;
                 for ((p, ptaps), &off) in phases.iter().zip(dx_taps).zip(&offsets) {
                     let plane = p.plane();
                     let out_image = if strided { d.c * plane } else { x_image };
@@ -573,7 +594,9 @@ impl ConvGradient {
                             None,
                             &mut dense[gi * cg * plane..],
                             plane,
+                            part(next_dy, call, calls),
                         );
+                        call += 1;
                     }
                 }
                 if strided {
