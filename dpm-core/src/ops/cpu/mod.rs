@@ -19,6 +19,7 @@ mod matmul;
 pub(crate) mod norm;
 pub(crate) mod optim;
 pub(crate) mod pool;
+mod prefetch;
 pub mod rng;
 mod shape;
 

@@ -15,6 +15,8 @@
 
 use std::ops::Range;
 
+use smallvec::{smallvec, SmallVec};
+
 use crate::error::{Error, Result};
 use crate::graph::Args;
 use crate::ops::{Kernel, OpContext};
@@ -23,6 +25,7 @@ use crate::tensor::{Shape, Tensor};
 
 use super::elementwise::{add, relu_grad, relu_into, same_shape};
 use super::isa::{vectorized, Isa};
+use super::prefetch;
 
 vectorized! {
     /// `(Σ a, Σ a·(b − shift))` over one plane, in 32 f32 lanes so the loop
@@ -533,9 +536,18 @@ impl Kernel for SpatialBnGradient {
         let mut sum = vec![0.0f32; if self.fused == Fused::SumRelu { hw } else { 0 }];
         let (mut dscale, mut dbias) = given.unwrap_or_else(|| (vec![0.0f64; c], vec![0.0f64; c]));
         let count = (self.p.num_batches * n * hw) as f32;
+        // Pass 1 visits planes out of memory order: what it reads of the next
+        // plane is asked for while it works on this one (`prefetch`).
+        let reads = grad.reads(xd, dx.as_ptr());
+        let mut upcoming = channel_groups(n, c, hw).flat_map(|g| planes(n, c, hw, g)).skip(1);
         for chans in channel_groups(n, c, hw) {
             // Pass 1: dY (fused), and unless given, the channels' sums.
             for (ch, at) in planes(n, c, hw, chans.clone()) {
+                if let Some((_, next)) = upcoming.next() {
+                    for &t in &reads {
+                        prefetch::lines(t.wrapping_add(next.start), next.len());
+                    }
+                }
                 let gp: &[f32] = match &mut grad {
                     Grad::Given(dy) => &dy[at.clone()],
                     Grad::Fused { dy, r, dr } => {
@@ -639,6 +651,30 @@ enum Grad<'a> {
         r: &'a [f32],
         dr: Dr<'a>,
     },
+}
+
+impl Grad<'_> {
+    /// Where the tensors pass 1 reads start: X, and dY or R and dR's terms
+    /// (a term held in place in dX's blob, at `dx`, or in dY's).
+    fn reads(&self, x: &[f32], dx: *const f32) -> SmallVec<[*const f32; 4]> {
+        let mut at: SmallVec<[*const f32; 4]> = smallvec![x.as_ptr()];
+        match self {
+            Grad::Given(dy) => at.push(dy.as_ptr()),
+            Grad::Fused { dy, r, dr } => {
+                at.push(r.as_ptr());
+                let terms = match dr {
+                    Dr::One(d) => [Some(d.map_or(Src::Dx, Src::Own)), None],
+                    Dr::Sum(a, b) => [Some(*a), Some(*b)],
+                };
+                at.extend(terms.into_iter().flatten().filter_map(|t| match t {
+                    Src::Own(d) => Some(d.as_ptr()),
+                    Src::Dx => Some(dx),
+                    Src::Dy => dy.as_deref().map(<[f32]>::as_ptr),
+                }));
+            }
+        }
+        at
+    }
 }
 
 /// A fused gradient's dR: a blob (its own, or `None`: already in dX's), or

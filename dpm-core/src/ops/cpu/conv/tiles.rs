@@ -24,6 +24,7 @@
 
 pub use crate::ops::cpu::isa::Isa;
 use crate::ops::cpu::isa::Kind;
+use crate::ops::cpu::prefetch::Ahead;
 use crate::tensor::HostVec;
 
 /// Pixels per segment: one 256-bit vector of f32.
@@ -355,7 +356,8 @@ pub fn pack_panels(rows: usize, k: usize, at: impl Fn(usize, usize) -> f32, out:
 /// while every panel of `a` streams past it.
 ///
 /// `ahead` (often empty) is data the caller reads next: its cache lines are
-/// pulled toward the core a few at a time between tiles ([`Ahead`]).
+/// pulled toward the core a few at a time between tiles ([`Ahead`]: the next
+/// block's input, fetched while this block computes).
 ///
 /// # Panics
 /// If a read or write would leave `src` or `out`: `src` must hold whole
@@ -404,53 +406,6 @@ pub fn correlate(
             pitch,
             ahead,
         )
-    }
-}
-
-/// The cache lines of a slice, prefetched into L2 a few per step, spread over
-/// a known number of steps. A convolution's next block of images then arrives
-/// while this block's tiles compute; read afterwards, it would wait on memory,
-/// as the hardware prefetcher ramps up again at every 4 KiB page and a 32×32
-/// plane is one page (ResNet-20's forward convolutions measured 3% faster).
-pub struct Ahead {
-    at: usize,
-    end: usize,
-    per_step: usize,
-}
-
-impl Ahead {
-    /// `data`'s lines over `steps` steps.
-    pub fn new(data: &[f32], steps: usize) -> Ahead {
-        let (at, bytes) = (data.as_ptr() as usize, size_of_val(data));
-        Ahead {
-            at,
-            end: at + bytes,
-            per_step: bytes.div_ceil(64).div_ceil(steps.max(1)),
-        }
-    }
-
-    /// Prefetches the next lines (none once all are asked for).
-    #[inline]
-    pub fn step(&mut self) {
-        for _ in 0..self.per_step {
-            if self.at >= self.end {
-                return;
-            }
-            // SAFETY: SSE is part of x86-64, and a prefetch is a hint: it
-            // reads nothing the program sees and cannot fault, whatever the
-            // address (here always one of the slice's lines).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.at as *const i8)
-            };
-            self.at += 64;
-        }
-    }
-
-    /// Lines not yet asked for.
-    #[cfg(test)]
-    fn left(&self) -> usize {
-        (self.end.saturating_sub(self.at)).div_ceil(64)
     }
 }
 
@@ -1699,29 +1654,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn ahead_asks_for_every_line_within_its_steps() {
-        let data = vec![0.0f32; 1000]; // 4000 bytes: 63 lines, or 64 unaligned
-        for steps in [1, 2, 7, 63, 64, 200] {
-            let mut ahead = Ahead::new(&data, steps);
-            let lines = ahead.left();
-            assert!(lines == size_of_val(&data[..]).div_ceil(64), "{steps}");
-            for i in 0..steps {
-                let before = ahead.left();
-                ahead.step();
-                // Never more than an even share, so that no step stalls on a burst.
-                assert!(
-                    before - ahead.left() <= lines.div_ceil(steps),
-                    "{steps}: step {i}"
-                );
-            }
-            assert_eq!(ahead.left(), 0, "{steps} steps");
-        }
-        let mut none = Ahead::new(&[], 5);
-        none.step();
-        assert_eq!(none.left(), 0);
     }
 
     #[test]

@@ -1,0 +1,117 @@
+//! Software prefetch: data asked for before a loop reaches it, where the
+//! hardware prefetcher cannot see it coming.
+//!
+//! The hardware prefetcher follows a stream within a 4 KiB page and ramps up
+//! again at the next one, and a 32×32 plane of f32 is one page. So a kernel
+//! that visits planes out of memory order (a batch norm gradient's channel
+//! image after image), or reads the next block of images only after computing
+//! on this one (a convolution), waits on memory at every plane. In a training
+//! step its inputs were written long before and come from L3 or memory: the
+//! same convolutions took 15–25% longer in ResNet-20's step than alone with
+//! warm caches. These helpers ask for the lines early, into L2.
+//!
+//! A prefetch is a hint: it reads nothing the program sees and cannot fault,
+//! whatever the address, so the helpers take plain addresses (a blob that an
+//! output holds in place included) and never change a result.
+
+/// Bytes per cache line.
+const LINE: usize = 64;
+
+/// Asks for the line holding byte address `at`, into L2.
+#[inline]
+fn line(at: usize) {
+    // SAFETY: SSE is part of x86-64, and a prefetch reads nothing the program
+    // sees and cannot fault, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// Asks for every line of the `len` floats from `start`, into L2.
+#[inline]
+pub fn lines(start: *const f32, len: usize) {
+    let (mut at, end) = (
+        start as usize / LINE * LINE,
+        start as usize + len * size_of::<f32>(),
+    );
+    while at < end {
+        line(at);
+        at += LINE;
+    }
+}
+
+/// The lines of a slice, asked for a few per [`Ahead::step`], spread evenly
+/// over a known number of steps: a convolution's next block of images
+/// arrives while the tiles of this one compute, with no burst of requests
+/// that would stall a step.
+pub struct Ahead {
+    at: usize,
+    end: usize,
+    per_step: usize,
+}
+
+impl Ahead {
+    /// `data`'s lines over `steps` steps.
+    pub fn new(data: &[f32], steps: usize) -> Ahead {
+        let at = data.as_ptr() as usize / LINE * LINE;
+        let end = data.as_ptr() as usize + size_of_val(data);
+        Ahead {
+            at,
+            end,
+            per_step: (end - at).div_ceil(LINE).div_ceil(steps.max(1)),
+        }
+    }
+
+    /// Asks for the next lines (none once all are asked for).
+    #[inline]
+    pub fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.at >= self.end {
+                return;
+            }
+            line(self.at);
+            self.at += LINE;
+        }
+    }
+
+    /// Lines not yet asked for.
+    #[cfg(test)]
+    fn left(&self) -> usize {
+        self.end.saturating_sub(self.at).div_ceil(LINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ahead_asks_for_every_line_within_its_steps() {
+        let data = vec![0.0f32; 1001];
+        // From an aligned start and from one 4 bytes into a line.
+        for slice in [&data[..1000], &data[1..]] {
+            let want = (slice.as_ptr() as usize % LINE + size_of_val(slice)).div_ceil(LINE);
+            for steps in [1, 2, 7, 63, 64, 200] {
+                let mut ahead = Ahead::new(slice, steps);
+                let lines = ahead.left();
+                assert_eq!(lines, want, "{steps}");
+                for i in 0..steps {
+                    let before = ahead.left();
+                    ahead.step();
+                    // Never more than an even share, so that no step stalls on a burst.
+                    assert!(
+                        before - ahead.left() <= lines.div_ceil(steps),
+                        "{steps}: step {i}"
+                    );
+                }
+                assert_eq!(ahead.left(), 0, "{steps} steps");
+            }
+        }
+        let mut none = Ahead::new(&[], 5);
+        none.step();
+        assert_eq!(none.left(), 0);
+    }
+}
