@@ -393,8 +393,14 @@ impl Conv {
                 let planes = laid_out(isa, &lay, &mut s.planes, (x, x_image), b0..b0 + count, nb);
                 lay.segments(count, y_image, &mut s.segs);
                 let yb = &mut y[(b0 - images.start) * y_image..][..count * y_image];
-                // The next block's images, fetched while this one computes.
-                let next = &x[(b0 + count) * x_image..(b0 + count + nb).min(images.end) * x_image];
+                // The next block's images, fetched while this one computes
+                // (unless the tiles read the image itself: every second row).
+                let next = (b0 + count)..(b0 + count + nb).min(images.end);
+                let next = if lay.reads_image() {
+                    &[][..]
+                } else {
+                    &x[next.start * x_image..next.end * x_image]
+                };
                 for gi in 0..d.groups {
                     correlate(
                         isa,
@@ -499,10 +505,15 @@ impl ConvGradient {
                 let count = nb.min(images.end - b0);
                 let dyb = &dy[b0 * y_image..(b0 + count) * y_image];
                 // The next block's images and dY, fetched while this one
-                // computes: its input during dW, its dY during dX.
+                // computes: its input during dW (unless read in place, as
+                // in the forward pass), its dY during dX.
                 let next = (b0 + count)..(b0 + count + nb).min(images.end);
                 let (next_x, next_dy) = (
-                    &x[next.start * x_image..next.end * x_image],
+                    if lay.reads_image() {
+                        &[][..]
+                    } else {
+                        &x[next.start * x_image..next.end * x_image]
+                    },
                     &dy[next.start * y_image..next.end * y_image],
                 );
                 // dW += dY · (the window's inputs)ᵀ
