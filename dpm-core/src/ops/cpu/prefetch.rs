@@ -37,17 +37,24 @@ fn line(at: usize) {
     let _ = at;
 }
 
+/// The first line's address and the end of the `len` floats from `start`
+/// (an empty span for no floats, wherever `start` lies in its line).
+fn span(start: *const f32, len: usize) -> (usize, usize) {
+    let at = start as usize;
+    let first = if len == 0 { at } else { at / LINE * LINE };
+    (first, at + len * size_of::<f32>())
+}
+
+/// The address of every line the `len` floats from `start` touch.
+fn addresses(start: *const f32, len: usize) -> impl Iterator<Item = usize> {
+    let (at, end) = span(start, len);
+    (at..end).step_by(LINE)
+}
+
 /// Asks for every line of the `len` floats from `start`, into L2.
 #[inline]
 pub fn lines(start: *const f32, len: usize) {
-    let (mut at, end) = (
-        start as usize / LINE * LINE,
-        start as usize + len * size_of::<f32>(),
-    );
-    while at < end {
-        line(at);
-        at += LINE;
-    }
+    addresses(start, len).for_each(line);
 }
 
 /// The lines of a slice, asked for a few per [`Ahead::step`], spread evenly
@@ -63,8 +70,7 @@ pub struct Ahead {
 impl Ahead {
     /// `data`'s lines over `steps` steps.
     pub fn new(data: &[f32], steps: usize) -> Ahead {
-        let at = data.as_ptr() as usize / LINE * LINE;
-        let end = data.as_ptr() as usize + size_of_val(data);
+        let (at, end) = span(data.as_ptr(), data.len());
         Ahead {
             at,
             end,
@@ -94,6 +100,33 @@ impl Ahead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_every_line_a_run_of_floats_touches() {
+        let data = vec![0.0f32; 64];
+        let base = data.as_ptr() as usize;
+        for (from, len) in [
+            (0, 0),
+            (0, 1),
+            (0, 16),
+            (0, 17),
+            (1, 15),
+            (1, 16),
+            (15, 2),
+            (3, 40),
+        ] {
+            let start = data[from..].as_ptr();
+            let got: Vec<usize> = addresses(start, len).collect();
+            let want: Vec<usize> = if len == 0 {
+                Vec::new()
+            } else {
+                let first = (base + 4 * from) / LINE;
+                let last = (base + 4 * (from + len) - 1) / LINE;
+                (first..=last).map(|l| l * LINE).collect()
+            };
+            assert_eq!(got, want, "{len} floats from {from}");
+        }
+    }
 
     #[test]
     fn ahead_spreads_the_lines_evenly_and_asks_for_all_unless_steps_are_too_few() {

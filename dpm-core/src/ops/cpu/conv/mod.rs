@@ -710,6 +710,23 @@ impl Kernel for ConvGradient {
 mod tests {
     use super::*;
 
+    #[test]
+    fn parts_cover_a_slice_once_in_order_and_evenly() {
+        let data: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        for len in [0, 1, 5, 64, 1000] {
+            for n in [1, 2, 3, 7, 64] {
+                let parts: Vec<&[f32]> = (0..n).map(|i| part(&data[..len], i, n)).collect();
+                let joined: Vec<f32> = parts.concat();
+                assert_eq!(joined, &data[..len], "{len} in {n}");
+                let sizes = parts.iter().map(|p| p.len());
+                let (lo, hi) = (sizes.clone().min().unwrap(), sizes.max().unwrap());
+                assert!(hi - lo <= 1, "{len} in {n}: parts of {lo} to {hi}");
+            }
+        }
+        // No parts asked for: one part, the whole.
+        assert_eq!(part(&data, 0, 0), &data[..]);
+    }
+
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::ops::cpu::rng::Rng::new(seed);
         (0..n).map(|_| rng.uniform() as f32 - 0.5).collect()
