@@ -898,6 +898,35 @@ mod tests {
     }
 
     #[test]
+    fn the_first_pass_prefetches_every_tensor_it_reads_wherever_it_lies() {
+        let (x, dy, r, a, b) = ([0.0f32; 4], [0.0f32; 4], [0.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
+        let (mut dx, mut own_dy) = ([0.0f32; 4], [0.0f32; 4]);
+        let dxp = dx.as_mut_ptr().cast_const();
+        let dyp = own_dy.as_ptr();
+        let reads = |g: &Grad<'_>| g.reads(&x, dxp).to_vec();
+        assert_eq!(reads(&Grad::Given(&dy)), [x.as_ptr(), dy.as_ptr()]);
+        let fused = |dy, dr| Grad::Fused { dy, r: &r, dr };
+        assert_eq!(
+            reads(&fused(None, Dr::One(Some(&a)))),
+            [x.as_ptr(), r.as_ptr(), a.as_ptr()]
+        );
+        assert_eq!(reads(&fused(None, Dr::One(None))), [x.as_ptr(), r.as_ptr(), dxp]);
+        assert_eq!(
+            reads(&fused(None, Dr::Sum(Src::Own(&a), Src::Own(&b)))),
+            [x.as_ptr(), r.as_ptr(), a.as_ptr(), b.as_ptr()]
+        );
+        assert_eq!(
+            reads(&fused(Some(&mut own_dy), Dr::Sum(Src::Dx, Src::Dy))),
+            [x.as_ptr(), r.as_ptr(), dxp, dyp]
+        );
+        // A term in a dY that is not kept is nowhere to prefetch.
+        assert_eq!(
+            reads(&fused(None, Dr::Sum(Src::Dy, Src::Own(&b)))),
+            [x.as_ptr(), r.as_ptr(), b.as_ptr()]
+        );
+    }
+
+    #[test]
     fn channel_groups_cover_every_plane_once_in_each_channels_order() {
         // (n, c, hw): one group, groups with a short last one, a channel a group.
         for (n, c, hw) in [
